@@ -1,0 +1,72 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv on first use.
+#
+# CPU machines get the CPU torch pinned below (a bare `torch` would pull a multi-GB CUDA
+# build). A machine whose python3 already has a CUDA torch (the GPU image) keeps it: the venv
+# sees the system site-packages and torch is never reinstalled there.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS      ?= dev
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vlafast-installed
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup demo test test-fast bench gpu-check wheel clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@set -e; \
+	if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	    echo "setup: $(PYTHON) has a CUDA torch; the venv keeps it (--system-site-packages)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi; \
+	if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "setup: installing $(TORCH_SPEC) (CPU build)"; \
+	  $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
+	fi; \
+	echo "setup: building and installing vlafast[$(EXTRAS)] (compiles vlafast._C)"; \
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"; \
+	$(BIN)/python -c "import vlafast._C"; \
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/vlafast demo
+
+# The full CPU suite (Triton kernels in the interpreter). pytest's exit 5 ("no tests ran") fails too.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" -x $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/vlafast bench all
+
+wheel: setup
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
+
+# On a CUDA machine with torch preinstalled (nothing can be fetched there): install vlafast
+# against the image's own packages, run every GPU test and every benchmark at GPU shapes,
+# write bench/results/<device>.csv and its plots. Each step stays under 10 minutes.
+GPU_VENV := .venv-gpu
+gpu-check:
+	@set -e; \
+	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"; \
+	[ -x $(GPU_VENV)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(GPU_VENV); \
+	$(GPU_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --no-index -e .; \
+	$(GPU_VENV)/bin/vlafast info; \
+	timeout 600 $(GPU_VENV)/bin/python -m pytest -m gpu -p no:cacheprovider $(PYTEST_ARGS); \
+	timeout 600 $(GPU_VENV)/bin/vlafast bench all; \
+	for f in bench/results/*.csv; do $(GPU_VENV)/bin/vlafast bench plot $$f; done
+
+clean:
+	rm -rf build dist $(VENV) $(GPU_VENV) demo-report *.egg-info

@@ -1,0 +1,33 @@
+"""Benchmarks: one runner, one schema (``vlafast.bench.core``), results per device.
+
+A benchmark is a module with ``add_arguments(parser)`` and ``run(args) -> list[Row]``,
+registered below by name; ``vlafast bench <name>`` runs it and merges its rows into
+``bench/results/<device>.csv``. ``vlafast bench all`` runs every benchmark that can run here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str
+    module: str
+    help: str
+    gpu_only: bool = False
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+# Later issues add their benchmarks here (vocab-topk, steer, flow-sampler, pi0, openvla, servo).
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("servo-timing", "vlafast.bench.servo_timing",
+                  "absolute-deadline loop jitter of the _C timing core (SCHED_FIFO vs plain sleep)"),
+    )
+}

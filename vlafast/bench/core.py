@@ -1,0 +1,238 @@
+"""The one benchmark schema, timing, device facts and the results writer.
+
+Every row has: when and where it ran (timestamp, commit, device), what ran (bench, op, shape,
+dtype, backend), our time and the baseline's measured in the same run (median_ms, baseline,
+baseline_ms, ratio = median_ms / baseline_ms, so < 1 means we are faster), and where it
+applies the achieved rate against the device's peak (achieved, unit, peak, pct_peak).
+``extra`` is a JSON object for bench-specific numbers (percentiles, counts).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import functools
+import io
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from vlafast._io import atomic_write_text
+
+COLUMNS = (
+    "timestamp", "commit", "device", "bench", "op", "shape", "dtype", "backend",
+    "median_ms", "baseline", "baseline_ms", "ratio",
+    "achieved", "unit", "peak", "pct_peak", "extra",
+)
+# A row is identified by these; a new run replaces the old row with the same key.
+KEY = ("device", "bench", "op", "shape", "dtype", "backend", "baseline")
+
+
+@dataclasses.dataclass
+class Row:
+    bench: str
+    op: str
+    shape: str
+    dtype: str
+    backend: str
+    median_ms: float
+    baseline: str = ""
+    baseline_ms: float | None = None
+    achieved: float | None = None
+    unit: str = ""
+    peak: float | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = ""
+    commit: str = ""
+    timestamp: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline_ms is None or self.baseline_ms <= 0:
+            return None
+        return self.median_ms / self.baseline_ms
+
+    @property
+    def pct_peak(self) -> float | None:
+        if self.achieved is None or not self.peak:
+            return None
+        return 100.0 * self.achieved / self.peak
+
+    def as_record(self) -> dict[str, str]:
+        def num(x: float | None) -> str:
+            return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+
+        return {
+            "timestamp": self.timestamp or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": self.commit or git_commit(),
+            "device": self.device or device_name(),
+            "bench": self.bench, "op": self.op, "shape": self.shape, "dtype": self.dtype,
+            "backend": self.backend,
+            "median_ms": num(self.median_ms), "baseline": self.baseline,
+            "baseline_ms": num(self.baseline_ms), "ratio": num(self.ratio),
+            "achieved": num(self.achieved), "unit": self.unit, "peak": num(self.peak),
+            "pct_peak": num(self.pct_peak),
+            "extra": json.dumps(self.extra, sort_keys=True) if self.extra else "",
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# device facts
+
+# Dense spec peaks (TFLOP/s for bf16/fp16 tensor cores, fp32 without tensor cores; TB/s HBM).
+# Measured on the lent machines: ~790-800 TFLOP/s bf16 on 8192^3 GEMMs, 3.0 TB/s (H100),
+# 4.3 TB/s (H200) device-to-device.
+_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "tbps": 4.8},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2, "tbps": 2.0},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "tbps": 3.35},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tbps": 2.0},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6, "tbps": 1.0},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def device_name() -> str:
+    """Human-readable name of the device benchmarks run on (GPU 0, else the CPU model)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model or 'unknown'} x{os.cpu_count()}"
+
+
+def device_slug(name: str | None = None) -> str:
+    """File-name form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or device_name()).lower()).strip("-")
+    return slug[:80] or "unknown"
+
+
+def peak(kind: str, name: str | None = None) -> float | None:
+    """Spec peak for ``kind`` in {'bf16','fp16','fp32','tbps'} on this device, None if unknown."""
+    name = name or device_name()
+    for key, peaks in _PEAKS.items():  # ordered: more specific names first where they overlap
+        if key in name:
+            return peaks.get(kind)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from vlafast import __version__
+
+    return f"v{__version__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def time_ms(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str | None = None,
+    warmup: int = 3,
+    iters: int | None = None,
+    min_time_s: float = 0.5,
+    max_iters: int = 1000,
+) -> float:
+    """Median wall time of ``fn()`` in ms: CUDA events on a GPU, perf_counter_ns on the CPU.
+
+    With ``iters=None`` the count adapts so the timed part lasts about ``min_time_s``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    if iters is None:
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        once = max(time.perf_counter() - start, 1e-6)
+        iters = int(min(max_iters, max(5, min_time_s / once)))
+    samples: list[float] = []
+    if cuda:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        samples = [b.elapsed_time(e) for b, e in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter_ns()
+            fn()
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# results files
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_rows(rows: Iterable[Row], path: str | os.PathLike) -> Path:
+    """Merge ``rows`` into the CSV at ``path`` (same key -> replaced), written atomically."""
+    path = Path(path)
+    merged = {tuple(r.get(k, "") for k in KEY): r for r in read_rows(path)}
+    for row in rows:
+        rec = row.as_record()
+        merged[tuple(rec[k] for k in KEY)] = rec
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for rec in sorted(merged.values(), key=lambda r: tuple(r.get(k, "") for k in KEY)):
+        writer.writerow({c: rec.get(c, "") for c in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def default_results_path(results_dir: str | os.PathLike = "bench/results") -> Path:
+    return Path(results_dir) / f"{device_slug()}.csv"
+
+
+def format_table(rows: list[Row]) -> str:
+    """A compact fixed-width table of rows for people."""
+    head = ("bench", "op", "shape", "dtype", "backend", "median_ms", "baseline_ms", "ratio", "achieved")
+    lines = [head]
+    for r in rows:
+        rec = r.as_record()
+        ach = f"{rec['achieved']} {r.unit}".strip()
+        lines.append((r.bench, r.op, r.shape, r.dtype, r.backend, rec["median_ms"], rec["baseline_ms"], rec["ratio"], ach))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)

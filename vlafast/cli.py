@@ -1,0 +1,134 @@
+"""Command line: `vlafast info | demo | bench`. The CLI only wires; the work lives in modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from vlafast import info
+
+    print(info.render(info.collect()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vlafast import demo
+
+    return demo.main(args)
+
+
+def _where_parser(prog: str = "vlafast bench all", add_help: bool = True) -> argparse.ArgumentParser:
+    """Options shared by every benchmark run: where the results CSV goes."""
+    p = argparse.ArgumentParser(prog=prog, add_help=add_help)
+    p.add_argument("--results-dir", default="bench/results", help="where <device>.csv goes")
+    p.add_argument("--out", default=None, help="explicit CSV path (overrides --results-dir)")
+    return p
+
+
+def _bench_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of one benchmark: its own options plus where results go."""
+    from vlafast.bench import BENCHMARKS
+
+    bench = BENCHMARKS[name]
+    p = argparse.ArgumentParser(
+        prog=f"vlafast bench {name}", description=bench.help, parents=[_where_parser(add_help=False)]
+    )
+    bench.load().add_arguments(p)
+    return p
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlafast.bench import BENCHMARKS
+    from vlafast.bench.core import default_results_path, format_table, write_rows
+
+    if args.bench_cmd == "list":
+        for b in BENCHMARKS.values():
+            print(f"{b.name:16s} {'[gpu] ' if b.gpu_only else ''}{b.help}")
+        return 0
+    if args.bench_cmd == "plot":
+        from vlafast.bench.plot import plot_results
+
+        for path in plot_results(args.csv, args.out_dir or Path(args.csv).parent / "plots"):
+            print(f"wrote {path}")
+        return 0
+
+    if args.bench_cmd == "all":
+        # Each benchmark with its own defaults; only where results go is shared.
+        where = _where_parser().parse_args(args.rest)
+        runs = [(name, _bench_parser(name).parse_args([])) for name in BENCHMARKS]
+        for _, ns in runs:
+            ns.results_dir, ns.out = where.results_dir, where.out
+    else:
+        where = _bench_parser(args.bench_cmd).parse_args(args.rest)
+        runs = [(args.bench_cmd, where)]
+
+    rows = []
+    for name, ns in runs:
+        bench = BENCHMARKS[name]
+        if bench.gpu_only and not torch.cuda.is_available():
+            print(f"skip {name}: needs a CUDA device")
+            continue
+        print(f"== {name}: {bench.help}", flush=True)
+        rows += bench.load().run(ns)
+    if not rows:
+        print("no benchmark rows produced")
+        return 1
+    print(format_table(rows))
+    out = Path(where.out) if where.out else default_results_path(where.results_dir)
+    write_rows(rows, out)
+    print(f"wrote {len(rows)} row(s) to {out}")
+    return 0
+
+
+def _cmd_bench_entry(args: argparse.Namespace) -> int:
+    if args.bench_cmd == "plot":
+        q = argparse.ArgumentParser(prog="vlafast bench plot", description="turn a results CSV into PNGs")
+        q.add_argument("csv")
+        q.add_argument("-o", "--out-dir", default=None, help="default: <csv folder>/plots")
+        args = argparse.Namespace(**vars(args), **vars(q.parse_args(args.rest)))
+    return _cmd_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlafast import __version__
+    from vlafast.bench import BENCHMARKS
+
+    parser = argparse.ArgumentParser(prog="vlafast", description="fast vision-language-action models")
+    parser.add_argument("--version", action="version", version=f"vlafast {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("info", help="versions, devices, backends, whether _C is built")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="the built-in demo (CPU, no downloads)")
+    p.add_argument("--out", default="demo-report", help="folder for the report (default demo-report)")
+    p.add_argument("--seconds", type=float, default=3.0, help="servo-timing duration")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench", help="run benchmarks; results go to bench/results/<device>.csv",
+        description="vlafast bench list | plot CSV | all | <name> [options]  (see `vlafast bench <name> -h`)",
+    )
+    p.add_argument("bench_cmd", choices=["list", "plot", "all", *BENCHMARKS], metavar="{list,plot,all,<name>}")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p.set_defaults(func=_cmd_bench_entry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
