@@ -48,7 +48,8 @@ def plot_results(csv_path: str | os.PathLike, out_dir: str | os.PathLike) -> lis
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_ylabel("median ms (lower is better)")
-        if max(ours + [b or 0.0 for b in base]) > 0 and min([v for v in ours if v > 0] or [1]) > 0:
+        values = ours + [b for b in base if b is not None]
+        if values and min(values) > 0 and max(values) / min(values) > 50:
             ax.set_yscale("log")
         ax.set_title(f"{bench} on {device}  (label: time ratio ours/baseline)")
         ax.legend()
