@@ -1,0 +1,77 @@
+"""The vector-env protocol every environment adapter implements (DESIGN §5).
+
+Axes: B environments, T actions per chunk, A action dim, S state dim, H x W images.
+
+``reset(seed) -> obs`` and ``step(actions [B, T, A]) -> (obs, reward [B], terminated [B],
+truncated [B], info)``; one ``step`` executes a whole action chunk per environment. An
+environment whose episode ends inside a chunk ignores the rest of that chunk and is reset at
+once ("same-step" auto-reset): the returned observation is the first of its next episode and
+``info`` carries what ended (success, return, length, final state). A sub-environment that
+raises is reset and reported in ``info["errors"]`` (truncated, zero reward); the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Sequence, TypedDict, runtime_checkable
+
+import numpy as np
+
+
+class Obs(TypedDict):
+    images: dict[str, np.ndarray]   # camera name -> uint8 [B, H, W, 3]
+    state: np.ndarray               # float32 [B, S]
+    instruction: list[str]          # B strings
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """What a policy needs to know about an environment."""
+
+    num_envs: int
+    action_dim: int
+    state_dim: int
+    cameras: tuple[str, ...]
+    image_size: tuple[int, int]     # (H, W)
+    max_episode_steps: int          # control steps
+    control_hz: float
+
+
+@runtime_checkable
+class VecEnv(Protocol):
+    spec: EnvSpec
+
+    def reset(self, seed: int | Sequence[int] | None = None) -> Obs: ...
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def env_seeds(seed: int | Sequence[int] | None, num_envs: int, rng: np.random.Generator) -> list[int]:
+    """Per-environment seeds: ``seed + i`` for an int, the list itself, or fresh draws for None."""
+    if seed is None:
+        return [int(s) for s in rng.integers(0, 2**31 - 1, size=num_envs)]
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(num_envs)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != num_envs:
+        raise ValueError(f"reset(seed=[...]) needs one seed per environment ({num_envs}), got {len(seeds)}")
+    return seeds
+
+
+def check_actions(actions: np.ndarray, spec: EnvSpec) -> np.ndarray:
+    """Validate a chunk of actions: float [B, T, A] with B, A matching the env, all finite."""
+    actions = np.asarray(actions)
+    if actions.ndim != 3 or actions.shape[0] != spec.num_envs or actions.shape[2] != spec.action_dim:
+        raise ValueError(
+            f"actions must be [B={spec.num_envs}, T, A={spec.action_dim}], got {list(actions.shape)}"
+        )
+    if actions.shape[1] < 1:
+        raise ValueError("actions must hold at least one step per chunk (T >= 1)")
+    if not np.issubdtype(actions.dtype, np.floating):
+        raise ValueError(f"actions must be floating point, got {actions.dtype}")
+    if not np.isfinite(actions).all():
+        bad = sorted({int(b) for b in np.argwhere(~np.isfinite(actions))[:, 0]})
+        raise ValueError(f"actions hold NaN/inf for environments {bad}")
+    return actions.astype(np.float64, copy=False)
