@@ -1,0 +1,164 @@
+"""``load_pi0``: pi0 / pi0.5 from a LeRobot or an openpi PyTorch checkpoint folder.
+
+LeRobot: ``config.json`` (``"type": "pi0" | "pi05"``, ``chunk_size``, ``max_action_dim``,
+``normalization_mapping``...), ``model.safetensors`` (keys ``model.paligemma_with_expert...``
+or without the ``model.`` prefix) and the normaliser stats
+(``policy_preprocessor_step_*_normalizer_processor.safetensors`` /
+``policy_postprocessor_step_*_unnormalizer_processor.safetensors``, or legacy
+``normalize_inputs.*`` buffers inside ``model.safetensors``).
+
+openpi PyTorch: ``model.safetensors`` (keys ``paligemma_with_expert...``, ``time_mlp_in`` for
+pi0.5) and ``assets/<id>/norm_stats.json`` (quantile for pi0.5, mean/std for pi0).
+
+Also accepted: the pre-4.52 transformers layout (``paligemma.language_model.model.layers``),
+``time_mlp_*`` names in a pi0 checkpoint (LeRobot renames them), a tied ``lm_head`` in place
+of ``embed_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vlafast.models.checkpoint import (
+    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_index, read_tensors, safetensors_files,
+)
+from vlafast.models.gemma import GemmaConfig
+from vlafast.models.normalize import LEROBOT_MODES, Normalizer, StatsError
+from vlafast.models.pi0 import Pi0Config, Pi0Policy
+from vlafast.models.siglip import SiglipConfig
+
+_PG = "paligemma_with_expert.paligemma."
+_LEGACY = (
+    (_PG + "language_model.model.", _PG + "model.language_model."),
+    (_PG + "language_model.lm_head.", _PG + "lm_head."),
+    (_PG + "vision_tower.", _PG + "model.vision_tower."),
+    (_PG + "multi_modal_projector.", _PG + "model.multi_modal_projector."),
+)
+_EMBED = _PG + "model.language_model.embed_tokens.weight"
+_LM_HEAD = _PG + "lm_head.weight"
+_STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
+_VARIANTS = {"gemma_2b": GemmaConfig.gemma_2b, "gemma_300m": GemmaConfig.gemma_300m}
+
+
+def _canonical(key: str, pi05: bool) -> str:
+    if key.startswith("model."):
+        key = key[len("model."):]
+    for old, new in _LEGACY:
+        if key.startswith(old):
+            key = new + key[len(old):]
+    if not pi05 and key.startswith("time_mlp_"):
+        key = "action_" + key
+    return key
+
+
+def _rename_fn(index: dict[str, TensorInfo], pi05: bool):
+    canon = {k: _canonical(k, pi05) for k in index}
+    has_embed = _EMBED in canon.values()
+
+    def rename(key: str) -> str | None:
+        c = canon[key]
+        if c.startswith(_STATS_PREFIXES):
+            return None  # normaliser buffers: read by the stats loader
+        if c == _LM_HEAD:
+            return None if has_embed else _EMBED  # tied with the input embedding
+        if c.startswith("paligemma_with_expert.gemma_expert.") and (".lm_head." in c or ".embed_tokens." in c):
+            return None  # the expert has no vocabulary use
+        return c
+
+    return rename
+
+
+def _lerobot_config(meta: dict, pi05: bool) -> Pi0Config:
+    try:
+        vlm = _VARIANTS[meta.get("paligemma_variant", "gemma_2b")]()
+        expert = _VARIANTS[meta.get("action_expert_variant", "gemma_300m")]()
+    except KeyError as exc:
+        raise CheckpointError(f"unknown Gemma variant {exc} in config.json; known: {sorted(_VARIANTS)}; "
+                              "pass config=Pi0Config(...) explicitly") from None
+    res = meta.get("image_resolution", [224, 224])
+    return Pi0Config(
+        vision=SiglipConfig.so400m_14(image_size=int(res[0])), vlm=vlm, expert=expert, variant="pi05" if pi05 else "pi0",
+        action_dim=int(meta.get("max_action_dim", 32)), state_dim=int(meta.get("max_state_dim", 32)),
+        horizon=int(meta.get("chunk_size", 50)), num_steps=int(meta.get("num_inference_steps", 10)),
+        min_period=float(meta.get("min_period", 4e-3)), max_period=float(meta.get("max_period", 4.0)),
+    )
+
+
+def _lerobot_stats(path: Path, files: list[Path], index: dict[str, TensorInfo], meta: dict, pi05: bool) -> Normalizer:
+    default = "QUANTILES" if pi05 else "MEAN_STD"
+    mapping = meta.get("normalization_mapping") or {}
+    try:
+        state_mode = LEROBOT_MODES[mapping.get("STATE", default)]
+        action_mode = LEROBOT_MODES[mapping.get("ACTION", default)]
+    except KeyError as exc:
+        raise CheckpointError(f"unsupported normalization mode {exc} in {path / 'config.json'}; "
+                              f"supported: {sorted(LEROBOT_MODES)}") from None
+    tensors = {}
+    for f in sorted(path.glob("*normalizer_processor*.safetensors")):
+        tensors.update(read_tensors([f], read_index([f])))
+    legacy = [k for k in index if _canonical(k, pi05).startswith(_STATS_PREFIXES)]
+    tensors.update({_canonical(k, pi05): v for k, v in read_tensors(files, legacy).items()})
+    if not tensors and (state_mode, action_mode) != ("identity", "identity"):
+        raise StatsError(f"no normaliser statistics in {path}: looked for *normalizer_processor*.safetensors "
+                         "(LeRobot processors) and normalize_inputs.* buffers in model.safetensors")
+    return Normalizer.from_lerobot(tensors, state_mode=state_mode, action_mode=action_mode)
+
+
+def _openpi_stats(path: Path, pi05: bool, asset_id: str | None) -> Normalizer:
+    found = sorted(p.parent.name for p in path.glob("assets/*/norm_stats.json"))
+    if asset_id is None:
+        if len(found) != 1:
+            where = f"assets/<id>/norm_stats.json under {path}"
+            raise StatsError(f"no normaliser statistics: expected {where}" if not found else
+                             f"several norm stats {found} under {path / 'assets'}: pass asset_id=")
+        asset_id = found[0]
+    stats = path / "assets" / asset_id / "norm_stats.json"
+    if not stats.is_file():
+        raise StatsError(f"no {stats} (available asset ids: {found})")
+    return Normalizer.from_openpi(stats, quantile=pi05)
+
+
+def load_pi0(
+    path: str | os.PathLike,
+    *,
+    config: Pi0Config | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    asset_id: str | None = None,
+) -> Pi0Policy:
+    """Load a pi0 / pi0.5 checkpoint folder (LeRobot or openpi layout) into a ``Pi0Policy``.
+
+    ``config`` defaults to the published sizes (LeRobot: from config.json; openpi: pi0 or
+    pi0.5 by the keys present); every floating tensor is converted to ``dtype``. Raises one
+    ``CheckpointError`` listing all missing / unexpected / mis-shaped / mistyped keys, or when
+    the normaliser statistics are absent. Peak memory: the model plus one tensor.
+    """
+    path = Path(path)
+    files = safetensors_files(path)
+    index = read_index(files)
+    meta_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    root = meta_file.parent
+    if meta.get("type") in ("pi0", "pi05"):
+        layout, pi05 = "lerobot", meta["type"] == "pi05"
+    else:
+        canon = {_canonical(k, True) for k in index}
+        layout, pi05 = "openpi", "time_mlp_in.weight" in canon and "state_proj.weight" not in canon
+    if config is None:
+        config = _lerobot_config(meta, pi05) if layout == "lerobot" else (Pi0Config.pi05() if pi05 else Pi0Config.pi0())
+    elif config.is_pi05 != pi05:
+        raise CheckpointError(f"{path} holds a {'pi0.5' if pi05 else 'pi0'} checkpoint ({layout} layout) "
+                              f"but config.variant={config.variant!r}")
+    if layout == "lerobot":
+        normalizer = _lerobot_stats(root, files, index, meta, pi05)
+    else:
+        normalizer = _openpi_stats(root, pi05, asset_id)
+    with torch.device("meta"):
+        policy = Pi0Policy(config, normalizer)
+    plan = plan_load(expected_tensors(policy), index, _rename_fn(index, pi05), what=f"{layout} checkpoint {path}")
+    load_into(policy, files, plan, dtype=dtype, device=device)
+    return policy.eval()
