@@ -398,7 +398,7 @@ def test_input_errors_name_the_fix():
 
 
 def test_discretize_state_matches_numpy_digitize():
-    x = torch.tensor([[-1.0, -0.99, -0.5, 0.0, 0.003, 0.5, 0.9999, 1.0 - 1e-7]])
+    x = torch.tensor([[-1.2, -1.0, -0.99, -0.5, 0.0, 0.003, 0.5, 0.9999, 1.0 - 1e-7, 1.5]])
     ref = np.digitize(x.numpy(), bins=np.linspace(-1, 1, 257)[:-1]) - 1
     assert discretize_state(x).tolist() == ref.tolist()
     assert pi05_state_prompt("pick_up the cup\n", torch.tensor([3, 250])) == "Task: pick up the cup, State: 3 250;\nAction: "

@@ -7,7 +7,7 @@ layouts pi0 checkpoints ship with.
 * LeRobot: safetensors with ``observation.state.mean`` / ``action.q01`` ... (processor files
   ``policy_preprocessor_step_*_normalizer_processor.safetensors`` and the unnormaliser, or
   legacy ``normalize_inputs.buffer_observation_state.mean`` buffers in ``model.safetensors``).
-  MEAN_STD: ``(x - mean) / (std + 1e-8)``; QUANTILES: ``2 (x - q01) / (q99 - q01) - 1`` with a
+  MEAN_STD: ``(x - mean) / (std + 1e-8)`` (inverse ``x * std + mean``); QUANTILES: ``2 (x - q01) / (q99 - q01) - 1`` with a
   zero span replaced by 1e-8.
 
 Axes: B batch, T horizon, A action dim, S state dim.
@@ -76,8 +76,8 @@ def _transform(x: Tensor, st: FeatureStats, mode: Mode, conv: Convention, name: 
     eps = _EPS[conv]
     xf = x.float()
     if mode == "mean_std":
-        scale = b + eps
-        y = xf * scale + a if inverse else (xf - a) / scale
+        # LeRobot 0.4's inverse uses std without eps; openpi uses std + eps both ways.
+        y = xf * (b + (eps if conv == "openpi" else 0.0)) + a if inverse else (xf - a) / (b + eps)
     else:
         span = b - a
         span = span + eps if conv == "openpi" else torch.where(span == 0, torch.full_like(span, eps), span)

@@ -408,10 +408,11 @@ class Pi0Policy(nn.Module):
 
 
 def discretize_state(state: Tensor, bins: int = 256) -> Tensor:
-    """pi0.5 state tokens: normalised state [B, S] in [-1, 1] -> bin ids [B, S] in [0, bins),
-    as openpi's ``np.digitize(state, linspace(-1, 1, bins + 1)[:-1]) - 1``."""
-    edges = torch.linspace(-1.0, 1.0, bins + 1, device=state.device)[:-1]
-    return (torch.bucketize(state.float(), edges, right=True) - 1).clamp_(0, bins - 1)
+    """pi0.5 state tokens: normalised state [B, state_dim] (zero-padded like LeRobot / openpi)
+    in [-1, 1] -> bin ids [B, state_dim], exactly ``np.digitize(state, linspace(-1, 1, bins +
+    1)[:-1]) - 1`` (so a value below -1 gives -1, as there)."""
+    edges = torch.linspace(-1.0, 1.0, bins + 1, dtype=torch.float64, device=state.device)[:-1]
+    return torch.bucketize(state.double(), edges, right=True) - 1
 
 
 def pi05_state_prompt(task: str, state_bins: Tensor) -> str:
