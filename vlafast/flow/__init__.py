@@ -1,0 +1,32 @@
+"""Flow-matching sampling with exact log-probs: ODE, Flow-SDE, Flow-Noise; DenoiseTrace; CUDA graphs.
+
+    from vlafast import flow
+    cfg = flow.flow_sde(a=0.5, hybrid=True, num_steps=4)
+    actions, trace = flow.sample(cfg, velocity_fn, ctx, noise, generator=g, action_mask=m)
+    logp = flow.log_prob(velocity_fn, ctx, trace)          # [B], differentiable, == trace.log_prob
+"""
+
+from vlafast.flow.graphs import GraphedSampler
+from vlafast.flow.noise_head import DEFAULT_LOGVAR_BOUNDS, NoiseHead
+from vlafast.flow.sampler import (
+    DenoiseTrace,
+    FlowLogProb,
+    FlowNoiseConfig,
+    FlowSDEConfig,
+    ODEConfig,
+    SamplerConfig,
+    evaluate,
+    flow_noise,
+    flow_sde,
+    log_prob,
+    ode,
+    sample,
+    sde_sigmas,
+    time_grid,
+)
+
+__all__ = [
+    "DEFAULT_LOGVAR_BOUNDS", "DenoiseTrace", "FlowLogProb", "FlowNoiseConfig", "FlowSDEConfig",
+    "GraphedSampler", "NoiseHead", "ODEConfig", "SamplerConfig", "evaluate", "flow_noise",
+    "flow_sde", "log_prob", "ode", "sample", "sde_sigmas", "time_grid",
+]
