@@ -1,0 +1,402 @@
+"""The C++ servo core through its binding: interpolation against analytic curves, limits,
+watchdog, rejection of unsafe chunks, fault injection. Timing bounds are never asserted (noisy
+2-core VM): the loop integrates with the nominal period, so the commanded trajectory is checked
+exactly against the interpolant at the command times."""
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vlafast._ext import load_C
+
+C = load_C()
+HZ = 500.0
+PERIOD_NS = 2_000_000
+DT = PERIOD_NS * 1e-9
+Q0 = np.array([0.0, -1.5708, 1.5708, -1.5708, -1.5708, 0.0])
+WIDE = dict(q_min=[-6.0] * 6, q_max=[6.0] * 6, v_max=[3.0] * 6, a_max=[8.0] * 6)
+
+
+def make_loop(backend, q0=Q0, interp="cubic", limits=WIDE, hz=HZ, max_horizon=256):
+    # SCHED_OTHER: the tests check behaviour, not timing, and must not starve the other core.
+    return C.ServoLoop(backend, list(q0), hz=hz, spin_us=0.0, realtime=False, priority=80, cpu=-1,
+                       interp=interp, max_horizon=max_horizon, **limits)
+
+
+def run_until_stopped(loop, timeout=10.0):
+    assert loop.wait(timeout), f"loop did not stop within {timeout} s (state {loop.state})"
+    return loop.stats()
+
+
+# --------------------------------------------------------------------------------------------
+# interpolation
+
+
+@pytest.mark.parametrize("T", [2, 3, 7, 50])
+def test_linear_interp_reproduces_linear_functions(T):
+    rng = np.random.default_rng(T)
+    dt = 0.013
+    a, b = rng.normal(size=6), rng.normal(size=6)
+    q = a + b * (dt * np.arange(T))[:, None]
+    t = np.sort(rng.uniform(0, dt * (T - 1), size=97))
+    qi, vi = C.interpolate(q, dt, t, "linear")
+    np.testing.assert_allclose(qi, a + b * t[:, None], atol=1e-12)  # measured max 4.4e-16
+    np.testing.assert_allclose(vi, np.broadcast_to(b, vi.shape), rtol=1e-6)  # dt rounded to 1 ns: 1e-7
+
+
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+@pytest.mark.parametrize("T", [1, 2, 5, 13])
+def test_interp_passes_through_waypoints_and_holds_outside(interp, T):
+    rng = np.random.default_rng(7 * T)
+    dt = 0.02
+    q = rng.normal(size=(T, 6))
+    qi, vi = C.interpolate(q, dt, dt * np.arange(T), interp)
+    np.testing.assert_allclose(qi, q, atol=1e-12)  # measured max 2.2e-16
+    qo, vo = C.interpolate(q, dt, np.array([-1.0, -1e-3, dt * (T - 1) + 1e-3, 5.0]), interp)
+    np.testing.assert_array_equal(qo, q[[0, 0, -1, -1]])
+    np.testing.assert_array_equal(vo, 0.0)
+
+
+@pytest.mark.parametrize("T", [5, 11, 31])
+def test_cubic_reproduces_quadratics_on_interior_segments(T):
+    rng = np.random.default_rng(T)
+    dt = 0.017
+    a, b, c = rng.normal(size=(3, 6))
+    f = lambda t: a + b * t[:, None] + c * t[:, None] ** 2  # noqa: E731
+    df = lambda t: b + 2 * c * t[:, None]  # noqa: E731
+    q = f(dt * np.arange(T))
+    t = rng.uniform(dt, dt * (T - 2), size=211)  # segments 1 .. T-3: both tangents central
+    qi, vi = C.interpolate(q, dt, t, "cubic")
+    # Errors come from t being rounded to whole ns inside the loop: |df| * 0.5 ns ~ 1e-9.
+    np.testing.assert_allclose(qi, f(np.round(t * 1e9) * 1e-9), atol=1e-9)  # measured max 4e-15
+    np.testing.assert_allclose(vi, df(np.round(t * 1e9) * 1e-9), atol=1e-6)  # measured max 4e-8
+
+
+def test_cubic_is_c1_and_converges_third_order_on_a_sine():
+    def max_err(dt):
+        T = int(round(2.0 / dt)) + 1
+        tk = dt * np.arange(T)
+        q = np.sin(3.0 * tk)[:, None] * np.ones(6)
+        t = np.linspace(2 * dt, tk[-3], 4001)
+        qi, vi = C.interpolate(q, dt, t, "cubic")
+        return np.abs(qi[:, 0] - np.sin(3.0 * t)).max(), np.abs(vi[:, 0] - 3.0 * np.cos(3.0 * t)).max()
+
+    (e1, d1), (e2, d2) = max_err(0.04), max_err(0.02)
+    # Catmull-Rom: position error O(dt^3) -> ratio 8 when dt halves (measured 7.9); velocity O(dt^2).
+    assert e1 / e2 > 6.5, (e1, e2)
+    assert d1 / d2 > 3.5, (d1, d2)
+    assert e2 < 2e-4  # measured 9.6e-5
+    # C1: velocity just left and right of a waypoint agree.
+    dt = 0.02
+    q = np.cumsum(np.random.default_rng(0).normal(size=(9, 6)), axis=0)
+    tw = dt * 4
+    around = np.array([tw - 1e-9, tw + 1e-9])
+    _, v = C.interpolate(q, dt, around, "cubic")
+    # 2 ns apart with |a| ~ 1e4 rad/s^2: the velocity may move 2e-5 (measured 2.1e-5).
+    np.testing.assert_allclose(v[0], v[1], atol=1e-4)
+    _, v_lin = C.interpolate(q, dt, around, "linear")
+    assert np.abs(v_lin[0] - v_lin[1]).max() > 1.0  # linear: a velocity corner at every waypoint
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((np.zeros((4, 5)), 0.1, np.zeros(2), "cubic"), r"chunk must be \[T, 6\].*\[4, 5\]"),
+        ((np.zeros(6), 0.1, np.zeros(2), "cubic"), r"chunk must be \[T, 6\]"),
+        ((np.zeros((4, 6)), 0.0, np.zeros(2), "cubic"), "dt_s must be > 0"),
+        ((np.zeros((4, 6)), 0.1, np.zeros((2, 2)), "cubic"), "t_s must be a 1-D"),
+        ((np.zeros((4, 6)), 0.1, np.zeros(2), "quintic"), "interp must be 'linear' or 'cubic'"),
+    ],
+)
+def test_interpolate_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        C.interpolate(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and the buffer
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(hz=0.0), r"hz must be in"),
+        (dict(max_horizon=0), r"max_horizon must be in"),
+        (dict(interp="spline"), "interp must be"),
+        (dict(limits=dict(WIDE, q_min=[1.0] * 6, q_max=[0.0] * 6)), "q_min < q_max"),
+        (dict(limits=dict(WIDE, v_max=[0.0] * 6)), "v_max > 0"),
+        (dict(limits=dict(WIDE, a_max=[float("nan")] * 6)), "a_max > 0"),
+        (dict(q0=[9.0] * 6), "q0 must be finite and inside the joint limits"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_loop(C.NullBackend(), **kwargs)
+
+
+def test_push_validates_shape_and_rejects_unsafe_chunks_before_the_backend():
+    loop = make_loop(C.NullBackend(), max_horizon=8)
+    with pytest.raises(ValueError, match=r"chunk must be \[T, 6\]"):
+        loop.push(np.zeros((3, 7)), 0, PERIOD_NS)
+    with pytest.raises(ValueError, match="max_horizon = 8"):
+        loop.push(np.zeros((9, 6)), 0, PERIOD_NS)
+    with pytest.raises(ValueError, match="dt must be > 0"):
+        loop.push(np.zeros((3, 6)), 0, 0)
+    good = np.tile(Q0, (4, 1))
+    for bad_value, want in ((np.nan, "nonfinite"), (np.inf, "nonfinite"), (-np.inf, "nonfinite"), (6.5, "out_of_limits")):
+        bad = good.copy()
+        bad[2, 3] = bad_value
+        assert loop.push(bad, 0, PERIOD_NS) == want
+    s = loop.stats()
+    assert (s["pushed"], s["accepted"], s["rejected_nonfinite"], s["rejected_limits"]) == (4, 0, 3, 1)
+    # float32 input is converted; three pushes before the consumer runs: two were never read.
+    for _ in range(3):
+        assert loop.push(good.astype(np.float32), 0, PERIOD_NS) == "accepted"
+    s = loop.stats()
+    assert (s["accepted"], s["dropped"]) == (3, 2)
+
+
+def test_start_twice_raises_and_destroying_a_running_loop_stops_it():
+    b = C.NullBackend()
+    loop = make_loop(b)
+    loop.start()
+    with pytest.raises(RuntimeError, match="called twice"):
+        loop.start()
+    del loop  # the destructor requests a stop and joins
+    assert b.stops == 1
+
+
+# --------------------------------------------------------------------------------------------
+# the running loop
+
+
+def smooth_chunk(t0_ns, T=120, dt=0.01, amp=0.2, w=math.pi):
+    """q0 + amp (1 - cos(w tau)): starts at rest, |v| <= amp w, |a| <= amp w^2 (2 rad/s^2)."""
+    tau = dt * np.arange(T)
+    return Q0 + amp * (1 - np.cos(w * tau))[:, None] * np.linspace(1.0, -0.5, 6), t0_ns, int(dt * 1e9)
+
+
+def steady(t, window_ns=150_000_000):
+    """t: [N] command times (ns) -> mask of commands at least window_ns after any skipped cycle."""
+    gaps = t[1:][np.diff(t) > PERIOD_NS]
+    ok = np.ones(t.shape, dtype=bool)
+    for g in gaps:
+        ok &= ~((t >= g) & (t < g + window_ns))
+    return ok
+
+
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_loop_commands_the_interpolant_at_the_next_deadline(interp):
+    rec = C.RecordingBackend(4000)
+    loop = make_loop(rec, interp=interp)
+    loop.start()
+    q, t0, dt_ns = smooth_chunk(C.monotonic_ns() + 20_000_000)
+    obs_ns = C.monotonic_ns() - 5_000_000  # an observation taken 5 ms before the push
+    assert loop.push(q, t0, dt_ns, obs_ns) == "accepted"
+    s = run_until_stopped(loop)
+    t, qc, vc = rec.records()
+    assert "watchdog" in s["stop_reason"] and rec.stops == 1
+    tracking = (t >= t0 - PERIOD_NS) & (t + PERIOD_NS <= t0 + (q.shape[0] - 1) * dt_ns)
+    assert tracking.sum() > 100
+    # A missed cycle (busy VM) skips deadlines and the arm catches up under the acceleration
+    # limit; commands within 150 ms of a skip are left out of the exact comparison.
+    check = tracking & steady(t)
+    assert check.sum() > 50
+    want, _ = C.interpolate(q, dt_ns * 1e-9, (t[check] + PERIOD_NS - t0) * 1e-9, interp)
+    if interp == "cubic":
+        # Smooth plan inside the limits: every command is exactly the interpolant.
+        np.testing.assert_allclose(qc[check], want, atol=1e-9)  # measured max 4e-15
+    else:
+        # Linear plans have velocity corners; the acceleration clamp rounds them (lag <= a dt^2).
+        np.testing.assert_allclose(qc[check], want, atol=2e-3)  # measured max 2.6e-4
+    assert s["executed_chunks"] == 1 and s["latency"]["n"] == 1
+    assert s["latency"]["p50_us"] >= 5_000  # the first command comes after the push
+    assert s["chunk_age"]["n"] >= tracking.sum()
+
+
+def check_limits(rec, limits=WIDE):
+    t, q, v = rec.records()
+    a = np.diff(v, axis=0) / DT
+    assert np.all(np.abs(v) <= np.array(limits["v_max"]) * (1 + 1e-9))
+    assert np.all(np.abs(a) <= np.array(limits["a_max"]) * (1 + 1e-9))  # measured: at the limit to 1e-15
+    assert np.all((q >= np.array(limits["q_min"])) & (q <= np.array(limits["q_max"])))
+    # Positions integrate the commanded velocities with the nominal period.
+    np.testing.assert_allclose(np.diff(q, axis=0), v[1:] * DT, atol=1e-12)
+    return t, q, v
+
+
+def test_step_target_is_reached_within_velocity_and_acceleration_limits():
+    lim = dict(WIDE, v_max=[1.0, 0.5, 2.0, 1.0, 1.0, 1.0], a_max=[5.0, 3.0, 20.0, 5.0, 5.0, 5.0])
+    rec = C.RecordingBackend(2000)
+    loop = make_loop(rec, limits=lim)
+    loop.start()
+    target = Q0 + np.array([0.4, -0.3, 0.2, 0.0, 0.1, -0.05])
+    now = C.monotonic_ns()
+    loop.push(np.tile(target, (2, 1)), now, 1_500_000_000)  # a jump the limits must shape
+    s = run_until_stopped(loop)
+    assert "watchdog" in s["stop_reason"]
+    t, q, v = check_limits(rec, lim)
+    assert s["clamped_cycles"] > 50
+    assert s["max_abs_v"] == pytest.approx(2.0, rel=1e-9)  # joint 2 cruises at its 2 rad/s
+    np.testing.assert_allclose(np.abs(v).max(0)[:3], lim["v_max"][:3], rtol=1e-9)  # long moves reach v_max
+    # Reached and held: the arm settles on the target, overshooting by at most a_max dt^2.
+    np.testing.assert_allclose(q[t < t[-1] - 0.2e9][-1], target, atol=1e-9)
+    overshoot = (q - target) * np.sign(target - Q0)  # > 0: beyond the target
+    assert np.all(overshoot.max(0) <= np.array(lim["a_max"]) * DT**2)  # measured max 2.4e-6
+
+
+def test_position_limits_bound_a_cubic_overshoot():
+    lim = dict(WIDE, q_max=[0.5, 6.0, 6.0, 6.0, 6.0, 6.0], a_max=[50.0] * 6)
+    q0 = np.zeros(6)
+    chunk = np.zeros((4, 6))
+    chunk[1:3, 0] = 0.5  # Catmull-Rom through 0, .5, .5, 0 bulges above 0.5 between waypoints 1 and 2
+    peak = C.interpolate(chunk, 0.2, np.array([0.3]), "cubic")[0][0, 0]
+    assert peak > 0.55
+    rec = C.RecordingBackend(2000)
+    loop = make_loop(rec, q0=q0, limits=lim)
+    loop.start()
+    loop.push(chunk, C.monotonic_ns(), 200_000_000)
+    run_until_stopped(loop)
+    _, q, _ = rec.records()
+    assert q[:, 0].max() == pytest.approx(0.5, abs=1e-12)
+    assert np.all(q[:, 0] <= 0.5)
+
+
+def test_watchdog_brakes_at_the_acceleration_limit_then_stops_the_backend():
+    rec = C.RecordingBackend(4000)
+    loop = make_loop(rec, interp="linear")  # a cubic would dip before the ramp's corner
+    loop.start()
+    t0 = C.monotonic_ns()
+    T, dt_ns = 60, 10_000_000
+    ramp = Q0 + 0.5 * np.clip((np.arange(T) - 10) * 0.01, 0, None)[:, None]  # cruises at 0.5 rad/s
+    loop.push(ramp, t0, dt_ns)
+    s = run_until_stopped(loop)
+    assert s["state"] == "stopped" and s["stop_reason"].startswith("watchdog")
+    assert rec.stops == 1
+    t, q, v = check_limits(rec)
+    end_ns = t0 + (T - 1) * dt_ns
+    after = t + PERIOD_NS > end_ns  # no target left for the next deadline
+    assert after.any()
+    # The stop starts on the first such cycle and needs v / a = 0.5 / 8 s.
+    assert np.all(v[~after] >= -1e-9) and np.all(np.diff(v[after][:, 0]) <= 1e-12)  # measured -1.1e-13
+    braking_s = (t[-1] - t[after][0]) * 1e-9
+    assert 0.5 / 8.0 - 2 * DT <= braking_s <= 0.5 / 8.0 + 2 * DT
+    np.testing.assert_array_equal(v[-1], 0.0)
+    travelled = q[-1, 0] - q[after][0, 0]
+    assert travelled <= 0.5**2 / (2 * 8.0) + 0.5 * DT  # v^2 / 2a, plus one period at speed
+
+
+def test_late_chunk_whose_horizon_already_passed_triggers_the_watchdog():
+    rec = C.RecordingBackend(2000)
+    loop = make_loop(rec)
+    loop.start()
+    stale = C.monotonic_ns() - 500_000_000
+    assert loop.push(np.tile(Q0, (10, 1)), stale, 10_000_000) == "accepted"  # ended 410 ms ago
+    s = run_until_stopped(loop)
+    assert s["stop_reason"].startswith("watchdog")
+    assert s["executed_chunks"] == 0  # never tracked
+
+
+def test_late_chunks_in_a_stream_stop_the_arm_safely():
+    """A producer that keeps up, then is late by more than the remaining horizon."""
+    rec = C.RecordingBackend(4000)
+    loop = make_loop(rec)
+    loop.start()
+    dt_ns, T = 10_000_000, 15  # 140 ms horizon, a new chunk every 50 ms
+    wake = C.monotonic_ns()
+    for i in range(8):
+        t0 = C.monotonic_ns()
+        assert loop.push(Q0 + 0.001 * i + np.zeros((T, 6)), t0, dt_ns, t0) == "accepted"
+        wake += 50_000_000
+        C.sleep_until_ns(wake, 0.0)
+        assert loop.state in ("holding", "tracking")
+    s = run_until_stopped(loop, timeout=2.0)  # then silence: the watchdog must fire
+    assert s["stop_reason"].startswith("watchdog") and s["executed_chunks"] >= 7
+    check_limits(rec)
+
+
+def test_backend_that_throws_stops_the_loop_and_reports_why():
+    rec = C.RecordingBackend(1000, throw_after=25)
+    loop = make_loop(rec)
+    loop.start()
+    loop.push(np.tile(Q0, (50, 1)), C.monotonic_ns(), 10_000_000)
+    s = run_until_stopped(loop)
+    assert s["state"] == "stopped"
+    assert "backend fault" in s["stop_reason"] and "injected fault at command 26" in s["stop_reason"]
+    assert rec.size == 25 and rec.calls == 26 and s["commands"] == 25
+    assert rec.stops == 1  # stop() is still attempted
+
+
+def test_request_stop_while_holding_and_while_moving():
+    b = C.NullBackend()
+    loop = make_loop(b)
+    loop.start()
+    loop.request_stop("test")
+    s = run_until_stopped(loop)
+    assert s["stop_reason"] == "requested: test" and b.stops == 1
+
+    rec = C.RecordingBackend(4000)
+    loop = make_loop(rec)
+    loop.start()
+    q, t0, dt_ns = smooth_chunk(C.monotonic_ns(), T=200)
+    loop.push(q, t0, dt_ns)
+    C.sleep_until_ns(t0 + 500_000_000, 0.0)  # mid-motion
+    loop.request_stop("operator")
+    s = run_until_stopped(loop)
+    assert s["stop_reason"] == "requested: operator" and rec.stops == 1
+    _, _, v = check_limits(rec)
+    np.testing.assert_array_equal(v[-1], 0.0)
+
+
+def test_mailbox_backend_hands_the_newest_target_to_a_reader():
+    box = C.MailboxBackend()
+    seq, t_ns, q, v, stopped = box.read()
+    assert seq == 0 and not stopped
+    loop = make_loop(box)
+    loop.start()
+    seen = []
+    done = threading.Event()
+
+    def reader():  # a forwarder: reads at its own pace, sees increasing sequence numbers
+        while not done.is_set():
+            seen.append(box.read())
+            C.sleep_until_ns(C.monotonic_ns() + 3_000_000, 0.0)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    C.sleep_until_ns(C.monotonic_ns() + 100_000_000, 0.0)
+    loop.request_stop("done")
+    run_until_stopped(loop)
+    done.set()
+    th.join()
+    seq, _, q, v, stopped = box.read()
+    assert stopped and np.allclose(q, Q0) and np.all(v == 0)
+    seqs = [s[0] for s in seen]
+    assert all(b >= a for a, b in zip(seqs, seqs[1:])) and seqs[-1] > 10
+    assert all(np.allclose(s[2], Q0) for s in seen if s[0] > 0)  # holding the start pose
+
+
+def test_gil_is_free_while_the_loop_runs_and_waits():
+    loop = make_loop(C.NullBackend())
+    loop.start()
+    ticks = []
+    stop = threading.Event()
+
+    def spinner():
+        while not stop.is_set():
+            ticks.append(1)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=spinner)
+    th.start()
+    n0 = len(ticks)
+    assert not loop.wait(0.3)  # blocks 0.3 s in C++
+    n1 = len(ticks)
+    stop.set()
+    th.join()
+    assert n1 - n0 > 20  # with the GIL held during wait() the spinner could not tick at all
+    loop.request_stop("done")
+    assert loop.wait(5.0)

@@ -1,0 +1,286 @@
+"""Servo backends.
+
+Every backend hands the servo loop a C++ object (``c_backend``) that the servo thread calls each
+cycle without the GIL:
+
+* ``NullBackend`` / ``RecordingBackend``: pure C++ (timing, tests). Nothing Python in the loop.
+* ``MujocoUR5eBackend`` / ``URRTDEBackend``: the servo thread writes each target into a C++
+  lock-free mailbox (``_C.MailboxBackend``); a Python forwarding thread reads the newest target
+  once per period and hands it to MuJoCo or to ur_rtde. The servo thread never waits for
+  Python, so its timing is unaffected by the GIL; the forwarder is soft real-time (a late
+  forwarder sends the newest target, never a queue of stale ones). For a real UR this is the
+  pattern ur_rtde is built for: its own C++ RTDE thread talks to the controller at 500 Hz and
+  servoJ's lookahead smooths the stream. Driving ``RTDEControlInterface`` from the C++ thread
+  directly would need ur_rtde's C++ library and headers at build time (the Python wheel ships
+  only the pybind module), so it is left for a build with ``find_package(ur_rtde)``.
+
+A backend implements: ``c_backend``, ``open() -> q0 [6]``, ``start(loop)``, ``read_q() -> (q [6],
+t_ns) | None``, ``close()`` and ``error`` (an exception raised on its forwarding thread).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from vlafast._ext import load_C
+from vlafast.robot.servo import DOF, UR5E_HOME
+
+ASSET = Path(__file__).resolve().parent / "assets" / "ur5e.xml"
+
+
+class NullBackend:
+    """Counts commands in C++; for timing."""
+
+    def __init__(self, q0: Sequence[float] = UR5E_HOME):
+        self.c_backend = load_C().NullBackend()
+        self.q0 = np.asarray(q0, dtype=np.float64)
+        self.error: BaseException | None = None
+
+    def open(self) -> np.ndarray:
+        return self.q0.copy()
+
+    def start(self, loop: Any) -> None:
+        pass
+
+    def read_q(self) -> tuple[np.ndarray, int] | None:
+        return None  # no sensors: callers use the commanded target
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingBackend(NullBackend):
+    """Stores the first ``capacity`` commands in C++; ``throw_after=n`` makes command n+1 throw."""
+
+    def __init__(self, capacity: int, q0: Sequence[float] = UR5E_HOME, throw_after: int = -1):
+        super().__init__(q0)
+        self.c_backend = load_C().RecordingBackend(capacity, throw_after)
+
+    def records(self) -> dict[str, np.ndarray]:
+        """t: [N] (s, monotonic), q: [N, 6], v: [N, 6] of the recorded commands."""
+        t, q, v = self.c_backend.records()
+        return {"t": t.astype(np.float64) * 1e-9, "q": q, "v": v}
+
+
+class _Forwarder:
+    """A Python thread that reads the newest target from a MailboxBackend once per call of
+    ``tick`` and stops when the loop stops the backend, when ``close`` is called, or when
+    ``tick`` raises (then it asks the servo loop to stop and keeps the exception)."""
+
+    def __init__(self, name: str, tick: Callable[[tuple], bool]):
+        self.mailbox = load_C().MailboxBackend()
+        self._tick = tick
+        self._name = name
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, loop: Any) -> None:
+        self._thread = threading.Thread(target=self._run, args=(loop,), name=self._name, daemon=True)
+        self._thread.start()
+
+    def _run(self, loop: Any) -> None:
+        try:
+            while not self._halt.is_set():
+                if not self._tick(self.mailbox.read()):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported through .error and the loop
+            self.error = exc
+            loop.request_stop(f"{self._name} failed: {exc!r}")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+
+def _menagerie_model() -> Path | None:
+    root = os.environ.get("MENAGERIE_ROOT")
+    if not root:
+        return None
+    path = Path(root) / "universal_robots_ur5e" / "scene.xml"
+    return path if path.exists() else None
+
+
+class MujocoUR5eBackend:
+    """A simulated UR5e stepping in real time (one physics step per model timestep of wall time,
+    catching up when late). Uses ``$MENAGERIE_ROOT/universal_robots_ur5e/scene.xml`` when set
+    (position actuators: targets only), else the lean built-in model ``assets/ur5e.xml``
+    (PD + velocity feed-forward: targets and target velocities).
+
+    ``log_seconds`` of (t, target, measured q) are kept for plots and tests.
+    """
+
+    def __init__(self, q0: Sequence[float] = UR5E_HOME, model_path: str | os.PathLike | None = None,
+                 log_seconds: float = 30.0):
+        self.q0 = np.asarray(q0, dtype=np.float64)
+        if self.q0.shape != (DOF,):
+            raise ValueError(f"q0 must be [6] joint positions, got shape {self.q0.shape}")
+        self.model_path = Path(model_path) if model_path else (_menagerie_model() or ASSET)
+        self.log_seconds = log_seconds
+        self._fwd = _Forwarder("mujoco-ur5e", self._tick)
+        self.c_backend = self._fwd.mailbox
+        self._lock = threading.Lock()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._fwd.error
+
+    def open(self) -> np.ndarray:
+        import mujoco
+
+        self._mj = mujoco
+        self.model = mujoco.MjModel.from_xml_path(str(self.model_path))
+        self.data = mujoco.MjData(self.model)
+        if self.model.nu not in (DOF, 2 * DOF) or self.model.nq < DOF:
+            raise ValueError(f"{self.model_path}: expected a 6-joint arm with 6 or 12 actuators, got nu={self.model.nu}")
+        self.data.qpos[:DOF] = self.q0
+        self.data.ctrl[:DOF] = self.q0
+        mujoco.mj_forward(self.model, self.data)
+        self._dt_ns = int(round(self.model.opt.timestep * 1e9))
+        n = max(1, int(self.log_seconds / self.model.opt.timestep))
+        self._log_t = np.zeros(n, dtype=np.int64)
+        self._log_target = np.zeros((n, DOF))
+        self._log_q = np.zeros((n, DOF))
+        self._log_n = 0
+        self._q = self.q0.copy()
+        self._q_ns = 0
+        self.stopped_by_loop = False
+        return self.q0.copy()
+
+    def start(self, loop: Any) -> None:
+        C = load_C()
+        self._C = C
+        self._sim_ns = C.monotonic_ns()  # wall time the sim state corresponds to
+        with self._lock:
+            self._q_ns = self._sim_ns
+        self._fwd.start(loop)
+
+    def _tick(self, target: tuple) -> bool:
+        seq, _t_ns, q, v, stopped = target
+        if seq > 0:
+            self.data.ctrl[:DOF] = q
+            if self.model.nu == 2 * DOF:
+                self.data.ctrl[DOF:] = 0.0 if stopped else v
+        now = self._C.monotonic_ns()
+        while self._sim_ns + self._dt_ns <= now:  # real time: catch up if this thread was late
+            self._mj.mj_step(self.model, self.data)
+            self._sim_ns += self._dt_ns
+            if seq > 0 and self._log_n < len(self._log_t):
+                i = self._log_n
+                self._log_t[i], self._log_target[i], self._log_q[i] = self._sim_ns, q, self.data.qpos[:DOF]
+                self._log_n += 1
+        with self._lock:
+            self._q, self._q_ns = self.data.qpos[:DOF].copy(), self._sim_ns
+        if stopped:
+            self.stopped_by_loop = True
+            return False
+        self._C.sleep_until_ns(self._sim_ns + self._dt_ns, 0.0)
+        return True
+
+    def read_q(self) -> tuple[np.ndarray, int]:
+        with self._lock:
+            return self._q.copy(), self._q_ns
+
+    def log(self) -> dict[str, np.ndarray]:
+        """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated)."""
+        n = self._log_n
+        return {"t": self._log_t[:n] * 1e-9, "target": self._log_target[:n].copy(), "q": self._log_q[:n].copy()}
+
+    def close(self) -> None:
+        self._fwd.close()
+
+
+class URRTDEBackend:
+    """A real UR (e-series 500 Hz, CB3 125 Hz) through ur_rtde (``pip install vlafast[robot]``).
+
+    The forwarder runs ur_rtde's own pacing, ``t = initPeriod(); servoJ(q, 0, 0, 1/hz,
+    lookahead, gain); waitPeriod(t)``, with the newest servo target; when the servo loop has
+    braked to rest it calls ``servoStop()``; ``close()`` also stops the control script and
+    disconnects. q in rad; speed and acceleration are unused by servoJ (ur_rtde's docs), the
+    servo loop enforces our limits before the target gets here.
+    """
+
+    def __init__(self, host: str, hz: float = 500.0, lookahead: float = 0.1, gain: float = 300.0):
+        if not 0.03 <= lookahead <= 0.2:
+            raise ValueError(f"lookahead must be in [0.03, 0.2] s (servoJ's range), got {lookahead}")
+        if not 100 <= gain <= 2000:
+            raise ValueError(f"gain must be in [100, 2000] (servoJ's range), got {gain}")
+        if hz not in (125.0, 500.0):
+            raise ValueError(f"hz must be 500 (e-series) or 125 (CB3), got {hz}")
+        self.host, self.hz, self.lookahead, self.gain = host, float(hz), float(lookahead), float(gain)
+        self._fwd = _Forwarder("ur-rtde", self._tick)
+        self.c_backend = self._fwd.mailbox
+        self._servoing = False
+        self._rtde_c = self._rtde_r = None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._fwd.error
+
+    def open(self) -> np.ndarray:
+        try:
+            import rtde_control
+            import rtde_receive
+        except ImportError as exc:
+            raise ImportError("URRTDEBackend needs ur_rtde: pip install 'vlafast[robot]'") from exc
+        self._rtde_c = rtde_control.RTDEControlInterface(self.host, self.hz)
+        self._rtde_r = rtde_receive.RTDEReceiveInterface(self.host, self.hz)
+        q = np.asarray(self._rtde_r.getActualQ(), dtype=np.float64)
+        if q.shape != (DOF,):
+            raise RuntimeError(f"robot at {self.host} reported {q.shape} joint positions, expected 6")
+        return q
+
+    def start(self, loop: Any) -> None:
+        self._fwd.start(loop)
+
+    def _tick(self, target: tuple) -> bool:
+        seq, _t_ns, q, _v, stopped = target
+        t_start = self._rtde_c.initPeriod()
+        if stopped:
+            if self._servoing:
+                self._rtde_c.servoStop()
+                self._servoing = False
+            return False
+        if seq > 0:
+            ok = self._rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, 1.0 / self.hz, self.lookahead, self.gain)
+            if ok is False:
+                raise RuntimeError("servoJ refused the target (robot not in remote control or protective stop?)")
+            self._servoing = True
+        self._rtde_c.waitPeriod(t_start)
+        return True
+
+    def read_q(self) -> tuple[np.ndarray, int]:
+        t_ns = load_C().monotonic_ns()
+        return np.asarray(self._rtde_r.getActualQ(), dtype=np.float64), t_ns
+
+    def close(self) -> None:
+        self._fwd.close()
+        if self._rtde_c is not None:
+            if self._servoing:
+                self._rtde_c.servoStop()
+                self._servoing = False
+            self._rtde_c.stopScript()
+            self._rtde_c.disconnect()
+            self._rtde_c = None
+        if self._rtde_r is not None:
+            self._rtde_r.disconnect()
+            self._rtde_r = None
+
+
+def make_backend(name: str, *, host: str = "", hz: float = 500.0, **kw: Any) -> Any:
+    """'null' | 'mujoco' | 'ur-rtde' -> a backend object."""
+    if name == "null":
+        return NullBackend(**kw)
+    if name == "mujoco":
+        return MujocoUR5eBackend(**kw)
+    if name == "ur-rtde":
+        if not host:
+            raise ValueError("the ur-rtde backend needs --host (the robot's IP address)")
+        return URRTDEBackend(host, hz=hz, **kw)
+    raise ValueError(f"backend must be 'null', 'mujoco' or 'ur-rtde', got {name!r}")

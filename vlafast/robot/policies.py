@@ -1,0 +1,64 @@
+"""Scripted chunk policies for the robot loop (demo, tests, benchmarks).
+
+A chunk policy is any callable ``policy(q, t) -> chunk`` with an attribute ``dt``: given the
+joint positions q: [6] observed at monotonic time t (s), it returns chunk: [T, 6] whose
+waypoint i is meant for time t + i * dt. Model policies (pi0, OpenVLA, ...) plug into
+``RealtimeRunner`` by wrapping their observation -> action-chunk call in this shape.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from vlafast.robot.servo import DOF, UR5E_HOME
+
+
+def smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+class SinusoidPolicy:
+    """q(t) = center + amplitude * ramp(t) * sin(2 pi freq (t - t_start)), t_start = the first
+    call's time; ramp rises smoothly from 0 to 1 over ramp_s so the arm starts at rest.
+    ``latency_s`` stands in for inference time (the call sleeps that long)."""
+
+    name = "sinusoid"
+
+    def __init__(self, center: Sequence[float] = UR5E_HOME, amplitude: float | Sequence[float] = 0.2,
+                 freq_hz: float = 0.5, dt: float = 0.02, horizon: int = 50, ramp_s: float = 1.0,
+                 latency_s: float = 0.0):
+        self.center = np.asarray(center, dtype=np.float64)
+        self.amplitude = np.broadcast_to(np.asarray(amplitude, dtype=np.float64), (DOF,)).copy()
+        if self.center.shape != (DOF,):
+            raise ValueError(f"center must be [6] joint positions, got {self.center.shape}")
+        if dt <= 0 or horizon < 2 or ramp_s <= 0 or latency_s < 0:
+            raise ValueError("need dt > 0, horizon >= 2, ramp_s > 0, latency_s >= 0")
+        self.freq_hz, self.dt, self.horizon, self.ramp_s, self.latency_s = freq_hz, dt, horizon, ramp_s, latency_s
+        self.t_start: float | None = None
+
+    def reference(self, t: np.ndarray) -> np.ndarray:
+        """The analytic trajectory: t: [N] (s, monotonic) -> q: [N, 6]."""
+        tau = np.asarray(t, dtype=np.float64)[:, None] - (self.t_start or 0.0)
+        ramp = smoothstep(tau / self.ramp_s)
+        return self.center + self.amplitude * ramp * np.sin(2 * np.pi * self.freq_hz * tau)
+
+    def __call__(self, q: np.ndarray, t: float) -> np.ndarray:
+        if self.t_start is None:
+            self.t_start = t
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        return self.reference(t + self.dt * np.arange(self.horizon))
+
+
+POLICIES = {"sinusoid": SinusoidPolicy}
+
+
+def make_policy(name: str, **kw) -> SinusoidPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)} (model policies plug in through "
+                         f"vlafast.robot.RealtimeRunner), got {name!r}")
+    return POLICIES[name](**kw)
