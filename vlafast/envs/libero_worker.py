@@ -1,0 +1,238 @@
+"""One LIBERO environment in its own process: the worker side of ``vlafast.envs.libero``.
+
+Runs under any interpreter that has LIBERO (the ``.venv-libero`` made by ``make libero``, which
+keeps mujoco 2.3.7 / numpy 1.26 / robosuite 1.4 apart from the main venv), so it imports only
+the standard library, numpy, PIL and LIBERO, never vlafast or torch:
+
+    /path/to/.venv-libero/bin/python libero_worker.py <image-file>
+
+Protocol: length-prefixed pickles (8-byte little-endian length, protocol 4) of plain Python
+values (dict / list / str / int / float / bytes) over the process's stdin / stdout; LIBERO's own
+prints are sent to stderr. Observation images go through ``<image-file>``, a file in shared
+memory (/dev/shm) that both sides map: camera c occupies bytes [c*H*W*3, (c+1)*H*W*3).
+
+Requests (``(command, args)``) and replies (a dict; ``{"error": "..."}`` if the command raised):
+  init   {suite, task_id, cameras, render_size, image_size, num_steps_wait, max_steps, hard_reset}
+         -> {instruction, num_init_states}
+  reset  {init_index, seed} -> {state}                       (images written)
+  step   {actions: float64 bytes [T, 7], next_init_index, next_seed}
+         -> {reward, success, truncated, steps, episode_return, episode_length, final_state, state}
+         The chunk stops early at success or at the step budget; the env is then reset at once
+         (same-step auto-reset) to ``next_init_index`` and the new episode's first obs returned.
+  raw    {} -> the unconverted LIBERO observation (images as rendered, eef quaternion): for
+         testing the conversion against the real env
+  close  {} -> {} and exit
+
+Observation conventions (openpi's LIBERO example, also OpenVLA's): images rendered at
+``render_size`` (256 in LIBERO's data), rotated 180 degrees (robosuite renders them upside down
+and mirrored), resized to ``image_size`` with PIL bilinear (openpi's resize_with_pad; square in,
+square out, so no padding); state = eef position (3) + eef orientation as axis-angle (3) +
+gripper finger positions (2). The first ``num_steps_wait`` steps of each episode execute the
+no-op action [0]*6 + [-1] while objects settle and do not count against the step budget.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import pickle
+import struct
+import sys
+
+CAMERA_KEYS = {"image": "agentview_image", "wrist_image": "robot0_eye_in_hand_image"}
+NOOP_ACTION = [0.0] * 6 + [-1.0]
+
+
+def read_msg(fd: int):
+    header = _read_exact(fd, 8)
+    (n,) = struct.unpack("<Q", header)
+    return pickle.loads(_read_exact(fd, n))
+
+
+def write_msg(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=4)
+    buf = memoryview(struct.pack("<Q", len(data)) + data)
+    while buf:
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        b = os.read(fd, left)
+        if not b:
+            raise EOFError("pipe closed")
+        chunks.append(b)
+        left -= len(b)
+    return b"".join(chunks)
+
+
+def quat_to_axis_angle(quat) -> list[float]:
+    """robosuite quaternion (x, y, z, w) -> axis * angle, angle in [0, pi] for w >= 0."""
+    x, y, z, w = (float(q) for q in quat)
+    w = max(-1.0, min(1.0, w))
+    den = math.sqrt(max(0.0, 1.0 - w * w))
+    if den < 1e-12:
+        return [0.0, 0.0, 0.0]
+    angle = 2.0 * math.acos(w)
+    return [x * angle / den, y * angle / den, z * angle / den]
+
+
+class Worker:
+    def __init__(self, image_path: str):
+        self.image_path = image_path
+        self.env = None
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def init(self, suite: str, task_id: int, cameras: list[str], render_size: int, image_size: int,
+             num_steps_wait: int, max_steps: int, hard_reset: bool) -> dict:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+        import numpy as np
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+
+        self.np = np
+        suites = benchmark.get_benchmark_dict()
+        if suite not in suites:
+            raise ValueError(f"unknown LIBERO suite {suite!r}; known: {', '.join(sorted(suites))}")
+        task_suite = suites[suite]()
+        if not 0 <= task_id < task_suite.n_tasks:
+            raise ValueError(f"task_id must be in [0, {task_suite.n_tasks}) for {suite}, got {task_id}")
+        task = task_suite.get_task(task_id)
+        self.init_states = task_suite.get_task_init_states(task_id)
+        bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        self.env = OffScreenRenderEnv(
+            bddl_file_name=bddl, camera_heights=render_size, camera_widths=render_size, hard_reset=hard_reset,
+        )
+        self.cameras = list(cameras)
+        self.render_size, self.image_size = render_size, image_size
+        self.num_steps_wait, self.max_steps = num_steps_wait, max_steps
+        # Camera observables are rendered only when an observation is returned (end of a chunk),
+        # not at every control step: rendering is ~95% of a LIBERO step on a CPU.
+        self._set_cameras(False)
+        size = len(self.cameras) * image_size * image_size * 3
+        with open(self.image_path, "r+b") as f:
+            self.images = mmap.mmap(f.fileno(), size)
+        self.steps, self.ret = 0, 0.0
+        return {"instruction": task.language, "num_init_states": int(len(self.init_states))}
+
+    def reset(self, init_index: int, seed: int) -> dict:
+        env = self.env
+        env.seed(seed)
+        env.reset()
+        env.set_init_state(self.init_states[init_index % len(self.init_states)])
+        for _ in range(self.num_steps_wait):
+            env.step(NOOP_ACTION)
+        self.steps, self.ret = 0, 0.0
+        return {"state": self._observe()}
+
+    def step(self, actions: bytes, next_init_index: int, next_seed: int) -> dict:
+        chunk = self.np.frombuffer(actions, dtype=self.np.float64).reshape(-1, 7)
+        reward, success, truncated, n = 0.0, False, False, 0
+        for a in chunk:
+            _, r, done, _ = self.env.step(a.tolist())
+            n += 1
+            self.steps += 1
+            reward += float(r)
+            self.ret += float(r)
+            if done:  # LIBERO's done is its success check (all goal predicates hold)
+                success = True
+                break
+            if self.steps >= self.max_steps:
+                truncated = True
+                break
+        out = {"reward": reward, "success": success, "truncated": truncated, "steps": n}
+        if success or truncated:
+            out.update(episode_return=self.ret, episode_length=self.steps, final_state=self._proprio())
+            out.update(self.reset(next_init_index, next_seed))
+        else:
+            out["state"] = self._observe()
+        return out
+
+    def raw(self) -> dict:
+        self._set_cameras(True)
+        try:
+            obs = self.env.env._get_observations(force_update=True)
+        finally:
+            self._set_cameras(False)
+        keys = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+        out = {k: [float(v) for v in obs[k]] for k in keys}
+        for name in self.cameras:
+            img = obs[CAMERA_KEYS[name]]
+            out[name] = (img.tobytes(), list(img.shape))
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _set_cameras(self, enabled: bool) -> None:
+        for name in self.cameras:
+            self.env.env.modify_observable(CAMERA_KEYS[name], "enabled", enabled)
+
+    def _proprio(self, obs=None) -> list[float]:
+        if obs is None:
+            obs = self.env.env._get_observations(force_update=True)
+        return (
+            [float(v) for v in obs["robot0_eef_pos"]]
+            + quat_to_axis_angle(obs["robot0_eef_quat"])
+            + [float(v) for v in obs["robot0_gripper_qpos"]]
+        )
+
+    def _observe(self) -> list[float]:
+        np = self.np
+        self._set_cameras(True)
+        try:
+            obs = self.env.env._get_observations(force_update=True)
+        finally:
+            self._set_cameras(False)
+        frame = self.image_size * self.image_size * 3
+        for c, name in enumerate(self.cameras):
+            img = np.ascontiguousarray(obs[CAMERA_KEYS[name]][::-1, ::-1])  # rotate 180 degrees
+            if self.image_size != self.render_size:
+                from PIL import Image
+
+                img = np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR))
+            self.images[c * frame:(c + 1) * frame] = img.tobytes()
+        return self._proprio(obs)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: libero_worker.py <image-file>", file=sys.stderr)
+        return 2
+    # Run as a script, this file's folder (vlafast/envs, which holds libero.py) heads sys.path
+    # and would shadow the real ``libero`` package.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    # Own the original stdin/stdout for the protocol; LIBERO / robosuite print to stdout, so
+    # fd 1 becomes stderr for everything else in this process.
+    fd_in, fd_out = os.dup(0), os.dup(1)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    worker = Worker(argv[1])
+    while True:
+        try:
+            command, args = read_msg(fd_in)
+        except EOFError:
+            return 0
+        if command == "close":
+            write_msg(fd_out, {})
+            return 0
+        try:
+            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step", "raw") else None
+            if reply is None:
+                raise ValueError(f"unknown command {command!r}")
+        except Exception as exc:  # reported to the parent, which resets or restarts this env
+            import traceback
+
+            traceback.print_exc()
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        write_msg(fd_out, reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
