@@ -29,5 +29,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     for b in (
         Benchmark("servo-timing", "vlafast.bench.servo_timing",
                   "absolute-deadline loop jitter of the _C timing core (SCHED_FIFO vs plain sleep)"),
+        Benchmark("pi0", "vlafast.bench.pi0", "pi0 chunk latency (1/2/3 views, K=10), eager vs CUDA graph; batched chunks/s"),
+        Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }

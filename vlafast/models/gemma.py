@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SteerFn = Callable[[Tensor, Tensor], Tensor]
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= arrived in 2.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +187,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     """
     B, H, Sq, E = q.shape
     G = k.shape[1]
-    if G != H:
-        k = k.repeat_interleave(H // G, dim=1)
-        v = v.repeat_interleave(H // G, dim=1)
     bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, mask_value(q.dtype))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=1.0 / math.sqrt(E))
+    if G != H and _SDPA_GQA:  # reads the shared kv heads in place (no copy of the cached prefix K/V)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=1.0 / math.sqrt(E), enable_gqa=True)
+    else:
+        if G != H:
+            k = k.repeat_interleave(H // G, dim=1)
+            v = v.repeat_interleave(H // G, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=1.0 / math.sqrt(E))
     return out.transpose(1, 2).reshape(B, Sq, H * E)

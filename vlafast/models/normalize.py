@@ -102,6 +102,13 @@ class Normalizer:
         if self.convention not in _EPS:
             raise ValueError(f"convention must be 'openpi' or 'lerobot', got {self.convention!r}")
 
+    def to(self, device: torch.device | str) -> "Normalizer":
+        """A copy with the stats on ``device`` (keeps the hot path free of host copies)."""
+        def mv(st: FeatureStats) -> FeatureStats:
+            return FeatureStats(*(None if getattr(st, f.name) is None else getattr(st, f.name).to(device)
+                                  for f in dataclasses.fields(st)))
+        return dataclasses.replace(self, state=mv(self.state), actions=mv(self.actions))
+
     @property
     def action_dim(self) -> int:
         """Real (unpadded) action dimension, from the action stats."""

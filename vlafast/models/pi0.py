@@ -289,15 +289,16 @@ class Pi0Policy(nn.Module):
         dt = self.dtype
         temb = sincos_time_embedding(t, cfg.expert.width, cfg.min_period, cfg.max_period).to(dt)
         act = self.action_in_proj(x_t.to(dt))
-        T = act.shape[1]
-        starts = [1] + [0] * (T - 1)
+        # block starts built on the device (no host->device copy: CUDA-graph capturable)
+        starts = torch.zeros(cfg.suffix_len, dtype=torch.long, device=act.device)
+        starts[:cfg.suffix_len - cfg.horizon + 1] = 1
         if cfg.is_pi05:
             cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(temb))))
-            return act, torch.tensor(starts, device=act.device), cond
+            return act, starts, cond
         h = torch.cat([act, temb[:, None, :].expand_as(act)], dim=2)
         act = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))
         emb = torch.cat([self.state_proj(state.to(dt))[:, None, :], act], dim=1)
-        return emb, torch.tensor([1] + starts, device=act.device), None
+        return emb, starts, None
 
     def _check_suffix_inputs(self, x_t: Tensor, t: Tensor, state: Tensor | None, batch: int) -> None:
         cfg = self.cfg

@@ -158,7 +158,7 @@ def load_pi0(
     else:
         normalizer = _openpi_stats(root, pi05, asset_id)
     with torch.device("meta"):
-        policy = Pi0Policy(config, normalizer)
+        policy = Pi0Policy(config, normalizer.to(device))
     plan = plan_load(expected_tensors(policy), index, _rename_fn(index, pi05), what=f"{layout} checkpoint {path}")
     load_into(policy, files, plan, dtype=dtype, device=device)
     return policy.eval()
