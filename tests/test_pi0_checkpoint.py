@@ -58,8 +58,9 @@ def test_load_roundtrip_samples_like_the_source(tmp_path, layout, pi05):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # measured max 0
 
 
-def test_legacy_layouts_and_bf16_checkpoint(tmp_path):
-    """pre-4.52 transformers key layout, stats as buffers inside model.safetensors, a bf16
+@pytest.mark.parametrize("keys", ["transformers<4.52", "transformers5"])
+def test_legacy_layouts_and_bf16_checkpoint(tmp_path, keys):
+    """Other transformers key layouts, stats as buffers inside model.safetensors, a bf16
     file loaded (explicitly) as fp32, lm_head standing in for a missing embed_tokens."""
     cfg = Pi0Config.tiny()
     source = random_policy(cfg)
@@ -71,9 +72,12 @@ def test_legacy_layouts_and_bf16_checkpoint(tmp_path):
     for k, v in sd.items():
         if k == pg + "model.language_model.embed_tokens.weight":
             continue  # only the tied lm_head remains
-        k = k.replace(pg + "model.language_model.", pg + "language_model.model.")
-        k = k.replace(pg + "lm_head.", pg + "language_model.lm_head.")
-        k = k.replace(pg + "model.vision_tower.", pg + "vision_tower.")
+        if keys == "transformers5":
+            k = k.replace(pg + "model.vision_tower.vision_model.", pg + "model.vision_tower.")
+        else:
+            k = k.replace(pg + "model.language_model.", pg + "language_model.model.")
+            k = k.replace(pg + "lm_head.", pg + "language_model.lm_head.")
+            k = k.replace(pg + "model.vision_tower.", pg + "vision_tower.")
         moved[k] = v
     save_file(moved, str(folder / "model.safetensors"))
     policy = load_pi0(folder, config=cfg, dtype=torch.float32)

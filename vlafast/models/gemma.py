@@ -178,21 +178,27 @@ def mask_value(dtype: torch.dtype) -> float:
     return -0.7 * torch.finfo(dtype).max
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+def attention_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """allowed: [B, Sq, Sk] bool -> additive mask [B, 1, Sq, Sk] (0 or a large finite negative).
+
+    Finite, not -inf: padded query rows stay finite, so a padded token can never poison valid
+    ones through 0 * NaN. Built once per forward and shared by every layer.
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, mask_value(dtype))[:, None]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """Grouped-query attention with scale 1/sqrt(E).
 
-    q: [B, H, Sq, E], k/v: [B, G, Sk, E], allowed: [B, Sq, Sk] bool -> [B, Sq, H*E].
-    An additive finite mask (not -inf) keeps padded query rows finite, so a padded token can
-    never poison valid ones through 0 * NaN.
+    q: [B, H, Sq, E], k/v: [B, G, Sk, E], bias: [B, 1, Sq, Sk] from ``attention_bias`` -> [B, Sq, H*E].
     """
     B, H, Sq, E = q.shape
     G = k.shape[1]
-    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, mask_value(q.dtype))
     if G != H and _SDPA_GQA:  # reads the shared kv heads in place (no copy of the cached prefix K/V)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=1.0 / math.sqrt(E), enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(E), enable_gqa=True)
     else:
         if G != H:
             k = k.repeat_interleave(H // G, dim=1)
             v = v.repeat_interleave(H // G, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=1.0 / math.sqrt(E))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(E))
     return out.transpose(1, 2).reshape(B, Sq, H * E)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlafast.models.gemma import GemmaConfig, GemmaLayer, GemmaMLP, RMSNorm, attention, rope_cos_sin
+from vlafast.models.gemma import GemmaConfig, GemmaLayer, GemmaMLP, RMSNorm, attention, attention_bias, rope_cos_sin
 from vlafast.models.normalize import Normalizer
 from vlafast.models.siglip import Projector, SiglipConfig, SiglipVisionTower
 
@@ -266,7 +266,7 @@ class Pi0Policy(nn.Module):
         token_masks [B, L] -> PrefixCache (per-layer K/V for the denoise steps)."""
         self._check_prefix_inputs(images, image_masks, tokens, token_masks)
         x, pad = self._prefix_embeddings(images, image_masks, tokens, token_masks)
-        allowed = pad[:, None, :] & pad[:, :, None]
+        bias = attention_bias(pad[:, None, :] & pad[:, :, None], x.dtype)
         cos, sin = rope_cos_sin(torch.cumsum(pad.long(), dim=1) - 1, self.cfg.vlm.head_dim, self.cfg.vlm.rope_theta, x.dtype)
         keys, values, states = [], [], []
         for layer in self.language_model.layers:
@@ -275,7 +275,7 @@ class Pi0Policy(nn.Module):
             q, k, v, gate = layer.qkv(x, cos, sin, None)
             keys.append(k)
             values.append(v)
-            x = layer.finish(x, attention(q, k, v, allowed), gate, None)
+            x = layer.finish(x, attention(q, k, v, bias), gate, None)
         if keep_hidden_states:
             states.append(x)
         hidden, _ = self.language_model.norm(x)
@@ -333,15 +333,15 @@ class Pi0Policy(nn.Module):
         B, S = x.shape[:2]
         pad = prefix_cache.pad_mask
         suffix_pad = torch.ones(B, S, dtype=torch.bool, device=x.device)
-        allowed = torch.cat([pad[:, None, :].expand(B, S, pad.shape[1]),
-                             make_att_2d_masks(suffix_pad, starts[None].expand(B, S))], dim=2)
+        bias = attention_bias(torch.cat([pad[:, None, :].expand(B, S, pad.shape[1]),
+                                         make_att_2d_masks(suffix_pad, starts[None].expand(B, S))], dim=2), x.dtype)
         pos = pad.sum(dim=1, keepdim=True) + torch.arange(S, device=x.device)[None]
         cos, sin = rope_cos_sin(pos, self.cfg.expert.head_dim, self.cfg.expert.rope_theta, x.dtype)
         for l, layer in enumerate(self.expert.layers):
             q, k, v, gate = layer.qkv(x, cos, sin, cond)
             k = torch.cat([prefix_cache.keys[l], k], dim=2)
             v = torch.cat([prefix_cache.values[l], v], dim=2)
-            x = layer.finish(x, attention(q, k, v, allowed), gate, cond)
+            x = layer.finish(x, attention(q, k, v, bias), gate, cond)
         return self._head(x, cond, return_hidden)
 
     def joint_velocity(self, obs: Pi0Observation, x_t: Tensor, t: Tensor, state: Tensor | None, *,
@@ -357,13 +357,13 @@ class Pi0Policy(nn.Module):
         S = xs.shape[1]
         full_pad = torch.cat([pad, torch.ones(B, S, dtype=torch.bool, device=pad.device)], dim=1)
         att = torch.cat([torch.zeros(P, dtype=starts.dtype, device=pad.device), starts])[None].expand(B, P + S)
-        allowed = make_att_2d_masks(full_pad, att)
+        bias = attention_bias(make_att_2d_masks(full_pad, att), xp.dtype)
         cos, sin = rope_cos_sin(torch.cumsum(full_pad.long(), dim=1) - 1, self.cfg.vlm.head_dim,
                                 self.cfg.vlm.rope_theta, xp.dtype)
         for vl, el in zip(self.language_model.layers, self.expert.layers):
             qp, kp, vp, gp = vl.qkv(xp, cos[:, :P], sin[:, :P], None)
             qs, ks, vs, gs = el.qkv(xs, cos[:, P:], sin[:, P:], cond)
-            out = attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), allowed)
+            out = attention(torch.cat([qp, qs], 2), torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), bias)
             xp = vl.finish(xp, out[:, :P], gp, None)
             xs = el.finish(xs, out[:, P:], gs, cond)
         return self._head(xs, cond, return_hidden)

@@ -10,7 +10,8 @@ or without the ``model.`` prefix) and the normaliser stats
 openpi PyTorch: ``model.safetensors`` (keys ``paligemma_with_expert...``, ``time_mlp_in`` for
 pi0.5) and ``assets/<id>/norm_stats.json`` (quantile for pi0.5, mean/std for pi0).
 
-Also accepted: the pre-4.52 transformers layout (``paligemma.language_model.model.layers``),
+Also accepted: the pre-4.52 transformers layout (``paligemma.language_model.model.layers``), the
+transformers-5 SigLIP layout (no ``vision_model.`` level),
 ``time_mlp_*`` names in a pi0 checkpoint (LeRobot renames them), a tied ``lm_head`` in place
 of ``embed_tokens``.
 """
@@ -37,6 +38,10 @@ _LEGACY = (
     (_PG + "language_model.lm_head.", _PG + "lm_head."),
     (_PG + "vision_tower.", _PG + "model.vision_tower."),
     (_PG + "multi_modal_projector.", _PG + "model.multi_modal_projector."),
+    # transformers >= 5 drops the `vision_model.` level of the SigLIP tower
+    (_PG + "model.vision_tower.embeddings.", _PG + "model.vision_tower.vision_model.embeddings."),
+    (_PG + "model.vision_tower.encoder.", _PG + "model.vision_tower.vision_model.encoder."),
+    (_PG + "model.vision_tower.post_layernorm.", _PG + "model.vision_tower.vision_model.post_layernorm."),
 )
 _EMBED = _PG + "model.language_model.embed_tokens.weight"
 _LM_HEAD = _PG + "lm_head.weight"
