@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_ckpt import random_obs, random_policy
-from vlafast.models import Pi0Config, Pi0Observation, Pi0Policy, discretize_state, pi05_state_prompt
+from vlafast.models import Pi0Config, Pi0Observation, Pi0Policy, discretize_state, pi05_state_prompt, preprocess_images
 
 VARIANTS = [False, True]
 IDS = ["pi0", "pi05"]
@@ -402,3 +402,17 @@ def test_discretize_state_matches_numpy_digitize():
     ref = np.digitize(x.numpy(), bins=np.linspace(-1, 1, 257)[:-1]) - 1
     assert discretize_state(x).tolist() == ref.tolist()
     assert pi05_state_prompt("pick_up the cup\n", torch.tensor([3, 250])) == "Task: pick up the cup, State: 3 250;\nAction: "
+
+
+def test_preprocess_images_scales_resizes_and_pads_black():
+    g = torch.Generator().manual_seed(0)
+    square = torch.randint(0, 256, (2, 3, 16, 16, 3), dtype=torch.uint8, generator=g)
+    out = preprocess_images(square, size=16)
+    assert out.shape == (2, 3, 3, 16, 16)
+    torch.testing.assert_close(out, square.permute(0, 1, 4, 2, 3).float() / 255 * 2 - 1, rtol=0, atol=1e-6)  # measured 0
+    wide = torch.full((1, 1, 10, 20, 3), 255, dtype=torch.uint8)  # 2:1 -> 16 x 8, padded 4 rows top and bottom
+    out = preprocess_images(wide, size=16)
+    assert torch.all(out[..., :4, :] == -1) and torch.all(out[..., 12:, :] == -1)
+    torch.testing.assert_close(out[..., 4:12, :], torch.ones(1, 1, 3, 8, 16))  # measured 0
+    with pytest.raises(ValueError, match=r"uint8 \[B, V, H, W, 3\]"):
+        preprocess_images(square.float())

@@ -9,7 +9,7 @@ from vlafast.models.gemma import GemmaConfig, GemmaMLP
 from vlafast.models.normalize import FeatureStats, Normalizer, StatsError
 from vlafast.models.pi0 import (
     Pi0Config, Pi0Observation, Pi0Policy, PrefixCache, discretize_state, make_att_2d_masks, pi05_state_prompt,
-    sincos_time_embedding,
+    preprocess_images, sincos_time_embedding,
 )
 from vlafast.models.pi0_load import load_pi0
 from vlafast.models.siglip import SiglipConfig
@@ -17,5 +17,5 @@ from vlafast.models.siglip import SiglipConfig
 __all__ = [
     "CheckpointError", "FeatureStats", "GemmaConfig", "GemmaMLP", "Normalizer", "Pi0Config", "Pi0Observation",
     "Pi0Policy", "PrefixCache", "SiglipConfig", "StatsError", "discretize_state", "load_pi0", "make_att_2d_masks",
-    "pi05_state_prompt", "sincos_time_embedding",
+    "pi05_state_prompt", "preprocess_images", "sincos_time_embedding",
 ]

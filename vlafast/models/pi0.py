@@ -408,6 +408,26 @@ class Pi0Policy(nn.Module):
         return self.normalizer.unnormalize_actions(x[..., : self.normalizer.action_dim])
 
 
+def preprocess_images(images: Tensor, size: int = 224) -> Tensor:
+    """Camera frames -> model images, as openpi / LeRobot prepare them.
+
+    images: [B, V, H, W, 3] uint8 -> [B, V, 3, size, size] float32 in [-1, 1]. Frames that are
+    not ``size`` x ``size`` are resized keeping their aspect ratio (bilinear) and padded
+    black (-1) symmetrically (``resize_with_pad``).
+    """
+    if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 [B, V, H, W, 3], got {images.dtype} {list(images.shape)}")
+    B, V, H, W, _ = images.shape
+    x = images.reshape(B * V, H, W, 3).permute(0, 3, 1, 2).float() / 255.0
+    if (H, W) != (size, size):
+        ratio = max(W / size, H / size)
+        h, w = int(H / ratio), int(W / ratio)
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+        top, left = (size - h) // 2, (size - w) // 2
+        x = F.pad(x, (left, size - w - left, top, size - h - top), value=0.0)
+    return (x * 2.0 - 1.0).reshape(B, V, 3, size, size)
+
+
 def discretize_state(state: Tensor, bins: int = 256) -> Tensor:
     """pi0.5 state tokens: normalised state [B, state_dim] (zero-padded like LeRobot / openpi)
     in [-1, 1] -> bin ids [B, state_dim], exactly ``np.digitize(state, linspace(-1, 1, bins +
