@@ -93,7 +93,11 @@ class _Forwarder:
             self.error = exc
             loop.request_stop(f"{self._name} failed: {exc!r}")
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, grace_s: float = 0.2, timeout_s: float = 5.0) -> None:
+        """Give the thread ``grace_s`` to see the loop's stop (and stop the robot itself), then
+        halt it."""
+        if self._thread is not None:
+            self._thread.join(grace_s)
         self._halt.set()
         if self._thread is not None:
             self._thread.join(timeout_s)

@@ -1,0 +1,225 @@
+"""vlafast.robot: config, chunk merging, RealtimeRunner with C++ backends, fault injection
+(NaN chunks, a producer that dies, a forwarder that throws), Ctrl-C. No timing bounds asserted."""
+
+import math
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from vlafast._ext import load_C
+from vlafast.robot import (
+    UR5E_HOME, JointLimits, NullBackend, RealtimeRunner, RecordingBackend, ServoConfig, ServoLoop,
+    SinusoidPolicy, format_stats, interpolate, make_backend, make_policy, merge_chunk,
+)
+from vlafast.robot.backends import _Forwarder
+
+C = load_C()
+Q0 = np.asarray(UR5E_HOME)
+CFG = ServoConfig(realtime=False, spin_us=0.0)  # behaviour tests: leave the CPUs to everyone
+
+
+def test_config_and_limits_validate():
+    lim = JointLimits.ur5e()
+    assert lim.q_max[2] == pytest.approx(math.pi) and lim.q_max[0] == pytest.approx(2 * math.pi)
+    assert ServoConfig.cb3().hz == 125.0
+    with pytest.raises(ValueError, match="q_min must have 6 entries"):
+        JointLimits(q_min=(0.0,) * 5, q_max=(1.0,) * 6, v_max=(1.0,) * 6, a_max=(1.0,) * 6)
+    with pytest.raises(ValueError, match="interp must be one of"):
+        ServoConfig(interp="spline")
+    with pytest.raises(ValueError, match="backend must be 'null', 'mujoco' or 'ur-rtde'"):
+        make_backend("ros")
+    with pytest.raises(ValueError, match="needs --host"):
+        make_backend("ur-rtde")
+    with pytest.raises(ValueError, match="model policies plug in"):
+        make_policy("pi0")
+    with pytest.raises(ValueError, match="chunk_exec must be >= 1"):
+        RealtimeRunner(SinusoidPolicy(), NullBackend(), chunk_exec=0)
+
+
+def test_merge_aligns_to_now_and_blends_continuously():
+    dt = 0.02
+    T = 30
+    t0 = 1_000_000_000
+    rng = np.random.default_rng(0)
+    prev = Q0 + np.cumsum(rng.normal(scale=0.01, size=(T, 6)), axis=0)
+    new = prev + 0.05  # an offset plan: the blend must hide the jump
+    now = t0 + int(0.137 * 1e9)  # between waypoints 6 and 7
+    merged, m0 = merge_chunk(new, t0, (prev, t0), dt, now, blend_s=0.2)
+    # Two waypoints at or before now are kept, the rest of the elapsed part is dropped.
+    assert m0 == t0 + 5 * int(dt * 1e9) and merged.shape == (T - 5, 6)
+    # At and before now the merged plan is the previous one; after now + blend_s the new one.
+    np.testing.assert_allclose(merged[:2], prev[5:7], atol=1e-12)
+    after = (m0 + dt * 1e9 * np.arange(merged.shape[0])) >= now + 0.2e9
+    np.testing.assert_allclose(merged[after], new[5:][after], atol=1e-12)
+    # Velocity of the executed interpolant is continuous at now (smoothstep has zero slope there).
+    tq = np.array([(now - t0) * 1e-9])
+    _, v_prev = interpolate(prev, dt, tq)
+    _, v_merged = interpolate(merged, dt, tq - (m0 - t0) * 1e-9)
+    np.testing.assert_allclose(v_merged, v_prev, atol=0.05)  # measured 3e-3 rad/s (resampled cubic)
+    # Without a previous chunk the aligned chunk is returned as is; without a blend too.
+    m, s0 = merge_chunk(new, t0, None, dt, now, blend_s=0.2)
+    np.testing.assert_array_equal(m, new[5:])
+    m, _ = merge_chunk(new, t0, (prev, t0), dt, now, blend_s=0.0)
+    np.testing.assert_array_equal(m, new[5:])
+
+
+def test_servo_loop_context_manager_stops_cleanly_and_reports():
+    be = RecordingBackend(2000)
+    with ServoLoop(CFG, be) as loop:
+        t0 = C.monotonic_ns()
+        assert loop.push(np.tile(Q0, (40, 1)), t0, 0.01, t0) == "accepted"
+        assert loop.state in ("holding", "tracking")
+        assert not loop.wait(0.1)
+    s = loop.stats()
+    assert s["state"] == "stopped" and s["stop_reason"] == "requested: context exit"
+    assert be.c_backend.stops == 1 and "cycles" in format_stats(s)
+    with pytest.raises(RuntimeError, match="already started"):
+        loop.start()
+
+
+def tracking_error(be, policy, t_from, t_to):
+    rec = be.records()
+    t = rec["t"]
+    sel = (t >= t_from) & (t <= t_to)
+    # The command sent at t is the plan's position for the next deadline, t + period.
+    return np.abs(rec["q"][sel] - policy.reference(t[sel] + CFG.period_s)).max(), rec
+
+
+def test_runner_follows_a_sinusoid_despite_inference_latency():
+    # Peak plan acceleration 0.2 (6 + 3 pi + pi^2) ~ 5 rad/s^2 during the 1 s ramp: inside the 8 limit.
+    policy = SinusoidPolicy(amplitude=0.2, freq_hz=0.5, dt=0.02, horizon=40, ramp_s=1.0, latency_s=0.03)
+    be = RecordingBackend(5000)
+    runner = RealtimeRunner(policy, be, hz=500.0, chunk_exec=5, config=CFG)
+    s = runner.run(1.5)
+    assert s["stop_reason"] == "requested: run complete" and s["policy_error"] == ""
+    assert s["accepted"] >= 8 and s["rejected_nonfinite"] == 0
+    assert s["latency"]["p50_us"] >= 30_000  # inference takes 30 ms: obs -> first command is later
+    # Chunks are stamped with their observation time, so a 30 ms inference does not shift the
+    # plan: the commands follow the analytic curve (up to interpolation and hand-over blending).
+    err, rec = tracking_error(be, policy, policy.t_start + 0.1, policy.t_start + 1.3)
+    assert err < 5e-3, err  # measured max 6e-5 rad on a loaded VM with missed cycles
+    a = np.abs(np.diff(rec["v"], axis=0)).max() / CFG.period_s
+    assert a <= CFG.limits.a_max[0] * (1 + 1e-9)
+
+
+class OffsetPolicy(SinusoidPolicy):
+    """Every other chunk is shifted by +offset: a hand-over jump the runner must smooth."""
+
+    def __init__(self, offset, **kw):
+        super().__init__(**kw)
+        self.offset, self.calls = offset, 0
+
+    def __call__(self, q, t):
+        self.calls += 1
+        return super().__call__(q, t) + (self.offset if self.calls % 2 == 0 else 0.0)
+
+
+def test_hand_over_blend_keeps_the_plan_inside_the_acceleration_limit():
+    kw = dict(offset=0.02, amplitude=0.0, dt=0.02, horizon=40, ramp_s=0.3)
+    runs = {}
+    for blend_s in (0.0, 0.25):
+        be = RecordingBackend(3000)
+        runner = RealtimeRunner(OffsetPolicy(**kw), be, hz=500.0, chunk_exec=10, blend_s=blend_s, config=CFG)
+        runs[blend_s] = runner.run(1.2)
+        v = be.records()["v"]
+        assert np.abs(np.diff(v, axis=0)).max() / CFG.period_s <= CFG.limits.a_max[0] * (1 + 1e-9)
+    # Switching at once asks for a position jump: only the servo's clamps keep it legal.
+    assert runs[0.0]["clamped_cycles"] > 20
+    # Blended over 0.25 s a 0.02 rad jump needs 6 * 0.02 / 0.25^2 ~ 1.9 rad/s^2 < 8: far fewer clamps
+    # (the odd one after a missed cycle on a busy machine).
+    assert runs[0.25]["clamped_cycles"] < runs[0.0]["clamped_cycles"] / 4, runs
+
+
+def test_nan_chunks_are_rejected_and_the_arm_keeps_the_last_good_plan():
+    class NaNEveryOther(SinusoidPolicy):
+        calls = 0
+
+        def __call__(self, q, t):
+            self.calls += 1
+            chunk = super().__call__(q, t)
+            if self.calls % 2 == 0:
+                chunk[7, 2] = np.nan
+            return chunk
+
+    policy = NaNEveryOther(amplitude=0.1, dt=0.02, horizon=40, ramp_s=0.3)
+    be = RecordingBackend(3000)
+    s = RealtimeRunner(policy, be, hz=500.0, chunk_exec=5, config=CFG).run(1.0)
+    assert s["rejected_nonfinite"] >= 4 and s["accepted"] >= 4
+    assert s["stop_reason"] == "requested: run complete"
+    assert np.isfinite(be.records()["q"]).all()
+
+
+def test_producer_that_dies_lets_the_watchdog_stop_the_arm():
+    class Dies(SinusoidPolicy):
+        calls = 0
+
+        def __call__(self, q, t):
+            self.calls += 1
+            if self.calls > 3:
+                raise RuntimeError("GPU fell off the bus")
+            return super().__call__(q, t)
+
+    be = RecordingBackend(3000)
+    s = RealtimeRunner(Dies(amplitude=0.1, dt=0.02, horizon=20, ramp_s=0.2), be, hz=500.0, chunk_exec=5,
+                       config=CFG).run(3.0)
+    assert s["stop_reason"].startswith("watchdog") and "GPU fell off the bus" in s["policy_error"]
+    assert be.c_backend.stops == 1
+    v = be.records()["v"]
+    np.testing.assert_array_equal(v[-1], 0.0)
+    assert np.abs(np.diff(v, axis=0)).max() / CFG.period_s <= CFG.limits.a_max[0] * (1 + 1e-9)
+
+
+def test_ctrl_c_brakes_stops_the_backend_and_joins_every_thread():
+    be = RecordingBackend(5000)
+    runner = RealtimeRunner(SinusoidPolicy(amplitude=0.1, ramp_s=0.2), be, hz=500.0, chunk_exec=5, config=CFG)
+    timer = threading.Timer(0.6, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(None)
+    timer.join()
+    s = runner.loop.stats()
+    assert s["state"] == "stopped" and s["stop_reason"] == "requested: interrupted"
+    assert be.c_backend.stops == 1
+    assert not any(t.name == "vlafast-inference" for t in threading.enumerate())
+    np.testing.assert_array_equal(be.records()["v"][-1], 0.0)
+
+
+def test_forwarder_that_throws_stops_the_servo_loop():
+    class Flaky:
+        """A Python backend whose forwarding thread fails after 20 targets."""
+
+        def __init__(self):
+            self.n = 0
+            self._fwd = _Forwarder("flaky", self._tick)
+            self.c_backend = self._fwd.mailbox
+
+        error = property(lambda self: self._fwd.error)
+
+        def open(self):
+            return Q0.copy()
+
+        def start(self, loop):
+            self._fwd.start(loop)
+
+        def _tick(self, target):
+            C.sleep_until_ns(C.monotonic_ns() + 2_000_000, 0.0)
+            if target[0] > 0:
+                self.n += 1
+                if self.n > 20:
+                    raise ConnectionError("robot went away")
+            return True
+
+        def read_q(self):
+            return None
+
+        def close(self):
+            self._fwd.close()
+
+    be = Flaky()
+    loop = ServoLoop(CFG, be).start()
+    assert loop.wait(5.0)
+    s = loop.stop()
+    assert "flaky failed" in s["stop_reason"] and "robot went away" in s["backend_error"]
