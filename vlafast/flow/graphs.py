@@ -14,19 +14,22 @@ advances the generator by the offsets the graph consumed. Replays therefore draw
 noise every call, and a replay right after ``generator.manual_seed(s)`` draws the same
 numbers as the eager path after the same seed (bitwise, by that note's design).
 
-* The default CUDA generator is registered by every capture automatically (all torch
-  versions this library supports, >= 2.4): ``generator=None`` always works.
-* A user ``torch.Generator(device="cuda")`` must be registered with the graph before capture
-  with ``CUDAGraph.register_generator_state``; that method appeared after torch 2.4 (2.4
-  raises "philox_cuda_state for an unexpected CUDA generator used during capture"). We check
-  for the method, not a version number; without it a custom generator falls back to eager
-  with the reason logged.
+* The default CUDA generator is registered by every capture automatically (every torch this
+  library supports, >= 2.4): ``generator=None`` always works.
+* A user ``torch.Generator(device="cuda")`` has to be registered with the graph before capture
+  through ``CUDAGraph.register_generator_state`` (graph-safe generator states, pytorch#114068,
+  2024). Without that method capture raises "philox_cuda_state for an unexpected CUDA generator
+  used during capture", so we check for the method rather than a version number and, where it
+  is missing, run eagerly with the reason logged. Newer torch (pytorch#176753, 2026) registers
+  generators lazily on first use and keeps the method as a deprecated no-op; calling it there
+  is harmless and its deprecation warning is silenced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -159,7 +162,9 @@ class GraphedSampler:
 
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
-            graph.register_generator_state(self.generator)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # a no-op in torch with lazy registration
+                graph.register_generator_state(self.generator)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):

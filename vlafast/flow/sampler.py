@@ -88,10 +88,6 @@ class FlowSDEConfig:
         if not (isinstance(self.a, (int, float)) and math.isfinite(self.a) and self.a >= 0):
             raise ValueError(f"Flow-SDE noise level a must be a finite float >= 0 (pi_RL uses 0.5), got {self.a!r}")
 
-    @classmethod
-    def tiny(cls) -> "FlowSDEConfig":
-        return cls(num_steps=3, a=0.5, hybrid=True)
-
 
 @dataclasses.dataclass(frozen=True)
 class FlowNoiseConfig:
@@ -173,7 +169,7 @@ def _grid_for(config: SamplerConfig, device: torch.device, dtype: torch.dtype) -
 # trace and results
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DenoiseTrace:
     """Everything needed to recompute a chunk's log-prob with new parameters.
 
@@ -207,7 +203,7 @@ class DenoiseTrace:
         return self.chain[:, -1]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FlowLogProb:
     """log_prob, entropy: [B]; step_log_probs, step_entropy: [B, K+1] (see DenoiseTrace)."""
 
