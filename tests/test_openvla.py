@@ -331,3 +331,21 @@ def test_graphed_decoder_matches_eager_on_gpu(dtype):
         assert torch.equal(policy.predict_action_tokens(pixel_values, ids, decoder=dec), eager)
     if dtype == torch.float32:
         assert torch.equal(eager.cpu(), ref_greedy(policy.float().cpu(), pixel_values.cpu(), ids.cpu()))
+
+
+def test_bench_module_runs_tiny_on_cpu_and_is_gpu_only_in_the_registry(tmp_path, capsys):
+    import argparse
+
+    from vlafast.bench import BENCHMARKS
+    from vlafast.bench import openvla as bench
+    from vlafast.cli import main
+
+    assert BENCHMARKS["openvla"].gpu_only
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    rows = bench.run(parser.parse_args(["--prompt-tokens", "5"]))
+    assert [(r.op, r.backend) for r in rows] == [("action_7tok", "eager"), ("decode_step", "eager")]
+    assert all(r.median_ms > 0 and r.extra["config"] == "tiny" for r in rows)
+    if not torch.cuda.is_available():
+        assert main(["bench", "openvla", "--out", str(tmp_path / "r.csv")]) == 1
+        assert "skip openvla: needs a CUDA device" in capsys.readouterr().out

@@ -29,7 +29,12 @@ BENCHMARKS: dict[str, Benchmark] = {
     for b in (
         Benchmark("servo-timing", "vlafast.bench.servo_timing",
                   "absolute-deadline loop jitter of the _C timing core (SCHED_FIFO vs plain sleep)"),
+        Benchmark("servo", "vlafast.bench.servo", "500 Hz servo loop with a synthetic chunk producer: jitter, missed cycles, chunk age"),
         Benchmark("pi0", "vlafast.bench.pi0", "pi0 chunk latency (1/2/3 views, K=10), eager vs CUDA graph; batched chunks/s"),
+        Benchmark("openvla", "vlafast.bench.openvla", "OpenVLA-7B batch-1 action latency (7 tokens), eager vs CUDA-graphed decode",
+                  gpu_only=True),
+        Benchmark("vocab-topk", "vlafast.bench.vocab_topk", "fused value-vector -> vocab top-k vs matmul+torch.topk and the bare matmul; one layer and whole model"),
+        Benchmark("steer", "vlafast.bench.steer", "in-place steering correction / direction inside a graph-captured Gemma MLP at batch 1 and 64"),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }
