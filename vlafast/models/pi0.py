@@ -221,7 +221,12 @@ class Pi0Policy(nn.Module):
         return self.paligemma_with_expert.gemma_expert.model
 
     def mlps(self) -> Iterator[tuple[str, GemmaMLP]]:
-        """("vlm.{l}" | "expert.{l}", mlp) for every layer: the steering surface."""
+        """("vlm.{l}" | "expert.{l}", mlp) for every layer: the steering surface.
+
+        VLM MLPs run once per observation (``embed_prefix``), expert MLPs at every denoise step.
+        The last VLM layer's MLP only feeds the prefix output (``PrefixCache.hidden``), never
+        the cached K/V the expert reads, so steering it cannot move the actions.
+        """
         for l, layer in enumerate(self.language_model.layers):
             yield f"vlm.{l}", layer.mlp
         for l, layer in enumerate(self.expert.layers):
@@ -367,6 +372,27 @@ class Pi0Policy(nn.Module):
             xp = vl.finish(xp, out[:, :P], gp, None)
             xs = el.finish(xs, out[:, P:], gs, cond)
         return self._head(xs, cond, return_hidden)
+
+    def flow_matching_loss(self, obs: Pi0Observation, actions: Tensor, *, noise: Tensor, time: Tensor) -> Tensor:
+        """Training loss (SFT), per element: ``(v(x_t, t) - (noise - actions))^2`` with
+        ``x_t = t noise + (1 - t) actions``, through the uncached joint forward.
+
+        actions: [B, T, A'] raw (normalised here when the policy has a normaliser, zero-padded
+        to A); noise: [B, T, A]; time: [B] in (0, 1] -> loss [B, T, A'] (padding dims dropped,
+        as LeRobot does).
+        """
+        cfg = self.cfg
+        B = obs.images.shape[0]
+        if actions.ndim != 3 or actions.shape[:2] != (B, cfg.horizon) or actions.shape[2] > cfg.action_dim:
+            raise ValueError(f"actions must be [B, T, A'] = [{B}, {cfg.horizon}, <= {cfg.action_dim}], got {list(actions.shape)}")
+        real = actions.shape[2]
+        if self.normalizer is not None:
+            actions = self.normalizer.normalize_actions(actions)
+        actions = F.pad(actions.float(), (0, cfg.action_dim - real))
+        t = time.float()[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        v = self.joint_velocity(obs, x_t, time, self.prepare_state(obs.state))
+        return ((v - (noise - actions)) ** 2)[..., :real]
 
     # -- inference -------------------------------------------------------------------------
 
