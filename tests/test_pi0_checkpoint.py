@@ -221,3 +221,33 @@ def test_normalizer_loaders(tmp_path):
     torch.testing.assert_close(n.unnormalize_actions(torch.tensor([[[1.0, 1.0]]])), torch.tensor([[[1.0, 4.0]]]))
     with pytest.raises(StatsError, match="no LeRobot stats for 'action'"):
         Normalizer.from_lerobot({"observation.state.mean": torch.zeros(1)}, state_mode="identity", action_mode="quantile")
+
+
+def test_keys_and_shapes_match_the_reference_classes():
+    """LeRobot / openpi build PaliGemmaWithExpertModel from stock transformers classes:
+    ``paligemma`` = PaliGemmaForConditionalGeneration, ``gemma_expert`` = GemmaForCausalLM with
+    ``embed_tokens = None``. Their state-dict keys (in this transformers' layout, mapped by the
+    loader) and shapes must be exactly ours."""
+    transformers = pytest.importorskip("transformers")
+    from vlafast.models.pi0_load import _canonical
+
+    cfg = Pi0Config.tiny()
+    v, g, e = cfg.vision, cfg.vlm, cfg.expert
+    pali = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(
+        vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                           num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                           vision_use_head=False, projection_dim=g.width),
+        text_config=dict(hidden_size=g.width, intermediate_size=g.mlp_dim, num_hidden_layers=g.depth,
+                         num_attention_heads=g.num_heads, num_key_value_heads=g.num_kv_heads, head_dim=g.head_dim,
+                         vocab_size=cfg.vocab_size),
+        projection_dim=g.width, vocab_size=cfg.vocab_size, image_token_index=cfg.vocab_size - 1))
+    expert = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        hidden_size=e.width, intermediate_size=e.mlp_dim, num_hidden_layers=e.depth, num_attention_heads=e.num_heads,
+        num_key_value_heads=e.num_kv_heads, head_dim=e.head_dim, vocab_size=cfg.vocab_size))
+    expert.model.embed_tokens = None
+    ref = {f"paligemma_with_expert.paligemma.{k}": tuple(t.shape) for k, t in pali.state_dict().items()}
+    ref.update({f"paligemma_with_expert.gemma_expert.{k}": tuple(t.shape) for k, t in expert.state_dict().items()})
+    ref = {_canonical(k, pi05=False): s for k, s in ref.items()
+           if not k.endswith("lm_head.weight")}  # tied / unused heads are skipped by the loader
+    ours = {k: tuple(t.shape) for k, t in random_policy(cfg).state_dict().items() if k.startswith("paligemma_with_expert.")}
+    assert ours == ref
