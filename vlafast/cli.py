@@ -21,6 +21,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _cmd_serve_robot(args: argparse.Namespace) -> int:
+    from vlafast.robot import serve
+
+    return serve.main(args)
+
+
 def _where_parser(prog: str = "vlafast bench all", add_help: bool = True) -> argparse.ArgumentParser:
     """Options shared by every benchmark run: where the results CSV goes."""
     p = argparse.ArgumentParser(prog=prog, add_help=add_help)
@@ -111,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-report", help="folder for the report (default demo-report)")
     p.add_argument("--seconds", type=float, default=3.0, help="servo-timing duration")
     p.set_defaults(func=_cmd_demo)
+
+    from vlafast.robot import serve
+
+    p = sub.add_parser("serve-robot", help="real-time UR5e servo loop (mujoco | ur-rtde | null) with a scripted policy")
+    serve.add_arguments(p)
+    p.set_defaults(func=_cmd_serve_robot)
 
     p = sub.add_parser(
         "bench", help="run benchmarks; results go to bench/results/<device>.csv",

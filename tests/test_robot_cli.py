@@ -1,0 +1,54 @@
+"""`vlafast serve-robot` (live readout, Ctrl-C) and `vlafast bench servo`, end to end."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from vlafast.cli import main
+
+
+def test_serve_robot_null_backend_runs_and_reports(capsys):
+    assert main(["serve-robot", "--backend", "null", "--seconds", "0.8", "--no-realtime", "--latency-ms", "5"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "cycles" in ln]
+    assert len(lines) >= 2  # live readout lines, then the summary
+    assert "requested: run complete" in lines[-1] and "missed" in lines[-1]
+
+
+def test_serve_robot_ctrl_c_stops_cleanly():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlafast.cli", "serve-robot", "--backend", "mujoco", "--no-realtime"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    # Wait until the loop reports that it is tracking, then press Ctrl-C.
+    deadline = time.monotonic() + 60
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if line.startswith("tracking"):
+            break
+    assert "tracking" in seen, seen + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    summary = [ln for ln in out.splitlines() if ln.startswith("stopped")]
+    assert summary and "requested: interrupted" in summary[-1], out
+    assert "Traceback" not in err
+
+
+def test_bench_servo_writes_a_row(tmp_path):
+    out = tmp_path / "r.csv"
+    args = ["bench", "servo", "--seconds", "0.6", "--baseline-seconds", "0.3", "--inference-ms", "5", "--out", str(out)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 1 and rows[0]["bench"] == "servo" and rows[0]["baseline"] == "SCHED_OTHER sleep-only"
+    extra = json.loads(rows[0]["extra"])
+    assert extra["cycles"] >= 250 and extra["missed"] >= 0 and extra["accepted"] >= 1
+    assert 0 <= extra["jitter_p50_us"] <= extra["jitter_p99_us"] <= extra["jitter_max_us"]
+    assert extra["chunk_age_p50_us"] > 0 and extra["latency_p50_us"] >= 5000  # 5 ms of "inference"
