@@ -309,11 +309,13 @@ def test_steering_changes_actions_through_policy_mlps():
     policy = random_openvla(seed=6)
     pixel_values, ids = inputs(policy.cfg, 1, 4, seed=6)
     base = policy.predict_action_tokens(pixel_values, ids)
-    assert len(policy.mlps) == policy.cfg.llm.depth and policy.lm_head.weight.shape == (32_064, 64)
-    for mlp in policy.mlps:
+    mlps = dict(policy.mlps())
+    assert list(mlps) == [f"vlm.{l}" for l in range(policy.cfg.llm.depth)]
+    assert policy.output_embedding.shape == (32_064, 64)
+    for mlp in mlps.values():
         mlp.steer = lambda h, y, W=mlp.down_proj.weight: y + 50.0 * W[:, :8].sum(1)
     steered = policy.predict_action_tokens(pixel_values, ids)
-    for mlp in policy.mlps:
+    for mlp in mlps.values():
         mlp.steer = None
     assert not torch.equal(steered, base)
     assert torch.equal(policy.predict_action_tokens(pixel_values, ids), base)
@@ -349,3 +351,8 @@ def test_bench_module_runs_tiny_on_cpu_and_is_gpu_only_in_the_registry(tmp_path,
     if not torch.cuda.is_available():
         assert main(["bench", "openvla", "--out", str(tmp_path / "r.csv")]) == 1
         assert "skip openvla: needs a CUDA device" in capsys.readouterr().out
+
+
+def test_graphed_decoder_refuses_cpu():
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedDecoder(random_openvla(), 1, 4)

@@ -176,11 +176,6 @@ class LlamaLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
 
-    @property
-    def mlps(self) -> list[LlamaMLP]:
-        """Per-layer MLPs (``down_proj.weight[:, i]`` is neuron i's value vector; ``steer`` slot)."""
-        return [layer.mlp for layer in self.model.layers]
-
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids: [B, S] -> [B, S, D]."""
         return self.model.embed_tokens(input_ids)

@@ -24,6 +24,7 @@ Axes: B batch, P patches, C vision width, S tokens, D LLM width, A action dim, V
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -270,15 +271,30 @@ class OpenVLAPolicy(nn.Module):
         self.action_tokenizer = ActionTokenizer(cfg.tokenizer_vocab, cfg.n_bins)
 
     # -- parts exposed for the neuron dictionary and steering ------------------------------------
-    @property
-    def mlps(self) -> list[LlamaMLP]:
-        """Per-layer Llama MLPs: ``down_proj`` (value vectors are its weight's columns) and ``steer``."""
-        return self.language_model.mlps
+    def mlps(self) -> Iterator[tuple[str, LlamaMLP]]:
+        """("vlm.{l}", mlp) for every Llama layer: the steering surface (same names and
+        ``steer(h, y)`` slot as ``Pi0Policy.mlps``). Neuron i's value vector is
+        ``mlp.down_proj.weight[:, i]``. All MLPs run for the prefix and for every decoded token."""
+        for l, layer in enumerate(self.language_model.model.layers):
+            yield f"vlm.{l}", layer.mlp
 
     @property
     def lm_head(self) -> nn.Linear:
-        """Output embedding E: [V, D] (untied from the input embedding in OpenVLA)."""
+        """The output projection (OpenVLA's is not tied to the input embedding)."""
         return self.language_model.lm_head
+
+    @property
+    def output_embedding(self) -> Tensor:
+        """E: [V, D], the matrix value vectors are projected onto for the neuron dictionary."""
+        return self.language_model.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
 
     def action_stats(self, unnorm_key: str | None = None) -> ActionStats:
         return select_stats(self.stats, unnorm_key)
@@ -306,9 +322,8 @@ class OpenVLAPolicy(nn.Module):
 
     def new_cache(self, batch: int, text_len: int, *, device: torch.device | str | None = None) -> KVCache:
         """A cache holding the prefix and the action tokens (the last one is never fed back)."""
-        p = next(self.parameters())
         max_len = self.prefix_len(text_len) + self.cfg.action_dim - 1
-        return KVCache.empty(self.cfg.llm, batch, max_len, dtype=p.dtype, device=device or p.device)
+        return KVCache.empty(self.cfg.llm, batch, max_len, dtype=self.dtype, device=device or self.device)
 
     def prefill(self, pixel_values: Tensor, input_ids: Tensor, cache: KVCache) -> Tensor:
         """Encode image + prompt into ``cache``; returns the first greedy token [B] (int64)."""
@@ -369,7 +384,7 @@ class GraphedDecoder:
     """
 
     def __init__(self, policy: OpenVLAPolicy, batch: int, text_len: int) -> None:
-        p = next(policy.parameters())
+        p = policy.lm_head.weight
         if p.device.type != "cuda":
             raise ValueError(f"GraphedDecoder needs the policy on a CUDA device, got {p.device}")
         self.policy, self.batch, self.text_len = policy, batch, text_len
