@@ -54,3 +54,60 @@ def test_cuda_bf16_matches_cpu_fp32(pi05):
     out = gpu.sample_actions(obs_gpu, noise=noise.cuda()).cpu()
     err = (out - ref).abs().max().item()
     assert err < 0.15 * ref.abs().max().item(), err  # CPU bf16 measured 2.9e-2 vs |ref| 3.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_cuda_graph_of_the_euler_loop_matches_eager(pi05):
+    """The expert loop captured once replays the eager result, also after the prefix cache is
+    refreshed in place for a new observation (no re-capture)."""
+    cfg = Pi0Config.tiny(pi05=pi05)
+    policy = random_policy(cfg).cuda()
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    obs = [type(o)(*(cuda(getattr(o, f)) for f in ("images", "image_masks", "tokens", "token_masks", "state")))
+           for o in (random_obs(cfg, batch=2, seed=1), random_obs(cfg, batch=2, seed=2))]
+    noise = torch.randn(2, cfg.horizon, cfg.action_dim, device="cuda")
+    K = cfg.num_steps
+    with torch.no_grad():
+        cache = policy.embed_prefix(obs[0].images, obs[0].image_masks, obs[0].tokens, obs[0].token_masks)
+        state = torch.zeros(2, cfg.state_dim, device="cuda") if not pi05 else None
+
+        def loop():
+            x = noise
+            for k in range(K):
+                x = x - policy.velocity(x, torch.full((2,), 1.0 - k / K, device="cuda"), state, cache) / K
+            return x
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            loop()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = loop()
+        for o in obs:
+            if not pi05:
+                state.copy_(policy.prepare_state(o.state))
+            cache.copy_(policy.embed_prefix(o.images, o.image_masks, o.tokens, o.token_masks))
+            graph.replay()
+            ref = policy.sample_actions(o, noise=noise)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)  # fp32 on GPU; not measured here (no GPU lent)
+
+
+@pytest.mark.gpu
+def test_load_to_cuda_peak_is_the_model_plus_one_tensor(tmp_path):
+    from helpers_ckpt import stats_for, write_lerobot
+    from vlafast.models import load_pi0
+
+    cfg = Pi0Config.tiny(vocab_size=4099)  # the embedding is the largest tensor
+    folder = write_lerobot(tmp_path / "c", random_policy(cfg), stats_for(4, 3))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    policy = load_pi0(folder, config=cfg, device="cuda", dtype=torch.bfloat16)
+    tensors = list(policy.state_dict().values())
+    model = sum(t.numel() * t.element_size() for t in tensors)
+    largest_fp32 = max(t.numel() for t in tensors) * 4
+    slack = 512 * (len(tensors) + 16)  # allocator rounding per block, stats tensors
+    assert torch.cuda.max_memory_allocated() - base <= model + 2 * largest_fp32 + slack

@@ -86,10 +86,7 @@ def _graph_loop(policy, obs, noise: torch.Tensor, K: int) -> Callable[[], torch.
     graph, out = _capture(loop)
 
     def run() -> torch.Tensor:
-        fresh = policy.embed_prefix(obs.images, obs.image_masks, obs.tokens, obs.token_masks)
-        for dst, src in zip(cache.keys + cache.values, fresh.keys + fresh.values):
-            dst.copy_(src)
-        cache.pad_mask.copy_(fresh.pad_mask)
+        cache.copy_(policy.embed_prefix(obs.images, obs.image_masks, obs.tokens, obs.token_masks))
         graph.replay()
         return out
 

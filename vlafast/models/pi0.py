@@ -116,6 +116,14 @@ class PrefixCache:
     def batch_size(self) -> int:
         return self.pad_mask.shape[0]
 
+    def copy_(self, other: "PrefixCache") -> "PrefixCache":
+        """Copy ``other`` into these tensors in place (same shapes): refreshes the static
+        buffers a captured CUDA graph reads, without re-capturing."""
+        for dst, src in zip(self.keys + self.values + [self.pad_mask, self.hidden],
+                            other.keys + other.values + [other.pad_mask, other.hidden]):
+            dst.copy_(src)
+        return self
+
 
 @dataclasses.dataclass
 class Pi0Observation:
