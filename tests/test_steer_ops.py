@@ -266,3 +266,17 @@ def test_gpu_graph_capture_and_replay_with_new_alpha(alpha_shape):
     mask.zero_()
     graph.replay()
     assert torch.equal(y, y0), "mask 0 must restore the unsteered output bit-exactly"
+
+
+def test_benchmark_runs_on_cpu():
+    import argparse
+    import importlib
+
+    bench = importlib.import_module("vlafast.bench.steer")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    rows = bench.run(parser.parse_args(["--batch", "1", "3", "--selected", "5", "--layers", "1"]))
+    assert [(r.op, r.baseline) for r in rows] == [
+        ("steer_correction_", "MLP (graph)"), ("steer_correction_", "down_proj alone (graph)"), ("add_direction_", "MLP (graph)"),
+    ] * 2
+    assert all(r.median_ms > 0 and r.baseline_ms > 0 and r.unit == "% overhead" for r in rows)

@@ -298,3 +298,19 @@ def test_gpu_chunked_whole_layer_from_host():
     assert chunked[0].device == embedding.device
     torch.testing.assert_close(chunked[0], whole[0], atol=0, rtol=0)
     assert torch.equal(chunked[1], whole[1])
+
+
+def test_benchmark_runs_on_cpu():
+    import argparse
+
+    bench = importlib.import_module("vlafast.bench.vocab_topk")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with _backend.override("torch"):  # the interpreter would take minutes to time
+        rows = bench.run(parser.parse_args(["--scopes", "layer", "model"]))
+    assert [(r.op, r.baseline) for r in rows] == [
+        ("vocab_topk", "matmul+torch.topk (chunked)"), ("vocab_topk", "bare matmul (chunked, floor)"),
+        ("vocab_topk_chunked", "matmul+torch.topk (chunked)"), ("vocab_topk_chunked", "bare matmul (chunked, floor)"),
+    ]
+    assert all(r.median_ms > 0 and r.baseline_ms > 0 and r.achieved > 0 and r.backend == "torch" for r in rows)
+    assert rows[0].extra["ids_agree_with_topk"] > 0.5  # bf16-rounded baseline logits may reorder near-ties

@@ -78,6 +78,9 @@ def _partial_kernel(
     n_splits = tl.num_programs(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    # int64 block bases: N * D and V * D may exceed 2**31 elements (a whole model at once).
+    values_blk = values_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_vn
+    rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, KP)
     if HAS_SCALE:
         row_mul = tl.load(scale_ptr + offs_n * stride_s, mask=n_ok, other=0.0).to(tl.float32) * sign
@@ -94,13 +97,14 @@ def _partial_kernel(
     for tile in range(tile_lo, tile_hi):
         offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
+        emb_blk = emb_ptr + tl.cast(tile, tl.int64) * BLOCK_V * stride_ev
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            a = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            a = tl.load(values_blk + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            b = tl.load(emb_ptr + offs_v[None, :] * stride_ev + offs_d[:, None] * stride_ed,
+            b = tl.load(emb_blk + tl.arange(0, BLOCK_V)[None, :] * stride_ev + offs_d[:, None] * stride_ed,
                         mask=v_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:  # the interpreter's tl.dot is wrong on bf16/fp16 tiles
                 a = a.to(tl.float32)
