@@ -50,7 +50,7 @@ def test_encode_low_precision_input(dtype):
 def test_decode_matches_numpy_including_out_of_range_ids():
     ids = np.concatenate([np.arange(VOCAB - 300, VOCAB + 70), [0, 5, 32_063]])
     ours = ActionTokenizer().decode(torch.from_numpy(ids))
-    np.testing.assert_allclose(ours.numpy(), np_decode(ids), rtol=0, atol=1e-7)  # fp32 of the fp64 centres: max 6e-8
+    np.testing.assert_allclose(ours.numpy(), np_decode(ids), rtol=0, atol=1e-7)  # fp32 of the fp64 centres: measured max 3.0e-8
 
 
 def test_round_trip_and_clipping():
@@ -88,7 +88,7 @@ def test_unnormalize_matches_openvla_formula_with_mask():
     a = rng.uniform(-1, 1, size=(3, 7))
     want = np.where(mask, 0.5 * (a + 1) * (q99 - q01) + q01, a)
     got = stats["bridge"].unnormalize(torch.from_numpy(a).float())
-    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)  # float32 inputs: max 2e-7
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)  # float32 output: measured max 6.0e-8
     no_mask = ActionStats.from_dict({"q01": q01.tolist(), "q99": q99.tolist()})
     assert bool(no_mask.mask.all())
 
