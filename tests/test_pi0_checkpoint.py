@@ -136,6 +136,22 @@ def test_absent_norm_stats_is_an_error(tmp_path):
     assert load_pi0(folder, config=cfg, asset_id="b").normalizer.action_dim == 4
 
 
+def test_nested_asset_ids_unset_stats_and_explicit_stats(tmp_path):
+    cfg = Pi0Config.tiny()
+    source = random_policy(cfg)
+    st = stats_for(REAL_ACTION, REAL_STATE)
+    folder = write_openpi(tmp_path / "op", source, st, asset_id="physical-intelligence/libero")
+    assert load_pi0(folder, config=cfg).normalizer.action_dim == REAL_ACTION
+    # LeRobot base checkpoints keep inf in their (unset) stats buffers
+    unset = {k: [float("inf")] * len(v) for k, v in st["state"].items()}
+    folder = write_lerobot(tmp_path / "lr", source, {"state": unset, "actions": st["actions"]}, legacy_stats=True)
+    with pytest.raises(StatsError, match=r"stats=Normalizer.*non-finite \['state.mean', 'state.std'\]"):
+        load_pi0(folder, config=cfg)
+    mine = Normalizer(FeatureStats(), FeatureStats.from_mapping(st["actions"]), "identity", "mean_std", "lerobot")
+    policy = load_pi0(folder, config=cfg, stats=mine)
+    assert policy.normalizer.state_mode == "identity"
+
+
 def test_variant_mismatch_and_unknown_folder(tmp_path):
     cfg = Pi0Config.tiny()
     folder = write_lerobot(tmp_path / "c", random_policy(cfg), stats_for(REAL_ACTION, REAL_STATE))

@@ -102,6 +102,16 @@ class Normalizer:
         if self.convention not in _EPS:
             raise ValueError(f"convention must be 'openpi' or 'lerobot', got {self.convention!r}")
 
+    def check_finite(self, what: str) -> None:
+        """Raise StatsError when a statistic the modes use is NaN or inf (LeRobot stores inf
+        in checkpoints trained without dataset stats)."""
+        bad = []
+        for name, st, mode in (("state", self.state, self.state_mode), ("actions", self.actions, self.action_mode)):
+            need = () if mode == "identity" else ("mean", "std") if mode == "mean_std" else ("q01", "q99")
+            bad += [f"{name}.{n}" for n in need if getattr(st, n) is not None and not torch.isfinite(getattr(st, n)).all()]
+        if bad:
+            raise StatsError(f"{what}: non-finite {bad}")
+
     def to(self, device: torch.device | str) -> "Normalizer":
         """A copy with the stats on ``device`` (keeps the hot path free of host copies)."""
         def mv(st: FeatureStats) -> FeatureStats:

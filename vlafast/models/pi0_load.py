@@ -114,7 +114,8 @@ def _lerobot_stats(path: Path, files: list[Path], index: dict[str, TensorInfo], 
 
 
 def _openpi_stats(path: Path, pi05: bool, asset_id: str | None) -> Normalizer:
-    found = sorted(p.parent.name for p in path.glob("assets/*/norm_stats.json"))
+    # asset ids may be nested: assets/physical-intelligence/libero/norm_stats.json
+    found = sorted(p.parent.relative_to(path / "assets").as_posix() for p in (path / "assets").rglob("norm_stats.json"))
     if asset_id is None:
         if len(found) != 1:
             where = f"assets/<id>/norm_stats.json under {path}"
@@ -134,13 +135,17 @@ def load_pi0(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     asset_id: str | None = None,
+    stats: Normalizer | None = None,
 ) -> Pi0Policy:
     """Load a pi0 / pi0.5 checkpoint folder (LeRobot or openpi layout) into a ``Pi0Policy``.
 
     ``config`` defaults to the published sizes (LeRobot: from config.json; openpi: pi0 or
-    pi0.5 by the keys present); every floating tensor is converted to ``dtype``. Raises one
-    ``CheckpointError`` listing all missing / unexpected / mis-shaped / mistyped keys, or when
-    the normaliser statistics are absent. Peak memory: the model plus one tensor.
+    pi0.5 by the keys present); every floating tensor is converted to ``dtype``. ``asset_id``
+    picks one of several openpi ``assets/<id>/norm_stats.json``; ``stats`` replaces the
+    checkpoint's normaliser (base checkpoints ship none; a new robot needs its own). Raises
+    one ``CheckpointError`` listing all missing / unexpected / mis-shaped / mistyped keys, or
+    when the normaliser statistics are absent or unset (non-finite). Peak memory: the model
+    plus one tensor.
     """
     path = Path(path)
     files = safetensors_files(path)
@@ -158,10 +163,13 @@ def load_pi0(
     elif config.is_pi05 != pi05:
         raise CheckpointError(f"{path} holds a {'pi0.5' if pi05 else 'pi0'} checkpoint ({layout} layout) "
                               f"but config.variant={config.variant!r}")
-    if layout == "lerobot":
+    if stats is not None:
+        normalizer = stats
+    elif layout == "lerobot":
         normalizer = _lerobot_stats(root, files, index, meta, pi05)
     else:
         normalizer = _openpi_stats(root, pi05, asset_id)
+    normalizer.check_finite(f"normaliser statistics of {path} (pass stats=Normalizer(...) to supply them)")
     with torch.device("meta"):
         policy = Pi0Policy(config, normalizer.to(device))
     plan = plan_load(expected_tensors(policy), index, _rename_fn(index, pi05), what=f"{layout} checkpoint {path}")
