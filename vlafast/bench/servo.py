@@ -11,8 +11,6 @@ import argparse
 import logging
 import threading
 
-import numpy as np
-
 from vlafast.bench.core import Row
 
 log = logging.getLogger(__name__)
@@ -46,26 +44,22 @@ def measure(hz: float, seconds: float, *, spin_us: float, realtime: bool, cpu: i
     import torch
 
     from vlafast._ext import load_C
-    from vlafast.robot import UR5E_HOME, NullBackend, ServoConfig, ServoLoop
+    from vlafast.robot import NullBackend, ServoConfig, ServoLoop, SinusoidPolicy
 
     C = load_C()
     cfg = ServoConfig(hz=hz, spin_us=spin_us, realtime=realtime, cpu=cpu)
-    dt, T = 0.02, 50
+    policy = SinusoidPolicy(amplitude=0.2, freq_hz=0.5, dt=0.02, horizon=50, ramp_s=1.0)
     halt = threading.Event()
     torch.set_num_threads(1)  # the policy owns one core; the servo thread gets the other
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    base = np.tile(np.asarray(UR5E_HOME), (T, 1))
-    offsets = 0.05 * np.sin(np.linspace(0, np.pi, T))[:, None]
 
     def producer(loop: ServoLoop) -> None:
         next_ns = C.monotonic_ns()
-        k = 0
         while not halt.is_set():
             obs = C.monotonic_ns()
-            _busy(inference_ms, a, b)
-            loop.push(base + offsets * (k % 2), obs, dt, obs)
-            k += 1
-            next_ns += int(chunk_exec * dt * 1e9)
+            _busy(inference_ms, a, b)  # stands in for the policy's forward pass
+            loop.push(policy(None, obs * 1e-9), obs, policy.dt, obs)
+            next_ns += int(chunk_exec * policy.dt * 1e9)
             halt.wait(max(0.0, (next_ns - C.monotonic_ns()) * 1e-9))
 
     loop = ServoLoop(cfg, NullBackend()).start()
