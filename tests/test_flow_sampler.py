@@ -177,7 +177,7 @@ def test_one_step_mean_matches_closed_form(K, a, hybrid):
         sig = torch.where(tr.stochastic[:, k], torch.tensor(sig_k, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
         x = tr.chain[:, k]
         expect = x - d * (v_fixed + (sig**2 / (2 * t))[:, None, None] * (x + (1 - t) * v_fixed))
-        torch.testing.assert_close(tr.means[:, k], expect, atol=1e-13, rtol=0)  # fp64: measured 0 (same formula)
+        torch.testing.assert_close(tr.means[:, k], expect, atol=1e-13, rtol=0)  # fp64: measured 4.4e-16 (A x - Bv v form)
         torch.testing.assert_close(tr.sigmas[:, k, 0, 0], sig * math.sqrt(d), atol=1e-15, rtol=0)  # measured 0
     if hybrid:
         assert (tr.stochastic.sum(1) == 1).all()

@@ -53,8 +53,6 @@ from vlafast.ops.gaussian_step import gaussian_step
 VelocityOut = Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], VelocityOut]
 
-_HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
-
 
 # ---------------------------------------------------------------------------------------------
 # configs
@@ -147,17 +145,36 @@ def sde_sigmas(num_steps: int, a: float) -> list[float]:
 
 @dataclasses.dataclass(frozen=True)
 class _Grid:
-    t: torch.Tensor       # [K] t_k for the K transitions
-    sigma: torch.Tensor   # [K] Flow-SDE sigma_k (zeros for other methods)
+    """Per-transition tables, [K] each. The Flow-SDE mean is rewritten as
+    x - d[v + c(x + (1-t)v)] = A x - Bv v with c = sigma^2/(2t), A = 1 - d c,
+    Bv = d (1 + c (1 - t)); A = 1 and Bv = d give the ODE step x - d v bit for bit."""
+
+    t: torch.Tensor       # t_k
+    A: torch.Tensor       # 1 - d c_k
+    Bv: torch.Tensor      # d (1 + c_k (1 - t_k))
+    std: torch.Tensor     # sigma_k sqrt(d)
     delta: float
 
 
 @functools.lru_cache(maxsize=64)
 def _grid(num_steps: int, a: float, device: torch.device, dtype: torch.dtype) -> _Grid:
     # Cached so the tensors exist before a CUDA graph captures the loop (no H2D copies inside).
-    t = torch.tensor(time_grid(num_steps)[:-1], device=device, dtype=dtype)
-    s = torch.tensor(sde_sigmas(num_steps, a), device=device, dtype=dtype)
-    return _Grid(t=t, sigma=s, delta=1.0 / num_steps)
+    # Coefficients are computed in float64 on the host, then rounded once.
+    d = 1.0 / num_steps
+    t = time_grid(num_steps)[:-1]
+    sig = sde_sigmas(num_steps, a)
+    c = [s * s / (2.0 * tk) for s, tk in zip(sig, t)]
+
+    def tensor(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device, dtype=dtype)
+
+    return _Grid(
+        t=tensor(t),
+        A=tensor([1.0 - d * ck for ck in c]),
+        Bv=tensor([d * (1.0 + ck * (1.0 - tk)) for ck, tk in zip(c, t)]),
+        std=tensor([s * math.sqrt(d) for s in sig]),
+        delta=d,
+    )
 
 
 def _grid_for(config: SamplerConfig, device: torch.device, dtype: torch.dtype) -> _Grid:
@@ -278,69 +295,66 @@ def _call_velocity(config: SamplerConfig, velocity_fn: VelocityFn, x: torch.Tens
     return v.to(x.dtype), hidden
 
 
+def _sde_rows(grid: _Grid, step: int | torch.Tensor, stochastic: torch.Tensor | None):
+    """(A, Bv, std) for one transition: 0-d views when every row takes step ``step``; [B] when
+    ``step`` is a [B] tensor (hybrid recomputation) or ``stochastic`` [B] turns rows into ODE
+    steps (A=1, Bv=d, std=0; hybrid sampling)."""
+    if isinstance(step, torch.Tensor):
+        return grid.A[step], grid.Bv[step], grid.std[step]
+    A, Bv, std = grid.A[step], grid.Bv[step], grid.std[step]
+    if stochastic is None:
+        return A, Bv, std
+    return torch.where(stochastic, A, 1.0), torch.where(stochastic, Bv, grid.delta), torch.where(stochastic, std, 0.0)
+
+
+def _per_row(value: torch.Tensor, B: int, trailing: int) -> torch.Tensor:
+    """A 0-d or [B] coefficient shaped to broadcast against [B, *] with ``trailing`` dims."""
+    return value if value.dim() == 0 else value.reshape(B, *([1] * trailing))
+
+
 def _transition(
     config: SamplerConfig,
     velocity_fn: VelocityFn,
     ctx: Any,
     x: torch.Tensor,
-    step: torch.Tensor,
-    stochastic: torch.Tensor,
+    t: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     grid: _Grid,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One denoise transition from x at t_step. x: [B, T, A], step: [B] long, stochastic: [B] bool.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One denoise transition from x at t. x: [B, T, A], t: [B], rows: ``_sde_rows`` (Flow-SDE).
 
-    Returns (mean [B, T, A], sigma [B, 1] or [B, T, A]); sigma is 0 for deterministic rows.
+    Returns (mean [B, T, A], sigma): [B, 1] (Flow-SDE; 0 on ODE rows), [B, T, A] (Flow-Noise),
+    None (ODE).
     """
-    t = grid.t[step]                                        # [B]
     v, hidden = _call_velocity(config, velocity_fn, x, t, ctx)
-    d = grid.delta
+    B = x.shape[0]
     if isinstance(config, FlowSDEConfig):
-        s = torch.where(stochastic, grid.sigma[step], torch.zeros_like(t))   # [B]
-        tt = t[:, None, None]
-        coef = (s * s)[:, None, None] / (2.0 * tt)
-        mean = x - d * (v + coef * (x + (1.0 - tt) * v))
-        return mean, (s * math.sqrt(d))[:, None]
-    mean = x - d * v
+        A, Bv, std = rows
+        mean = x * _per_row(A, B, 2) - v * _per_row(Bv, B, 2)
+        return mean, (std.expand(B, 1) if std.dim() == 0 else std[:, None])
+    mean = x - grid.delta * v
     if isinstance(config, FlowNoiseConfig):
-        std = config.noise_head.std(hidden).to(x.dtype)     # [B, T, A]
-        return mean, torch.where(stochastic[:, None, None], std, torch.zeros_like(std))
-    return mean, torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
-
-
-def _entropy(sigma: torch.Tensor, mask: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Masked sum of 0.5 log(2 pi e sigma^2) over [B, N]; 0 where sigma == 0. sigma: [B, 1] | [B, N]."""
-    zero = sigma == 0
-    safe = torch.where(zero, torch.ones_like(sigma), sigma)
-    h = torch.where(zero, torch.zeros_like(sigma), torch.log(safe) + _HALF_LOG_2PI_E)
-    if sigma.shape[1] == 1:
-        if mask is None:
-            return h[:, 0] * n
-        count = mask.sum() if mask.dim() == 1 else mask.sum(-1)
-        return h[:, 0] * count.to(h.dtype)
-    if mask is not None:
-        h = h * mask.to(h.dtype)
-    return h.sum(-1)
+        return mean, config.noise_head.std(hidden).to(x.dtype)     # [B, T, A]
+    return mean, None
 
 
 def _initial_term(x0: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """log N(x0; 0, I) and its entropy, masked sums. x0: [B, N] -> ([B], [B])."""
-    B, n = x0.shape
-    ones = torch.ones(B, 1, device=x0.device, dtype=x0.dtype)
-    _, lp = gaussian_step(torch.zeros_like(x0), ones, mask, x_next=x0)
-    return lp, _entropy(ones, mask, n)
+    ones = torch.ones(1, 1, device=x0.device, dtype=x0.dtype).expand(x0.shape[0], 1)
+    _, lp, h = gaussian_step(torch.zeros_like(x0), ones, mask, x_next=x0)
+    return lp, h
 
 
 def _step_term(mean: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None, *, eps=None, x_next=None):
     """Gaussian term of one transition on the flattened chunk. mean: [B, T, A] -> (x' [B, T, A], lp [B], H [B])."""
     B = mean.shape[0]
     n = mean[0].numel()
-    sig = sigma.reshape(B, -1)
-    x_flat, lp = gaussian_step(
-        mean.reshape(B, n), sig, mask,
+    x_flat, lp, h = gaussian_step(
+        mean.reshape(B, n), sigma.reshape(B, -1), mask,
         eps=None if eps is None else eps.reshape(B, n),
         x_next=None if x_next is None else x_next.reshape(B, n),
     )
-    return x_flat.reshape(mean.shape), lp, _entropy(sig, mask, n)
+    return x_flat.reshape(mean.shape), lp, h
 
 
 def _reduce(config: SamplerConfig, step_values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -363,6 +377,19 @@ def _draw(config: SamplerConfig, noise: torch.Tensor, generator: torch.Generator
     return index, eps
 
 
+def _t_rows(grid: _Grid, B: int) -> torch.Tensor:
+    """[K, B] t_k repeated per row (contiguous rows for velocity_fn), one kernel."""
+    return grid.t[:, None].expand(grid.t.shape[0], B).contiguous()
+
+
+def _stochastic(config: SamplerConfig, index: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
+    """[B, K] bool: which transitions are stochastic."""
+    K = config.num_steps
+    if index is not None:
+        return index[:, None] == torch.arange(K, device=device)
+    return torch.full((B, K), not isinstance(config, ODEConfig), device=device, dtype=torch.bool)
+
+
 def _sample_impl(
     config: SamplerConfig,
     velocity_fn: VelocityFn,
@@ -375,41 +402,47 @@ def _sample_impl(
     """The K-step loop, free of host syncs and H2D copies so a CUDA graph can capture it."""
     B = noise.shape[0]
     K = config.num_steps
-    device, dtype = noise.device, noise.dtype
+    device = noise.device
     index, eps = _draw(config, noise, generator)
-    zeros_b = torch.zeros(B, device=device, dtype=torch.float32 if dtype == torch.float32 else dtype)
-    step_lp, step_h = [zeros_b], [zeros_b]
-    if _is_joint(config):
-        lp0, h0 = _initial_term(noise.reshape(B, -1), mask)
-        step_lp[0], step_h[0] = lp0, h0
+    t_rows = _t_rows(grid, B)
+    stochastic = _stochastic(config, index, B, device)
     x = noise
-    chain, means, sigmas, stoch = [x], [], [], []
+    chain, means, sigmas = [x], [], []
+    step_lp: list[torch.Tensor] = []
+    step_h: list[torch.Tensor] = []
     for k in range(K):
-        step = torch.full((B,), k, device=device, dtype=torch.long)
-        if isinstance(config, ODEConfig):
-            st = torch.zeros(B, device=device, dtype=torch.bool)
-        elif index is not None:
-            st = index == k
-        else:
-            st = torch.ones(B, device=device, dtype=torch.bool)
-        mean, sigma = _transition(config, velocity_fn, ctx, x, step, st, grid)
-        if isinstance(config, ODEConfig):
-            x, lp, h = mean, zeros_b, zeros_b
+        rows = None
+        if isinstance(config, FlowSDEConfig):
+            rows = _sde_rows(grid, k, stochastic[:, k] if index is not None else None)
+        mean, sigma = _transition(config, velocity_fn, ctx, x, t_rows[k], rows, grid)
+        if sigma is None:  # ODE
+            x = mean
         else:
             x, lp, h = _step_term(mean, sigma, mask, eps=eps[k])
+            sigmas.append(sigma.reshape(B, *(mean.shape[1:] if sigma.shape[1] > 1 else (1, 1))))
+            step_lp.append(lp)
+            step_h.append(h)
         chain.append(x)
         means.append(mean)
-        sigmas.append(sigma.reshape(B, *(mean.shape[1:] if sigma.shape[1] > 1 else (1, 1))))
-        stoch.append(st)
-        step_lp.append(lp)
-        step_h.append(h)
-    step_lp_t = torch.stack(step_lp, dim=1)
-    step_h_t = torch.stack(step_h, dim=1)
+    if isinstance(config, ODEConfig):
+        zeros = torch.zeros(B, K + 1, device=device, dtype=torch.float32 if noise.dtype == torch.float32 else noise.dtype)
+        return {
+            "chain": torch.stack(chain, dim=1), "means": torch.stack(means, dim=1),
+            "sigmas": torch.zeros(B, K, 1, 1, device=device, dtype=noise.dtype), "stochastic": stochastic,
+            "index": None, "step_log_probs": zeros, "step_entropy": zeros,
+            "log_prob": zeros[:, 0], "entropy": zeros[:, 0],
+        }
+    if _is_joint(config):
+        lp0, h0 = _initial_term(noise.reshape(B, -1), mask)
+    else:
+        lp0 = h0 = torch.zeros_like(step_lp[0])
+    step_lp_t = torch.stack([lp0, *step_lp], dim=1)
+    step_h_t = torch.stack([h0, *step_h], dim=1)
     return {
         "chain": torch.stack(chain, dim=1),
         "means": torch.stack(means, dim=1),
         "sigmas": torch.stack(sigmas, dim=1),
-        "stochastic": torch.stack(stoch, dim=1),
+        "stochastic": stochastic,
         "index": index,
         "step_log_probs": step_lp_t,
         "step_entropy": step_h_t,
@@ -480,20 +513,19 @@ def evaluate(
         j = trace.index
         rows = torch.arange(B, device=chain.device)
         x, x_next = chain[rows, j], chain[rows, j + 1]
-        st = torch.ones(B, device=chain.device, dtype=torch.bool)
-        mean, sigma = _transition(config, velocity_fn, ctx, x, j, st, grid)
+        mean, sigma = _transition(config, velocity_fn, ctx, x, grid.t[j], _sde_rows(grid, j, None), grid)
         _, lp, h = _step_term(mean, sigma, mask, x_next=x_next)
         zeros = torch.zeros(B, K + 1, device=chain.device, dtype=lp.dtype)
         col = (j + 1)[:, None]
         step_lp = zeros.scatter(1, col, lp[:, None])
-        step_h = zeros.scatter(1, col, h[:, None].to(lp.dtype))
+        step_h = zeros.scatter(1, col, h[:, None])
     else:
+        t_rows = _t_rows(grid, B)
         lp0, h0 = _initial_term(chain[:, 0].reshape(B, -1), mask)
         lps, hs = [lp0], [h0]
-        st = torch.ones(B, device=chain.device, dtype=torch.bool)
         for k in range(K):
-            step = torch.full((B,), k, device=chain.device, dtype=torch.long)
-            mean, sigma = _transition(config, velocity_fn, ctx, chain[:, k], step, st, grid)
+            rows = _sde_rows(grid, k, None) if isinstance(config, FlowSDEConfig) else None
+            mean, sigma = _transition(config, velocity_fn, ctx, chain[:, k], t_rows[k], rows, grid)
             _, lp, h = _step_term(mean, sigma, mask, x_next=chain[:, k + 1])
             lps.append(lp)
             hs.append(h)

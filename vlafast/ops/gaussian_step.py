@@ -6,19 +6,22 @@ Per element (N = T*A flattened action chunk):
     both modes:     z  = (x' - mean) / sigma
                     logp = -log(sigma) - 0.5*log(2*pi) - 0.5*z^2
     per row:        logp_sum[b] = sum_n mask[b, n] * logp[b, n]
+                    ent_sum[b]  = sum_n mask[b, n] * (log(sigma) + 0.5*log(2*pi*e))   (entropy)
 
 Elements with ``sigma == 0`` are deterministic (ODE) steps: ``x' = mean`` and they add 0 to
-the sum. In sample mode z is recomputed from the *stored* x' (not taken from eps), so the
+both sums. In sample mode z is recomputed from the *stored* x' (not taken from eps), so the
 log-prob computed while sampling and the one recomputed later from a stored chain are the
 same arithmetic on the same numbers: bitwise equal for the same backend.
 
 Shapes: mean [B, N]; sigma [B, N] or [B, 1] (per-row scale); mask None, [N] or [B, N]
-(bool or float weights); eps / x_next [B, N]. Returns (x_next [B, N], logp_sum [B] float32).
+(bool or float weights); eps / x_next [B, N]. Returns (x_next [B, N], logp_sum [B],
+ent_sum [B]), the sums in float32 (float64 for fp64 inputs).
 
 Backends (``vlafast._backend.resolve("gaussian_step", device)``): the Triton kernel for
 fp32/bf16/fp16 inputs (math in fp32), ``gaussian_step_ref`` otherwise (and for fp64, which
 the gradient checks use). The log-prob is differentiable w.r.t. mean and sigma (and x_next in
-evaluate mode); sample mode returns detached tensors (sampling runs under no_grad).
+evaluate mode), the entropy w.r.t. sigma; sample mode returns detached tensors (sampling
+runs under no_grad).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from vlafast import _backend
 
 OP = "gaussian_step"
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:  # Triton is a core dependency, but keep the reference usable if it is broken.
@@ -52,11 +56,12 @@ def gaussian_step_ref(
     *,
     eps: torch.Tensor | None = None,
     x_next: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-PyTorch oracle. mean: [B, N], sigma: [B, N] | [B, 1], mask: None | [N] | [B, N].
 
     Exactly one of ``eps`` (sample) and ``x_next`` (evaluate) is given. Math in fp32 for
-    half-precision inputs, in the input dtype for fp32/fp64. Returns (x_next [B, N], logp [B]).
+    half-precision inputs, in the input dtype for fp32/fp64. Returns (x_next [B, N], logp [B],
+    entropy [B]).
     """
     work = torch.float64 if mean.dtype == torch.float64 else torch.float32
     mu = mean.to(work)
@@ -70,9 +75,11 @@ def gaussian_step_ref(
     z = (x_out.to(work) - mu) / safe
     logp = -torch.log(safe) - HALF_LOG_2PI - 0.5 * z * z
     logp = torch.where(zero, torch.zeros_like(logp), logp)
+    ent = torch.where(zero, torch.zeros_like(safe), torch.log(safe) + HALF_LOG_2PI_E).expand_as(logp)
     if mask is not None:
         logp = logp * mask.to(work)
-    return x_out, logp.sum(dim=-1).to(torch.float32 if work == torch.float32 else work)
+        ent = ent * mask.to(work)
+    return x_out, logp.sum(dim=-1), ent.sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +89,7 @@ if triton is not None:
 
     @triton.jit
     def _gaussian_step_kernel(
-        mean_ptr, sigma_ptr, eps_ptr, x_ptr, mask_ptr, out_ptr, logp_ptr,
+        mean_ptr, sigma_ptr, eps_ptr, x_ptr, mask_ptr, out_ptr, logp_ptr, ent_ptr,
         N,
         stride_mean, stride_sig_b, stride_sig_n, stride_eps, stride_x, stride_mask_b, stride_out,
         SAMPLE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -91,6 +98,7 @@ if triton is not None:
         # which other rows share the launch (the log-prob recomputation relies on this).
         row = tl.program_id(0).to(tl.int64)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_h = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             valid = offs < N
@@ -106,13 +114,20 @@ if triton is not None:
             zero = sd == 0.0
             safe = tl.where(zero, 1.0, sd)
             z = (xv - mu) / safe
-            lp = -tl.log(safe) - 0.9189385332046727 - 0.5 * z * z
-            lp = tl.where(zero | (~valid), 0.0, lp)
+            log_sd = tl.log(safe)
+            lp = -log_sd - 0.9189385332046727 - 0.5 * z * z    # 0.5 log(2 pi)
+            h = log_sd + 1.4189385332046727                      # 0.5 log(2 pi e)
+            skip = zero | (~valid)
+            lp = tl.where(skip, 0.0, lp)
+            h = tl.where(skip, 0.0, h)
             if HAS_MASK:
                 m = tl.load(mask_ptr + row * stride_mask_b + offs, mask=valid, other=0.0).to(tl.float32)
                 lp = lp * m
+                h = h * m
             acc += lp
+            acc_h += h
         tl.store(logp_ptr + row, tl.sum(acc, axis=0))
+        tl.store(ent_ptr + row, tl.sum(acc_h, axis=0))
 
 
 def _launch(mean, sigma, mask, eps, x_next):
@@ -120,8 +135,9 @@ def _launch(mean, sigma, mask, eps, x_next):
     sample = eps is not None
     out = torch.empty_like(mean) if sample else x_next
     logp = torch.empty(B, device=mean.device, dtype=torch.float32)
+    ent = torch.empty(B, device=mean.device, dtype=torch.float32)
     if B == 0:
-        return out, logp
+        return out, logp, ent
     block = min(1024, triton.next_power_of_2(max(N, 16)))
     sig_b, sig_n = sigma.stride(0), (sigma.stride(1) if sigma.shape[1] == N and N > 1 else 0)
     if mask is not None:
@@ -132,13 +148,13 @@ def _launch(mean, sigma, mask, eps, x_next):
         mask_b, mask_ptr = 0, mean
     ref = eps if sample else x_next
     _gaussian_step_kernel[(B,)](
-        mean, sigma, ref, ref, mask_ptr, out, logp,
+        mean, sigma, ref, ref, mask_ptr, out, logp, ent,
         N,
         mean.stride(0), sig_b, sig_n, ref.stride(0), ref.stride(0), mask_b, out.stride(0),
         SAMPLE=sample, HAS_MASK=mask is not None, BLOCK_N=block,
         num_warps=4 if block >= 512 else 1,
     )
-    return out, logp
+    return out, logp, ent
 
 
 class _GaussianLogProb(torch.autograd.Function):
@@ -146,23 +162,25 @@ class _GaussianLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean, sigma, mask, x_next):
-        _, logp = _launch(mean, sigma, mask, None, x_next)
+        _, logp, ent = _launch(mean, sigma, mask, None, x_next)
         ctx.save_for_backward(mean, sigma, mask, x_next)
-        return logp
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_logp, grad_ent):
         mean, sigma, mask, x_next = ctx.saved_tensors
         mu, sd, xv = mean.float(), sigma.float(), x_next.float()
         zero = sd == 0
         safe = torch.where(zero, torch.ones_like(sd), sd)
         z = (xv - mu) / safe
-        w = grad.float()[:, None]
+        w = grad_logp.float()[:, None]
+        w_h = grad_ent.float()[:, None]
         if mask is not None:
-            w = w * mask.float()
+            w, w_h = w * mask.float(), w_h * mask.float()
         w = torch.where(zero, torch.zeros_like(z), w.expand_as(z))
-        d_mean = w * z / safe                    # d logp / d mean  =  z / sigma
-        d_sigma = w * (z * z - 1.0) / safe       # d logp / d sigma = (z^2 - 1) / sigma
+        w_h = torch.where(zero, torch.zeros_like(z), w_h.expand_as(z))
+        d_mean = w * z / safe                                 # d logp / d mean  =  z / sigma
+        d_sigma = (w * (z * z - 1.0) + w_h) / safe            # d logp / d sigma = (z^2 - 1) / sigma, dH/dsigma = 1/sigma
         g_mean = d_mean.to(mean.dtype) if ctx.needs_input_grad[0] else None
         g_sigma = d_sigma.sum_to_size(sigma.shape).to(sigma.dtype) if ctx.needs_input_grad[1] else None
         g_x = (-d_mean).to(x_next.dtype) if ctx.needs_input_grad[3] else None
@@ -201,11 +219,12 @@ def gaussian_step(
     *,
     eps: torch.Tensor | None = None,
     x_next: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stochastic step and/or its masked Gaussian log-prob. See the module docstring.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stochastic step and/or its masked Gaussian log-prob and entropy. See the module docstring.
 
     mean: [B, N], sigma: [B, N] | [B, 1], mask: None | [N] | [B, N], eps | x_next: [B, N].
-    Returns (x_next [B, N] in mean's dtype, logp_sum [B] float32; float64 for fp64 inputs).
+    Returns (x_next [B, N] in mean's dtype, logp_sum [B], ent_sum [B]) in float32 (float64 for
+    fp64 inputs).
     """
     _validate(mean, sigma, mask, eps, x_next)
     backend = _backend.resolve(OP, mean.device)
@@ -225,5 +244,6 @@ def gaussian_step(
     if torch.is_grad_enabled() and (mean.requires_grad or sigma.requires_grad or x_next.requires_grad):
         if mask_c is not None and mask_c.dtype == torch.bool:
             mask_c = mask_c.float()
-        return x_next, _GaussianLogProb.apply(mean_c, sigma_c, mask_c, x_c)
-    return x_next, _launch(mean_c, sigma_c, mask_c, None, x_c)[1]
+        return (x_next, *_GaussianLogProb.apply(mean_c, sigma_c, mask_c, x_c))
+    _, logp, ent = _launch(mean_c, sigma_c, mask_c, None, x_c)
+    return x_next, logp, ent
