@@ -322,8 +322,15 @@ def test_prefix_matches_transformers_paligemma():
             stack_in = emb
         else:  # transformers 4.x multiplies inputs_embeds by sqrt(width); undo it
             stack_in = emb / math.sqrt(g.width)
-        out = lm(inputs_embeds=stack_in, attention_mask=mask,
-                                      position_ids=torch.cumsum(pad.long(), 1) - 1, output_hidden_states=True)
+        out = lm(inputs_embeds=stack_in, attention_mask=mask, position_ids=torch.cumsum(pad.long(), 1) - 1,
+                 output_hidden_states=True, use_cache=True)
+    hf_cache = out.get("cache") or out.past_key_values  # renamed in transformers 5
+    for l in range(g.depth):  # K (after RoPE) and V per layer: what the expert reads
+        layer = hf_cache.layers[l] if hasattr(hf_cache, "layers") else None
+        hf_k = layer.keys if layer is not None else hf_cache.key_cache[l]
+        hf_v = layer.values if layer is not None else hf_cache.value_cache[l]
+        torch.testing.assert_close(cache.keys[l], hf_k, rtol=1e-5, atol=1e-5)  # measured max 0
+        torch.testing.assert_close(cache.values[l], hf_v, rtol=1e-5, atol=1e-5)  # measured max 0
     valid = pad[:, :, None]
     for l in range(g.depth):  # hidden_states[l] = residual stream entering layer l
         torch.testing.assert_close(cache.hidden_states[l] * valid, out.hidden_states[l] * valid,
