@@ -1,8 +1,9 @@
 """vocab_topk: the fused projection + streaming top-k against its oracle and against torch.topk.
 
 On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
-the interpreter uses 16 x 64 x 32 tiles and a virtual SM count of 2, so V=1031 is merged
-from several vocabulary splits (4 for one row block) and N=37 spans three row blocks.
+the interpreter uses 16 x 64 x 32 tiles and a virtual SM count of 2, so V >= 1000 is merged
+from two vocabulary splits (tokens 0-575 and 576-1030 for V=1031) and N=37 spans three row
+blocks.
 """
 
 from __future__ import annotations
@@ -184,6 +185,17 @@ def test_bad_inputs_raise(make, match):
     values, embedding, k, scale = make()
     with pytest.raises(ValueError, match=match):
         vocab_topk(values, embedding, k, scale=scale)
+
+
+def test_split_choice_respects_its_limits():
+    mod = importlib.import_module("vlafast.ops.vocab_topk")
+    for n_blocks, n_tiles, sms, KP in itertools.product((1, 3, 172, 256, 4000), (1, 7, 126, 1005, 2009), (2, 132), (2, 16, 64)):
+        splits = mod._pick_splits(n_blocks, n_tiles, sms, KP)
+        assert 1 <= splits <= max(1, n_tiles // 4), "each split keeps >= 4 vocabulary tiles"
+        assert splits * KP <= max(KP, 4096), "the merge pass holds at most 4096 candidates per row"
+    # A single row over a large vocabulary is spread over many programs; a full GPU is not split.
+    assert mod._pick_splits(1, 1005, 132, 16) > 64
+    assert mod._pick_splits(4000, 126, 132, 16) <= 2
 
 
 # ---------------------------------------------------------------------------------------------

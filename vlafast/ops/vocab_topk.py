@@ -178,10 +178,22 @@ def _gpu_config(dtype: torch.dtype, KP: int) -> tuple[int, int, int, int, int]:
     return 64, 128, 64, 8, 3
 
 
-def _pick_splits(n_blocks: int, n_tiles: int, sm_count: int) -> int:
-    """Vocabulary splits per row block: enough programs for ~2 waves, >= 4 tiles per split."""
-    want = max(1, math.ceil(2 * sm_count / n_blocks))
-    return max(1, min(want, n_tiles // 4))
+_MERGE_WIDTH = 4096  # candidates per row in the merge pass (sm_90: 88 regs at 1 x 4096, no spill)
+
+
+def _pick_splits(n_blocks: int, n_tiles: int, sm_count: int, KP: int) -> int:
+    """Vocabulary splits per row block, from a small cost model.
+
+    Time ~ waves x per-program work = ceil(n_blocks * s / SMs) x (ceil(n_tiles / s) + 2), where
+    2 tiles stand for a program's fixed cost (prologue, the first tile's k merge rounds, the
+    merge pass), assuming one program per SM at a time (~220 registers x 256 threads each).
+    The smallest minimiser wins; each split keeps >= 4 tiles and the merge pass at most
+    ``_MERGE_WIDTH`` candidates per row. H100 (132 SMs), k=10: OpenVLA layer (172 row blocks,
+    126 tiles) -> 3 splits; pi0 layer (256 blocks, 1005 tiles) -> 1; one row of pi0 -> 126.
+    """
+    cap = max(1, min(n_tiles // 4, _MERGE_WIDTH // KP))
+    cost = {s: math.ceil(n_blocks * s / sm_count) * (math.ceil(n_tiles / s) + 2) for s in range(1, cap + 1)}
+    return min(cost, key=lambda s: (cost[s], s))
 
 
 def _validate(values: torch.Tensor, embedding: torch.Tensor, k: int, scale: torch.Tensor | None) -> None:
@@ -264,7 +276,7 @@ def _launch(values, embedding, k, largest, scale, *, interpret):
         sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     n_blocks = triton.cdiv(N, block_n)
     n_tiles = triton.cdiv(V, block_v)
-    splits = _pick_splits(n_blocks, n_tiles, sm_count)
+    splits = _pick_splits(n_blocks, n_tiles, sm_count, KP)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     part_val = torch.empty((N, splits * KP), dtype=torch.float32, device=device)
