@@ -303,7 +303,7 @@ def test_prefix_matches_transformers_paligemma():
     obs = random_obs(cfg, batch=2, views=2, tokens=6, pad_last=2)
     B, V = obs.images.shape[:2]
     with torch.no_grad():
-        # SigLIP + projector (stock PaliGemma then divides by sqrt(width); pi0 does not)
+        # SigLIP + projector (transformers 4.x get_image_features also divided by sqrt(width); pi0 does not)
         pix = obs.images.reshape(B * V, 3, v.image_size, v.image_size)
         hf_img = hf.model.multi_modal_projector(hf.model.vision_tower(pixel_values=pix).last_hidden_state)
         our_img = policy.projector(policy.vision_tower(pix))
