@@ -87,6 +87,7 @@ ServoLoop::ServoLoop(const ServoConfig& cfg, std::shared_ptr<Backend> backend, c
 }
 
 ServoLoop::~ServoLoop() {
+  std::lock_guard<std::mutex> lock(join_mu_);
   if (thread_.joinable()) {
     request_stop("ServoLoop destroyed");
     thread_.join();
@@ -147,6 +148,7 @@ bool ServoLoop::wait(double timeout_s) {
     if (std::chrono::steady_clock::now() >= until) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
+  std::lock_guard<std::mutex> lock(join_mu_);
   if (thread_.joinable()) thread_.join();
   return true;
 }

@@ -112,6 +112,7 @@ class ServoLoop {
   std::atomic<bool> stop_requested_{false};
   bool started_ = false;
   std::thread thread_;
+  std::mutex join_mu_;  // wait() may be called from several Python threads
 
   // Written by the servo thread, read by stats().
   Ring jitter_, age_, latency_;
