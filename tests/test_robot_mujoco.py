@@ -74,3 +74,15 @@ def test_ten_second_sinusoid_tracking():
     assert s["stop_reason"] == "requested: run complete", s
     assert s["accepted"] >= 90 and s["rejected_nonfinite"] + s["rejected_limits"] == 0
     assert err.max() < 0.03, err
+
+
+def test_menagerie_root_is_used_when_set(tmp_path, monkeypatch):
+    scene = tmp_path / "universal_robots_ur5e" / "scene.xml"
+    scene.parent.mkdir()
+    scene.write_text(ASSET.read_text())  # stands in for the menagerie's model
+    monkeypatch.setenv("MENAGERIE_ROOT", str(tmp_path))
+    be = MujocoUR5eBackend()
+    assert be.model_path == scene
+    np.testing.assert_allclose(be.open(), UR5E_HOME)
+    monkeypatch.setenv("MENAGERIE_ROOT", str(tmp_path / "missing"))
+    assert MujocoUR5eBackend().model_path == ASSET

@@ -402,3 +402,21 @@ def test_gil_is_free_while_the_loop_runs_and_waits():
     assert n1 - n0 > 20  # with the GIL held during wait() the spinner could not tick at all
     loop.request_stop("done")
     assert loop.wait(5.0)
+
+
+@pytest.mark.parametrize("realtime,cpu", [(False, 0), (True, -1)])
+def test_scheduling_outcome_is_reported(realtime, cpu):
+    loop = C.ServoLoop(C.NullBackend(), list(Q0), hz=HZ, spin_us=0.0, realtime=realtime, priority=10, cpu=cpu,
+                       interp="cubic", max_horizon=8, **WIDE)
+    loop.start()
+    while loop.stats()["cycles"] < 5:
+        loop.wait(0.01)
+    s = loop.stats()
+    loop.request_stop("done")
+    assert loop.wait(5.0)
+    assert s["cpu"] == cpu
+    if realtime:
+        assert s["policy"] in ("SCHED_FIFO", "SCHED_OTHER")
+        assert (s["policy"] == "SCHED_FIFO") == (s["reason"] == "")  # a fallback always says why
+    else:
+        assert s["policy"] == "SCHED_OTHER" and "not requested" in s["reason"]
