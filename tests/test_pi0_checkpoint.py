@@ -267,3 +267,27 @@ def test_keys_and_shapes_match_the_reference_classes():
            if not k.endswith("lm_head.weight")}  # tied / unused heads are skipped by the loader
     ours = {k: tuple(t.shape) for k, t in random_policy(cfg).state_dict().items() if k.startswith("paligemma_with_expert.")}
     assert ours == ref
+
+
+@pytest.mark.parametrize("pi05", VARIANTS, ids=IDS)
+def test_published_size_key_set_plans_cleanly(tmp_path, pi05):
+    """A full-size LeRobot key set (as headers only: nothing allocated) matches the model that
+    ``config.json`` describes, including the expert's unused 257152 x 1024 LM head."""
+    from vlafast.models import Pi0Policy
+    from vlafast.models.checkpoint import TensorInfo
+    from vlafast.models.pi0_load import _lerobot_config, _rename_fn
+
+    meta = {"type": "pi05" if pi05 else "pi0", "chunk_size": 50, "max_action_dim": 32, "max_state_dim": 32,
+            "num_inference_steps": 10, "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
+            "image_resolution": [224, 224]}
+    cfg = _lerobot_config(meta, pi05)
+    assert cfg == (Pi0Config.pi05() if pi05 else Pi0Config.pi0())
+    with torch.device("meta"):
+        model = Pi0Policy(cfg)
+    f = tmp_path / "model.safetensors"
+    index = {f"model.{k}": TensorInfo(f"model.{k}", s, "BF16", f) for k, (s, _) in expected_tensors(model).items()}
+    for k, shape in (("paligemma_with_expert.paligemma.lm_head.weight", (257_152, 2048)),
+                     ("paligemma_with_expert.gemma_expert.lm_head.weight", (257_152, 1024))):
+        index[f"model.{k}"] = TensorInfo(f"model.{k}", shape, "BF16", f)
+    plan = plan_load(expected_tensors(model), index, _rename_fn(index, pi05))
+    assert len(plan) == len(expected_tensors(model))
