@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -130,3 +131,24 @@ def test_no_allocation_growth_over_1000_replays():
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
     assert runner.num_graphs == 1
+
+
+def test_ctx_layout_keys_and_static_copies():
+    from vlafast.flow.graphs import _clone_ctx, _copy_ctx, _ctx_signature
+
+    @dataclasses.dataclass(frozen=True)
+    class Cache:
+        keys: list
+        pad: torch.Tensor
+        n: int
+
+    a = (torch.zeros(2, 3), Cache([torch.ones(2, 4)], torch.ones(2, dtype=torch.bool), 5))
+    b = (torch.randn(2, 3), Cache([torch.randn(2, 4)], torch.zeros(2, dtype=torch.bool), 5))
+    assert _ctx_signature(a) == _ctx_signature(b)  # a new cache object with the same layout: same graph
+    assert _ctx_signature(a) != _ctx_signature((torch.zeros(3, 3), a[1]))
+    assert _ctx_signature(a) != _ctx_signature((a[0], dataclasses.replace(a[1], n=6)))
+    static = _clone_ctx(a)
+    assert static[1].keys[0].data_ptr() != a[1].keys[0].data_ptr()
+    _copy_ctx(static, b)
+    assert torch.equal(static[0], b[0]) and torch.equal(static[1].keys[0], b[1].keys[0])
+    assert torch.equal(static[1].pad, b[1].pad) and static[1].n == 5

@@ -3,6 +3,7 @@ gradients, the hybrid index, masks and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -338,8 +339,6 @@ def test_masked_out_actions_do_not_change_the_log_prob():
                             action_mask=mask)
         chain = tr.chain.clone()
         chain[:, :, 2:] += torch.randn_like(chain[:, :, 2:])
-        import dataclasses
-
         altered = dataclasses.replace(tr, chain=chain)
         assert torch.equal(flow.log_prob(vel, ctx, altered), tr.log_prob)
         # and the masked-in part does matter

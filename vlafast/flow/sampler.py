@@ -50,7 +50,7 @@ import torch
 from vlafast.flow.noise_head import NoiseHead
 from vlafast.ops.gaussian_step import gaussian_step
 
-VelocityOut = Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]
+VelocityOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], VelocityOut]
 
 
