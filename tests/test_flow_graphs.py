@@ -43,6 +43,26 @@ def test_cpu_falls_back_to_eager_with_a_logged_reason(caplog):
     assert torch.equal(flow.log_prob(vel, ctx, trace), trace.log_prob)
 
 
+@pytest.mark.parametrize("method", ["ode", "sde", "sde-joint", "noise"])
+def test_loop_has_no_host_syncs(method):
+    """What a CUDA graph needs from the loop, checked without a GPU: it runs on the meta device,
+    where any .item(), bool(tensor) or data-dependent shape would raise."""
+    from vlafast import _backend
+    from vlafast.flow.sampler import _flat_mask, _grid_for, _sample_impl
+
+    B, T, A = 3, 5, 4
+    vel = MLPVelocity(A, width=8).to("meta")
+    ctx = torch.empty(B, T, 8, device="meta")
+    noise = torch.empty(B, T, A, device="meta")
+    head = flow.NoiseHead(8, A).to("meta")
+    cfg = {"ode": flow.ode(num_steps=3), "sde": flow.flow_sde(num_steps=3),
+           "sde-joint": flow.flow_sde(hybrid=False, num_steps=3), "noise": flow.flow_noise(head, num_steps=3)}[method]
+    mask = _flat_mask(torch.ones(T, A, device="meta"), noise.shape, noise.device)
+    with _backend.override("torch"):  # the reference op; Triton launches are async by construction
+        out = _sample_impl(cfg, vel, ctx, noise, mask, None, _grid_for(cfg, noise.device, noise.dtype))
+    assert out["chain"].shape == (B, 4, T, A) and out["log_prob"].shape == (B,)
+
+
 def test_bad_warmup():
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         flow.GraphedSampler(flow.ode(), lambda x, t, c: x, warmup=0)
