@@ -8,14 +8,14 @@ from vlafast.models.checkpoint import CheckpointError
 from vlafast.models.gemma import GemmaConfig, GemmaMLP
 from vlafast.models.normalize import FeatureStats, Normalizer, StatsError
 from vlafast.models.pi0 import (
-    Pi0Config, Pi0Observation, Pi0Policy, PrefixCache, discretize_state, make_att_2d_masks, pi05_state_prompt,
+    Pi0Config, Pi0Context, Pi0Observation, Pi0Policy, PrefixCache, discretize_state, make_att_2d_masks, pi05_state_prompt,
     preprocess_images, sincos_time_embedding,
 )
 from vlafast.models.pi0_load import load_pi0
 from vlafast.models.siglip import SiglipConfig
 
 __all__ = [
-    "CheckpointError", "FeatureStats", "GemmaConfig", "GemmaMLP", "Normalizer", "Pi0Config", "Pi0Observation",
+    "CheckpointError", "FeatureStats", "GemmaConfig", "GemmaMLP", "Normalizer", "Pi0Config", "Pi0Context", "Pi0Observation",
     "Pi0Policy", "PrefixCache", "SiglipConfig", "StatsError", "discretize_state", "load_pi0", "make_att_2d_masks",
     "pi05_state_prompt", "preprocess_images", "sincos_time_embedding",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,15 @@ class PrefixCache:
                             other.keys + other.values + [other.pad_mask, other.hidden]):
             dst.copy_(src)
         return self
+
+
+@dataclasses.dataclass
+class Pi0Context:
+    """One encoded observation, the ``ctx`` a flow sampler passes to ``Pi0Policy.velocity_fn``:
+    state [B, state_dim] normalised and padded (None for pi0.5) and the prefix cache."""
+
+    state: Tensor | None
+    cache: PrefixCache
 
 
 @dataclasses.dataclass
@@ -403,6 +412,19 @@ class Pi0Policy(nn.Module):
         return ((v - (noise - actions)) ** 2)[..., :real]
 
     # -- inference -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, obs: Pi0Observation) -> Pi0Context:
+        """The per-observation work done once: state normalisation and the prefix cache."""
+        return Pi0Context(self.prepare_state(obs.state),
+                          self.embed_prefix(obs.images, obs.image_masks, obs.tokens, obs.token_masks))
+
+    def velocity_fn(self, *, return_hidden: bool = False) -> Callable[[Tensor, Tensor, Pi0Context], Tensor | tuple[Tensor, Tensor]]:
+        """``(x_t [B, T, A], t [B], ctx: Pi0Context) -> v`` (or ``(v, hidden)``), the signature
+        of ``vlafast.flow`` samplers; ``return_hidden`` for Flow-Noise."""
+        def fn(x_t: Tensor, t: Tensor, ctx: Pi0Context) -> Tensor | tuple[Tensor, Tensor]:
+            return self.velocity(x_t, t, ctx.state, ctx.cache, return_hidden=return_hidden)
+        return fn
 
     def prepare_state(self, state: Tensor | None) -> Tensor | None:
         """Raw state [B, S'] -> normalised and zero-padded [B, state_dim] (pi0); None for pi0.5."""
