@@ -184,6 +184,15 @@ def test_direction_bad_inputs_raise(change, match):
 # GPU: realistic shapes, allocation- and sync-free launches, CUDA graph capture + replay
 
 
+@pytest.fixture
+def exact_fp32_matmul():
+    """The fp32 references must not silently run in TF32 if another test enabled it."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def _gpu_case(B, T, D=2048, S=64, F=16384, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     y = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
@@ -195,6 +204,7 @@ def _gpu_case(B, T, D=2048, S=64, F=16384, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("exact_fp32_matmul")
 @pytest.mark.parametrize("B,T", [(1, 1), (64, 1), (2, 817), (7, 33)])
 def test_gpu_correction_realistic(B, T):
     y, h_sel, W_sel, alpha, mask = _gpu_case(B, T)
@@ -228,6 +238,7 @@ def test_gpu_launch_allocates_nothing_and_never_syncs():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("exact_fp32_matmul")
 @pytest.mark.parametrize("alpha_shape", ["per_request", "per_neuron"])
 def test_gpu_graph_capture_and_replay_with_new_alpha(alpha_shape):
     B, T, D, S = 8, 5, 2048, 64
