@@ -5,7 +5,10 @@ keys OpenVLA carries but never runs)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -52,12 +55,16 @@ def checkpoint_tensors(policy, *, dtype=torch.float32, timm_gamma=False) -> dict
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], *, stats: dict | None = None,
-                     config: dict | None = None, stats_in_config: bool = False) -> Path:
-    """Two shards (vision + projector, language model) with model.safetensors.index.json."""
+                     config: dict | None = None, stats_in_config: bool = False,
+                     shard_of: Callable[[str], int] | None = None) -> Path:
+    """Shards (default two: vision + projector, language model) with model.safetensors.index.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    shard_of = shard_of or (lambda k: int(k.startswith("language_model.")))
+    parts: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
-        shards["model-0000%d-of-00002.safetensors" % (2 if k.startswith("language_model.") else 1)][k] = v
+        parts.setdefault(shard_of(k), {})[k] = v
+    n = len(parts)
+    shards = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": parts[j] for i, j in enumerate(sorted(parts))}
     weight_map = {}
     for name, part in shards.items():
         save_file(part, str(folder / name))
@@ -160,3 +167,56 @@ def test_no_config_json(tmp_path, source):
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         load_openvla(folder)
+
+
+_PEAK_SCRIPT = """
+import gc, json, sys, torch
+from vlafast.models.llama import LlamaConfig
+from vlafast.models.openvla import OpenVLAConfig
+from vlafast.models.openvla_load import load_openvla
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+cfg = OpenVLAConfig(**{**OpenVLAConfig.tiny().__dict__, "llm": LlamaConfig(**json.loads(sys.argv[3]))})
+with torch.no_grad():
+    sum(float(p.sum()) for p in load_openvla(sys.argv[2], config=OpenVLAConfig.tiny()).parameters())  # page code in
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM)
+    before = rss("VmRSS:")
+    policy = load_openvla(sys.argv[1], config=cfg)
+    touched = sum(float(p.sum()) for p in policy.parameters())  # all pages resident (safetensors may mmap)
+    peak = rss("VmHWM:") - before
+print(json.dumps({"peak": peak, "model": sum(p.numel() * p.element_size() for p in policy.parameters())}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_streaming_load_does_not_double_memory(tmp_path):
+    """~240 MB fp32 checkpoint in 11 shards: the load's peak RSS (every weight touched) above the
+    pre-load level stays near the model's size: shard by shard, tensor by tensor, into a
+    meta-built model."""
+    import dataclasses
+
+    from vlafast.models.llama import LlamaConfig
+    from vlafast.models.openvla import OpenVLAConfig, OpenVLAPolicy
+
+    llm = LlamaConfig(width=512, depth=8, mlp_dim=1536, num_heads=4, num_kv_heads=4, vocab_size=32_064)
+    with torch.device("meta"):
+        meta = OpenVLAPolicy(dataclasses.replace(OpenVLAConfig.tiny(), llm=llm))
+    tensors = {k: torch.zeros(v.shape) for k, v in meta.state_dict().items()}
+    layer = lambda k: int(k.split(".")[3]) + 2 if k.startswith("language_model.model.layers.") else 0  # noqa: E731
+    shard_of = lambda k: 1 if "embed_tokens" in k else 11 if "lm_head" in k else layer(k)  # noqa: E731
+    folder = write_checkpoint(tmp_path / "big", tensors, shard_of=shard_of)
+    del tensors
+    small = write_checkpoint(tmp_path / "small", checkpoint_tensors(random_openvla(seed=1)))
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(folder), str(small),
+                          json.dumps(dataclasses.asdict(llm))],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["model"] > 150e6
+    # measured 1.00x (safetensors 0.8 maps the shards; each tensor is assigned in place); a random-init
+    # model plus a full state dict, the naive way, measured 2.27x on the same checkpoint.
+    assert r["peak"] < 1.5 * r["model"], r

@@ -380,7 +380,9 @@ class GraphedDecoder:
 
     Built for one (batch, prompt length); prefill runs eagerly into a static KV cache, then each
     of the remaining ``action_dim - 1`` tokens is one graph replay (no host sync in between).
-    Steering plans that only change device buffers read by ``mlp.steer`` apply without recapture.
+    The ``mlp.steer`` slots are baked in at capture: a steering plan set before building the
+    decoder can change its device buffers (alpha, on/off mask) between calls without recapture;
+    setting or clearing a slot afterwards needs a new decoder.
     """
 
     def __init__(self, policy: OpenVLAPolicy, batch: int, text_len: int) -> None:
