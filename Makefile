@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlafast-installed
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test test-fast bench gpu-check wheel clean libero
+.PHONY: setup demo test test-fast bench gpu-check wheel clean libero maniskill
 
 setup: $(STAMP)
 
@@ -58,9 +58,28 @@ $(LIBERO_STAMP):
 	$(LIBERO_VENV)/bin/python -c "from libero.libero import benchmark; benchmark.get_benchmark_dict()['libero_10']().get_task_init_states(0)"; \
 	touch $@
 
-# The full CPU suite (Triton kernels in the interpreter; LIBERO tests in .venv-libero workers).
-# pytest's exit 5 ("no tests ran") fails too.
-test: setup libero
+# ManiSkill3 runs in .venv (torch). SAPIEN needs a Vulkan device even for state observations;
+# without a CUDA GPU, Debian bookworm-backports' Mesa lavapipe (25.0.7, which has the
+# VK_KHR_external_semaphore_fd that Debian 12's own 22.3 lacks) is unpacked into
+# .venv/vulkan-cpu (nothing installed system-wide). If that fails, the ManiSkill tests skip.
+MANISKILL_SPEC ?= mani-skill==3.0.1
+MANISKILL_STAMP := $(VENV)/.vlafast-maniskill-installed
+
+maniskill: $(MANISKILL_STAMP)
+
+$(MANISKILL_STAMP): $(STAMP)
+	@set -e; \
+	echo "maniskill: installing $(MANISKILL_SPEC) into $(VENV)"; \
+	$(BIN)/python -m pip install -q "$(MANISKILL_SPEC)"; \
+	if ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(BIN)/python -c "from vlafast.envs.maniskill import install_lavapipe as f; print('maniskill: Vulkan driver', f())" \
+	    || echo "maniskill: no software Vulkan driver could be unpacked; ManiSkill tests will skip"; \
+	fi; \
+	touch $@
+
+# The full CPU suite (Triton kernels in the interpreter; LIBERO tests in .venv-libero workers,
+# ManiSkill tests on lavapipe). pytest's exit 5 ("no tests ran") fails too.
+test: setup libero maniskill
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
