@@ -80,6 +80,7 @@ py::dict stats_to_dict(const sv::ServoStats& s) {
   d["accepted"] = s.accepted;
   d["rejected_nonfinite"] = s.rejected_nonfinite;
   d["rejected_limits"] = s.rejected_limits;
+  d["rejected_stale"] = s.rejected_stale;
   d["dropped"] = s.dropped;
   d["executed_chunks"] = s.executed_chunks;
   d["clamped_cycles"] = s.clamped_cycles;
@@ -95,6 +96,7 @@ const char* push_result_name(sv::PushResult r) {
     case sv::PushResult::kAccepted: return "accepted";
     case sv::PushResult::kNonFinite: return "nonfinite";
     case sv::PushResult::kOutOfLimits: return "out_of_limits";
+    case sv::PushResult::kStale: return "stale";
   }
   return "?";
 }
@@ -169,7 +171,8 @@ void bind_servo(py::module_& m) {
           },
           py::arg("q"), py::arg("t0_ns"), py::arg("dt_ns"), py::arg("obs_ns") = 0,
           "Push q: [T, 6] waypoints (rad) at t0_ns + i * dt_ns (monotonic). Returns 'accepted',\n"
-          "'nonfinite' or 'out_of_limits' (rejected chunks never reach the backend).")
+          "'nonfinite', 'out_of_limits' or 'stale' (ends before the next deadline); rejected\n"
+          "chunks are counted and never reach the backend.")
       .def("request_stop", &sv::ServoLoop::request_stop, py::arg("reason"),
            "Decelerate at the acceleration limit, then stop the backend and end the thread.")
       .def("wait", &sv::ServoLoop::wait, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>(),

@@ -86,3 +86,4 @@ def test_menagerie_root_is_used_when_set(tmp_path, monkeypatch):
     np.testing.assert_allclose(be.open(), UR5E_HOME)
     monkeypatch.setenv("MENAGERIE_ROOT", str(tmp_path / "missing"))
     assert MujocoUR5eBackend().model_path == ASSET
+    assert MujocoUR5eBackend(model_path=scene).model_path == scene  # an explicit model wins

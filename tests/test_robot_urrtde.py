@@ -87,6 +87,11 @@ def test_arguments_are_checked_against_servoj_ranges():
         URRTDEBackend("10.0.0.2", hz=250.0)
 
 
+def test_backend_rate_must_match_the_servo_rate():
+    with pytest.raises(ValueError, match="backend paces at 125 Hz but the servo loop runs at 500 Hz"):
+        ServoLoop(CFG, URRTDEBackend("10.0.0.2", hz=125.0))
+
+
 def test_missing_ur_rtde_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "rtde_control", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"pip install 'vlafast\[robot\]'"):

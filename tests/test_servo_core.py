@@ -139,6 +139,7 @@ def test_bad_config_raises(kwargs, match):
 
 def test_push_validates_shape_and_rejects_unsafe_chunks_before_the_backend():
     loop = make_loop(C.NullBackend(), max_horizon=8)
+    soon = C.monotonic_ns() + 10**9  # chunks start 1 s from now, so none is stale
     with pytest.raises(ValueError, match=r"chunk must be \[T, 6\]"):
         loop.push(np.zeros((3, 7)), 0, PERIOD_NS)
     with pytest.raises(ValueError, match="max_horizon = 8"):
@@ -149,12 +150,14 @@ def test_push_validates_shape_and_rejects_unsafe_chunks_before_the_backend():
     for bad_value, want in ((np.nan, "nonfinite"), (np.inf, "nonfinite"), (-np.inf, "nonfinite"), (6.5, "out_of_limits")):
         bad = good.copy()
         bad[2, 3] = bad_value
-        assert loop.push(bad, 0, PERIOD_NS) == want
+        assert loop.push(bad, soon, PERIOD_NS) == want
+    # A chunk that ends before the next deadline could only trip the watchdog: refused.
+    assert loop.push(good, C.monotonic_ns() - 10**9, PERIOD_NS) == "stale"
     s = loop.stats()
-    assert (s["pushed"], s["accepted"], s["rejected_nonfinite"], s["rejected_limits"]) == (4, 0, 3, 1)
+    assert (s["pushed"], s["accepted"], s["rejected_nonfinite"], s["rejected_limits"], s["rejected_stale"]) == (5, 0, 3, 1, 1)
     # float32 input is converted; three pushes before the consumer runs: two were never read.
     for _ in range(3):
-        assert loop.push(good.astype(np.float32), 0, PERIOD_NS) == "accepted"
+        assert loop.push(good.astype(np.float32), soon, PERIOD_NS) == "accepted"
     s = loop.stats()
     assert (s["accepted"], s["dropped"]) == (3, 2)
 
@@ -291,15 +294,21 @@ def test_watchdog_brakes_at_the_acceleration_limit_then_stops_the_backend():
     assert travelled <= 0.5**2 / (2 * 8.0) + 0.5 * DT  # v^2 / 2a, plus one period at speed
 
 
-def test_late_chunk_whose_horizon_already_passed_triggers_the_watchdog():
+def test_a_late_chunk_never_displaces_one_that_still_has_a_horizon():
     rec = C.RecordingBackend(2000)
     loop = make_loop(rec)
     loop.start()
     stale = C.monotonic_ns() - 500_000_000
-    assert loop.push(np.tile(Q0, (10, 1)), stale, 10_000_000) == "accepted"  # ended 410 ms ago
+    assert loop.push(np.tile(Q0, (10, 1)), stale, 10_000_000) == "stale"  # ended 410 ms ago
+    t0 = C.monotonic_ns()
+    assert loop.push(np.tile(Q0, (40, 1)), t0, 10_000_000) == "accepted"  # 390 ms of plan
+    C.sleep_until_ns(t0 + 100_000_000, 0.0)
+    assert loop.push(np.tile(Q0 + 0.1, (10, 1)), stale, 10_000_000) == "stale"
+    assert loop.state == "tracking"
     s = run_until_stopped(loop)
-    assert s["stop_reason"].startswith("watchdog")
-    assert s["executed_chunks"] == 0  # never tracked
+    assert s["stop_reason"].startswith("watchdog") and s["executed_chunks"] == 1 and s["rejected_stale"] == 2
+    _, q, _ = rec.records()
+    np.testing.assert_allclose(q, np.broadcast_to(Q0, q.shape), atol=1e-12)  # the late chunk never moved it
 
 
 def test_late_chunks_in_a_stream_stop_the_arm_safely():

@@ -106,6 +106,10 @@ PushResult ServoLoop::push(const double* q, int T, int64_t t0_ns, int64_t dt_ns,
     bad("chunk must have 1 <= T <= max_horizon = " + std::to_string(cfg_.max_horizon) + " waypoints, got " + std::to_string(T));
   if (dt_ns <= 0) bad("chunk dt must be > 0 ns, got " + std::to_string(dt_ns));
   pushed_.fetch_add(1, std::memory_order_relaxed);
+  if (t0_ns + static_cast<int64_t>(T - 1) * dt_ns < rt::monotonic_ns() + period_ns_) {
+    rej_stale_.fetch_add(1, std::memory_order_relaxed);
+    return PushResult::kStale;
+  }
   const Limits& L = cfg_.limits;
   for (int i = 0; i < T; ++i) {
     for (int j = 0; j < kDof; ++j) {
@@ -328,6 +332,7 @@ ServoStats ServoLoop::stats() const {
   s.accepted = accepted_.load(std::memory_order_relaxed);
   s.rejected_nonfinite = rej_nonfinite_.load(std::memory_order_relaxed);
   s.rejected_limits = rej_limits_.load(std::memory_order_relaxed);
+  s.rejected_stale = rej_stale_.load(std::memory_order_relaxed);
   s.dropped = dropped_.load(std::memory_order_relaxed);
   s.executed_chunks = executed_.load(std::memory_order_relaxed);
   s.clamped_cycles = clamped_.load(std::memory_order_relaxed);

@@ -54,14 +54,16 @@ struct ServoStats {
   rt::SchedResult sched;
   int64_t cycles = 0, missed = 0, commands = 0;
   Percentiles jitter, chunk_age, latency;  // lateness per cycle; age per cycle; obs->command per chunk
-  int64_t pushed = 0, accepted = 0, rejected_nonfinite = 0, rejected_limits = 0, dropped = 0;
+  int64_t pushed = 0, accepted = 0, rejected_nonfinite = 0, rejected_limits = 0, rejected_stale = 0, dropped = 0;
   int64_t executed_chunks = 0;  // chunks that produced at least one command
   int64_t clamped_cycles = 0;   // cycles where a velocity / acceleration / position limit bit
   double max_abs_v = 0, max_abs_a = 0;  // over commanded targets (rad/s, rad/s^2)
   Joints q{}, v{};                      // last commanded target
 };
 
-enum class PushResult { kAccepted, kNonFinite, kOutOfLimits };
+// kStale: the chunk ends before the loop's next deadline, so it could only trigger the watchdog;
+// it is refused so that a late chunk never displaces one that still has a horizon.
+enum class PushResult { kAccepted, kNonFinite, kOutOfLimits, kStale };
 
 class ServoLoop {
  public:
@@ -117,7 +119,7 @@ class ServoLoop {
   // Written by the servo thread, read by stats().
   Ring jitter_, age_, latency_;
   std::atomic<int64_t> cycles_{0}, missed_{0}, commands_{0}, executed_{0}, clamped_{0};
-  std::atomic<int64_t> pushed_{0}, accepted_{0}, rej_nonfinite_{0}, rej_limits_{0}, dropped_{0};
+  std::atomic<int64_t> pushed_{0}, accepted_{0}, rej_nonfinite_{0}, rej_limits_{0}, rej_stale_{0}, dropped_{0};
   std::atomic<double> max_abs_v_{0}, max_abs_a_{0};
   std::array<std::atomic<double>, kDof> q_cmd_{}, v_cmd_{};
   mutable std::mutex text_mu_;  // guards the strings below; never taken inside a cycle

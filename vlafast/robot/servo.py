@@ -107,10 +107,13 @@ class ServoLoop:
     stops the backend and joins every thread.
     """
 
-    def __init__(self, config: ServoConfig, backend: Any, q0: Sequence[float] | None = None):
+    def __init__(self, config: ServoConfig, backend: Any):
+        backend_hz = getattr(backend, "hz", config.hz)
+        if backend_hz != config.hz:
+            raise ValueError(f"backend paces at {backend_hz:g} Hz but the servo loop runs at {config.hz:g} Hz; "
+                             "make them equal")
         self.config = config
         self.backend = backend
-        self._q0 = q0
         self._loop = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -119,8 +122,7 @@ class ServoLoop:
         if self._loop is not None:
             raise RuntimeError("ServoLoop already started; make a new one")
         cfg, lim = self.config, self.config.limits
-        q_now = self.backend.open()
-        q0 = q_now if self._q0 is None else self._q0
+        q0 = self.backend.open()  # the loop starts from where the arm is: no jump on the first cycle
         self._loop = load_C().ServoLoop(
             self.backend.c_backend, [float(x) for x in q0],
             hz=cfg.hz, spin_us=cfg.spin_us, realtime=cfg.realtime, priority=cfg.priority, cpu=cfg.cpu,
@@ -166,7 +168,8 @@ class ServoLoop:
 
     def push(self, q: np.ndarray, t0_ns: int, dt: float, obs_ns: int = 0) -> str:
         """Push q: [T, 6] waypoints (rad) at t0_ns + i * dt (monotonic ns, dt in s).
-        Returns 'accepted', 'nonfinite' or 'out_of_limits' (rejected chunks are counted)."""
+        Returns 'accepted', 'nonfinite', 'out_of_limits' or 'stale' (ends before the next
+        deadline); rejected chunks are counted and never reach the backend."""
         return self._loop.push(q, int(t0_ns), int(round(dt * 1e9)), int(obs_ns))
 
     @property
@@ -196,7 +199,7 @@ def format_stats(s: dict) -> str:
     line = (
         f"{s['state']:<8} cycles {s['cycles']:>7} missed {s['missed']:>3} | jitter p50 {j['p50_us']:6.1f} "
         f"p99 {j['p99_us']:6.1f} max {j['max_us']:7.1f} us | chunks {s['accepted']}/{s['pushed']} "
-        f"rej {s['rejected_nonfinite'] + s['rejected_limits']} | age p50 {a['p50_us'] / 1e3:5.1f} ms "
+        f"rej {s['rejected_nonfinite'] + s['rejected_limits'] + s['rejected_stale']} | age p50 {a['p50_us'] / 1e3:5.1f} ms "
         f"| obs->cmd p50 {lat['p50_us'] / 1e3:5.1f} ms | {s['policy']}"
     )
     if s.get("stop_reason"):
