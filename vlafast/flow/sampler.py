@@ -219,6 +219,24 @@ class DenoiseTrace:
         """[B, T, A] the sampled chunk (x at t = 0)."""
         return self.chain[:, -1]
 
+    def select(self, rows: torch.Tensor | slice) -> "DenoiseTrace":
+        """The trace of a subset of the batch (PPO minibatches): rows is an index tensor or slice.
+
+        Recomputing a minibatch's log-probs is exact up to the velocity function's own
+        batch-size dependence (GEMM kernels may round differently at another B); the bitwise
+        guarantee holds for the batch as sampled.
+        """
+        mask = self.action_mask
+        if mask is not None and mask.dim() == 3:
+            mask = mask[rows]
+        return dataclasses.replace(
+            self,
+            chain=self.chain[rows], means=self.means[rows], sigmas=self.sigmas[rows],
+            stochastic=self.stochastic[rows], index=None if self.index is None else self.index[rows],
+            step_log_probs=self.step_log_probs[rows], step_entropy=self.step_entropy[rows],
+            log_prob=self.log_prob[rows], entropy=self.entropy[rows], action_mask=mask,
+        )
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FlowLogProb:
