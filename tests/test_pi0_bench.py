@@ -53,7 +53,7 @@ def test_cuda_bf16_matches_cpu_fp32(pi05):
     obs_gpu = type(obs)(*(to(getattr(obs, f)) for f in ("images", "image_masks", "tokens", "token_masks", "state")))
     out = gpu.sample_actions(obs_gpu, noise=noise.cuda()).cpu()
     err = (out - ref).abs().max().item()
-    assert err < 0.15 * ref.abs().max().item(), err  # CPU bf16 measured 2.9e-2 vs |ref| 3.0
+    assert err < 0.1 * ref.abs().max().item(), err  # not measured on GPU yet; CPU bf16: 2.9e-2 vs |ref| 3.0
 
 
 @pytest.mark.gpu

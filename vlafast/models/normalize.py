@@ -128,9 +128,6 @@ class Normalizer:
         """state: [B, S] raw -> normalised."""
         return _transform(state, self.state, self.state_mode, self.convention, "state", inverse=False)
 
-    def unnormalize_state(self, state: Tensor) -> Tensor:
-        return _transform(state, self.state, self.state_mode, self.convention, "state", inverse=True)
-
     def normalize_actions(self, actions: Tensor) -> Tensor:
         """actions: [B, T, A] raw -> normalised (training targets)."""
         return _transform(actions, self.actions, self.action_mode, self.convention, "actions", inverse=False)
