@@ -236,6 +236,24 @@ def test_log_prob_recomputation_is_bitwise(name, backend, mask_kind):
 
 
 @pytest.mark.parametrize("name", ["sde-hybrid", "sde-joint", "noise"])
+@pytest.mark.parametrize("B,T,A", [(1, 1, 1), (2, 3, 5), (3, 50, 7)])
+@pytest.mark.parametrize("net_dtype", [torch.float32, torch.bfloat16])
+def test_awkward_shapes_and_a_bf16_velocity(name, B, T, A, net_dtype):
+    """The chain stays fp32; a bf16 model returns bf16 v and hidden states."""
+    cfg = _configs(action_dim=A)[name]
+    vel = TinyVelocity(A).to(net_dtype)
+
+    def vf(x, t, ctx):
+        return vel(x.to(net_dtype), t, ctx)
+
+    ctx = torch.randn(B, T, A, dtype=net_dtype)
+    actions, trace = flow.sample(cfg, vf, ctx, torch.randn(B, T, A), generator=torch.Generator().manual_seed(B))
+    assert actions.dtype == torch.float32 and actions.shape == (B, T, A)
+    assert torch.isfinite(trace.log_prob).all() and torch.isfinite(trace.entropy).all()
+    assert torch.equal(flow.log_prob(vf, ctx, trace), trace.log_prob)
+
+
+@pytest.mark.parametrize("name", ["sde-hybrid", "sde-joint", "noise"])
 def test_log_prob_matches_torch_normal(name):
     B, T, A = 4, 6, 4
     cfg = _configs()[name]

@@ -112,6 +112,9 @@ def flow_sde(a: float = 0.5, hybrid: bool = True, *, num_steps: int = 4) -> Flow
 
 
 def flow_noise(noise_head: NoiseHead, *, num_steps: int = 4) -> FlowNoiseConfig:
+    """Flow-Noise with ``noise_head``; its log-variance bounds (pi_RL: [log 0.08^2, log 0.16^2])
+    are set on the head, ``NoiseHead(..., logvar_bounds=...)``, so they live in one place and
+    travel with its state_dict."""
     return FlowNoiseConfig(noise_head=noise_head, num_steps=num_steps)
 
 
