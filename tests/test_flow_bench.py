@@ -32,3 +32,5 @@ def test_flow_sampler_bench_rows():
             assert r.baseline_ms == ode.median_ms and r.median_ms > 0
             assert abs(r.achieved - 2000.0 / r.median_ms) < 1e-9 and r.unit == "chunks/s"
             assert "logprob_overhead_pct" in r.extra
+    for method in ("flow_sde", "flow_noise"):
+        assert by_op[(f"log_prob+backward {method}", "eager", "ode (eager)")].median_ms > 0

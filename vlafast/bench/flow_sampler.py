@@ -7,7 +7,9 @@ pre-norm gated-GELU MLP blocks, out-projection, bf16 weights; no attention over 
 
 * ``<method>`` vs ``ode`` in the same mode (eager / graphed): the cost of sampling with
   exact log-probs over plain ODE sampling (``ratio - 1`` is the overhead; target <= 5%);
-* ``<method>`` graphed vs the same method eager: what the CUDA graph buys.
+* ``<method>`` graphed vs the same method eager: what the CUDA graph buys;
+* ``log_prob+backward <method>``: the PPO update's recomputation from a stored trace (one
+  velocity call for hybrid Flow-SDE, K for Flow-Noise), against ODE sampling.
 ``achieved`` is chunks/s (B chunks per call). On the CPU the shapes are small and only the
 eager rows run.
 """
@@ -102,8 +104,25 @@ def run(args: argparse.Namespace) -> list[Row]:
                             raise RuntimeError(f"graph capture failed: {runner.fallbacks}")
                     with torch.no_grad():
                         ms[(mode, name)] = time_ms(fn, **timing)
+            # the PPO update's side: recompute the log-prob of a stored trace, forward + backward
+            for name in METHODS:
+                _, trace = flow.sample(configs[name], net, None, noise, action_mask=mask)
+
+                def update(trace=trace) -> None:
+                    flow.log_prob(net, None, trace).sum().backward()
+
+                ms[("eager", f"log_prob-{name}")] = time_ms(update, **timing)
+                net.zero_grad(set_to_none=True)
+                head.zero_grad(set_to_none=True)
             shape = f"B={B} K={K} T={T} A={A} L={layers} D={width}"
             dt = str(dtype).replace("torch.", "")
+            for name in METHODS:
+                t = ms[("eager", f"log_prob-{name}")]
+                rows.append(Row(
+                    bench="flow-sampler", op=f"log_prob+backward {name}", shape=shape, dtype=dt, backend="eager",
+                    median_ms=t, baseline="ode (eager)", baseline_ms=ms[("eager", "ode")],
+                    achieved=1000.0 * B / t, unit="chunks/s", extra={"B": B, "K": K},
+                ))
             for mode in modes:
                 for name in ("ode", *METHODS):
                     base = None if name == "ode" else ms[(mode, "ode")]
