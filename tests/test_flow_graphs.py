@@ -172,3 +172,23 @@ def test_ctx_layout_keys_and_static_copies():
     _copy_ctx(static, b)
     assert torch.equal(static[0], b[0]) and torch.equal(static[1].keys[0], b[1].keys[0])
     assert torch.equal(static[1].pad, b[1].pad) and static[1].n == 5
+
+
+@pytest.mark.gpu
+def test_failed_capture_falls_back_to_eager_with_the_reason(caplog):
+    dev, vel, ctx, noise, cfg = _gpu_setup("sde")
+
+    def syncing_velocity(x, t, c):
+        if float(t[0].item()) > 2.0:  # a host sync: legal eagerly, illegal inside a capture
+            raise AssertionError("unreachable")
+        return vel(x, t, c)
+
+    runner = flow.GraphedSampler(cfg, syncing_velocity)
+    with caplog.at_level(logging.WARNING, logger="vlafast.flow.graphs"):
+        actions, trace = runner(ctx, noise)
+    assert runner.num_graphs == 0
+    (reason,) = runner.fallbacks.values()
+    assert "capture failed" in reason
+    assert any("runs eagerly" in r.message for r in caplog.records)
+    assert actions.shape == noise.shape and torch.isfinite(trace.log_prob).all()
+    torch.cuda.synchronize()  # the device is still usable
