@@ -15,7 +15,11 @@ from vlafast.models.openvla import (
     EMPTY_TOKEN, GraphedDecoder, OpenVLAConfig, OpenVLAPolicy, ViTConfig, openvla_prompt, preprocess_images,
 )
 
-transformers = pytest.importorskip("transformers", reason="parity references need the [parity] extra")
+try:
+    import transformers
+except ImportError:  # the [parity] extra (installed by `make test`); test_openvla_load reuses the helpers below
+    transformers = None
+pytestmark = pytest.mark.skipif(transformers is None, reason="parity references need the [parity] extra (transformers)")
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
