@@ -75,8 +75,9 @@ def test_direction_matches_reference(shape, dtype, alpha_form, mask_form):
     torch.testing.assert_close(ours.double(), want, **TOL[dtype], check_dtype=False)
 
 
+@pytest.mark.parametrize("gather", ["caller", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_correction_is_the_exact_clamp(dtype):
+def test_correction_is_the_exact_clamp(dtype, gather):
     # DESIGN §2: down_proj(h) + correction == down_proj(h with h_S := alpha).
     B, T, F, D = 3, 7, 50, 37
     g = torch.Generator().manual_seed(1)
@@ -86,7 +87,10 @@ def test_correction_is_the_exact_clamp(dtype):
     alpha = torch.tensor([[4.0], [2.0], [20.0]]).expand(B, len(sel)).contiguous()
     mask = torch.tensor([True, True, False])
     y = (h @ W.T).to(dtype)  # [B, T, D]
-    steer_correction_(y, h[..., sel].to(dtype), W[:, sel].to(dtype), alpha, mask)
+    if gather == "caller":
+        steer_correction_(y, h[..., sel].to(dtype), W[:, sel].to(dtype), alpha, mask)
+    else:  # the kernel reads h[..., sel] itself
+        steer_correction_(y, h.to(dtype), W[:, sel].to(dtype), alpha, mask, index=sel)
     clamped = h.clone()
     clamped[..., sel] = alpha[:, None, :]
     want = clamped @ W.T
@@ -94,6 +98,22 @@ def test_correction_is_the_exact_clamp(dtype):
     # fp32: measured 9.5e-7. bf16: h_sel, W_sel and y rounded to bf16: measured 1.6e-2 (|want| <= 4.9).
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
     torch.testing.assert_close(y.float(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_index_gathers_like_h_sel(dtype, index_dtype):
+    B, T, F, D, S = 3, 5, 70, 130, 33
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(B, T, F, generator=g).to(dtype)
+    index = torch.randperm(F, generator=g)[:S].to(index_dtype)  # unsorted, like a cluster
+    y, _, W_sel, alpha, mask = _make(B, T, D, S, dtype, "per_neuron", "float")
+    a, b, r = y.clone(), y.clone(), y.clone()
+    steer_correction_(a, h, W_sel, alpha, mask, index=index)
+    steer_correction_(b, h[..., index.long()], W_sel, alpha, mask)
+    steer_correction_ref(r, h, W_sel, alpha, mask, index=index)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # same loads, same order: identical
+    torch.testing.assert_close(a, r, **TOL[dtype])
 
 
 def test_alpha_per_neuron_equals_per_request_when_constant():
@@ -157,10 +177,16 @@ def _good(B=2, T=3, D=8, S=4):
         (dict(alpha=torch.zeros(2, device="meta")), r"alpha must be on cpu like y"),
         (dict(W_sel=torch.zeros(8, 4, device="meta")), r"W_sel must be on cpu like y"),
         (dict(h_sel=torch.zeros(2, 3, 4, dtype=torch.int8)), r"h_sel must be a floating tensor"),
+        (dict(h_sel=torch.zeros(2, 3, 9), index=torch.tensor([0, 1, 2])), r"W_sel must be \[D, S\] = \[8, 3\]"),
+        (dict(h_sel=torch.zeros(2, 9), index=torch.arange(4)), r"h must be a \[B, T, F\] \(with index\) tensor"),
+        (dict(h_sel=torch.zeros(2, 3, 9), index=torch.arange(4.0)), r"index must be int32 or int64"),
+        (dict(h_sel=torch.zeros(2, 3, 9), index=torch.arange(4)[None]), r"index must be a \[S\] tensor"),
+        (dict(h_sel=torch.zeros(2, 3, 9), index=torch.arange(4, device="meta")), r"index must be on cpu like y"),
     ],
 )
 def test_correction_bad_inputs_raise(change, match):
     args = {**_good(), **change}
+    args.setdefault("index", None)
     with pytest.raises(ValueError, match=match):
         steer_correction_(**args)
 
@@ -212,6 +238,12 @@ def test_gpu_correction_realistic(B, T):
     steer_correction_(ours, h_sel, W_sel, alpha, mask)
     steer_correction_ref(ref, h_sel, W_sel, alpha, mask)
     torch.testing.assert_close(ours, ref, **TOL[torch.bfloat16])  # GPU figure not yet measured
+    h = torch.randn(B, T, 16384, device="cuda").bfloat16()
+    index = torch.randperm(16384, device="cuda")[:64]
+    ours, ref = y.clone(), y.clone()
+    steer_correction_(ours, h, W_sel, alpha, mask, index=index)
+    steer_correction_ref(ref, h, W_sel, alpha, mask, index=index)
+    torch.testing.assert_close(ours, ref, **TOL[torch.bfloat16])
     direction = torch.randn(2048, device="cuda").bfloat16()
     ours, ref = y.clone(), y.clone()
     add_direction_(ours, direction, alpha[:, 0], mask)
@@ -223,7 +255,9 @@ def test_gpu_correction_realistic(B, T):
 def test_gpu_launch_allocates_nothing_and_never_syncs():
     y, h_sel, W_sel, alpha, mask = _gpu_case(4, 3)
     direction = torch.randn(2048, device="cuda").bfloat16()
+    h, index = torch.randn(4, 3, 16384, device="cuda").bfloat16(), torch.arange(0, 16384, 256, device="cuda")
     steer_correction_(y, h_sel, W_sel, alpha, mask)  # compile outside the measured calls
+    steer_correction_(y, h, W_sel, alpha, mask, index=index)
     add_direction_(y, direction, alpha[:, 0], mask)
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
@@ -231,6 +265,7 @@ def test_gpu_launch_allocates_nothing_and_never_syncs():
     try:
         for _ in range(3):
             steer_correction_(y, h_sel, W_sel, alpha, mask)
+            steer_correction_(y, h, W_sel, alpha, mask, index=index)
             add_direction_(y, direction, alpha[:, 0], mask)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -4,8 +4,9 @@ Each variant is captured in one CUDA graph holding ``--layers`` MLP calls (a mod
 layers, so the graph's own launch cost does not dominate) and timed per layer:
 
 * ``MLP``: gate/up projections, gelu-tanh gate, down_proj; ``down_proj``: the matmul alone;
-* ``+ steer_correction_``: the same plus gathering h_sel = h[..., S] and the fused correction
-  ``y += mask * (alpha - h_sel) @ W_sel.T`` (alpha, mask in device buffers);
+* ``+ steer_correction_``: the same plus the correction ``y += mask * (alpha - h[..., S]) @ W_sel.T``
+  with the gather done in the kernel (``index=``; alpha, mask in device buffers); ``extra`` also
+  has the two-kernel form (``index_select`` then the correction) as ``*+gather+correction_ms``;
 * ``+ add_direction_``: the MLP plus ``y += mask * alpha * direction``.
 
 ``achieved`` is the overhead in percent of the baseline and ``peak`` the 2 % budget
@@ -76,6 +77,9 @@ def _measure(B: int, S: int, layers: int, device: torch.device, gpu: bool) -> li
         torch.matmul(h, w_down.T, out=y)
 
     def correct() -> None:
+        steer_correction_(y, h, w_sel, alpha, mask, index=sel)
+
+    def gather_correct() -> None:
         torch.index_select(h, 2, sel, out=h_sel)
         steer_correction_(y, h_sel, w_sel, alpha, mask)
 
@@ -85,6 +89,8 @@ def _measure(B: int, S: int, layers: int, device: torch.device, gpu: bool) -> li
         "mlp+direction": [up, down, lambda: add_direction_(y, direction, alpha, mask)],
         "down": [down],
         "down+correction": [down, correct],
+        "mlp+gather+correction": [up, down, gather_correct],
+        "down+gather+correction": [down, gather_correct],
     }
     up()
     ms = {}

@@ -13,6 +13,12 @@ Shapes: y: [B, T, D] (updated in place), h_sel: [B, T, S] (the selected neurons'
 the input of down_proj), W_sel: [D, S] (their down_proj columns), direction: [D],
 alpha: [B] or [B, S] (correction) / [B] (direction), mask: [B].
 
+**index.** With ``index: [S]`` (int32/int64) the second argument is the whole activation
+``h: [B, T, F]`` and the kernel gathers ``h[..., index]`` itself: one kernel instead of an
+``index_select`` plus the correction, which matters at batch 1 where each graph node costs
+microseconds. Indices are not range-checked (that would need a host sync); out-of-range
+indices are undefined behaviour, as in a raw gather.
+
 **mask** is float or bool. A float mask scales the addition (1 on, 0 off, values between blend);
 bool means 1.0 / 0.0. Rows whose mask is 0 are not written at all, so switching a request off
 leaves its ``y`` bit-exact (not ``y + 0.0``, which would turn -0.0 into +0.0).
@@ -53,10 +59,11 @@ def _round_bf16_rne(x):
 
 @triton.jit
 def _correction_kernel(
-    y_ptr, h_ptr, w_ptr, alpha_ptr, mask_ptr,
+    y_ptr, h_ptr, w_ptr, alpha_ptr, mask_ptr, index_ptr,
     R, T, D, S,
     s_yb, s_yt, s_yd, s_hb, s_ht, s_hs, s_wd, s_ws, s_ab, s_as, s_m,
-    RNE_FIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_INDEX: tl.constexpr, RNE_FIX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < R
@@ -71,7 +78,11 @@ def _correction_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < S
         hs_ok = live[:, None] & s_ok[None, :]
-        h = tl.load(h_ptr + b[:, None] * s_hb + t[:, None] * s_ht + offs_s[None, :] * s_hs, mask=hs_ok, other=0.0)
+        if HAS_INDEX:
+            cols = tl.load(index_ptr + offs_s, mask=s_ok, other=0).to(tl.int64)
+        else:
+            cols = offs_s.to(tl.int64)
+        h = tl.load(h_ptr + b[:, None] * s_hb + t[:, None] * s_ht + cols[None, :] * s_hs, mask=hs_ok, other=0.0)
         a = tl.load(alpha_ptr + b[:, None] * s_ab + offs_s[None, :] * s_as, mask=hs_ok, other=0.0)
         w = tl.load(w_ptr + offs_d[None, :] * s_wd + offs_s[:, None] * s_ws,
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
@@ -144,13 +155,22 @@ def _check_common(y: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor, othe
             raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
 
 
-def _validate_correction(y, h_sel, W_sel, alpha, mask) -> None:
+def _validate_correction(y, h_sel, W_sel, alpha, mask, index) -> None:
     _check_tensor("y", y, 3, "[B, T, D]")
     B, T, D = y.shape
-    _check_tensor("h_sel", h_sel, 3, "[B, T, S]")
-    S = h_sel.shape[2]
+    name, dims = ("h_sel", "[B, T, S]") if index is None else ("h", "[B, T, F] (with index)")
+    _check_tensor(name, h_sel, 3, dims)
     if tuple(h_sel.shape[:2]) != (B, T):
-        raise ValueError(f"h_sel must be [B, T, S] with B={B}, T={T} like y, got {list(h_sel.shape)}")
+        raise ValueError(f"{name} must be {dims} with B={B}, T={T} like y, got {list(h_sel.shape)}")
+    if index is None:
+        S = h_sel.shape[2]
+    else:
+        _check_tensor("index", index, 1, "[S]")
+        if index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be int32 or int64, got {index.dtype}")
+        if index.device != y.device:
+            raise ValueError(f"index must be on {y.device} like y, got {index.device}")
+        S = index.shape[0]
     _check_tensor("W_sel", W_sel, 2, "[D, S]")
     if tuple(W_sel.shape) != (D, S):
         raise ValueError(
@@ -159,7 +179,7 @@ def _validate_correction(y, h_sel, W_sel, alpha, mask) -> None:
     if not isinstance(alpha, torch.Tensor) or alpha.shape not in ((B,), (B, S)):
         got = list(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
         raise ValueError(f"alpha must be a [B] or [B, S] = [{B}] or [{B}, {S}] device tensor, got {got}")
-    _check_common(y, alpha, mask, {"h_sel": h_sel, "W_sel": W_sel})
+    _check_common(y, alpha, mask, {name: h_sel, "W_sel": W_sel})
 
 
 def _validate_direction(y, direction, alpha, mask) -> None:
@@ -192,29 +212,37 @@ def _rne_fix(y: torch.Tensor, backend: str) -> bool:
 
 
 def steer_correction_(
-    y: torch.Tensor, h_sel: torch.Tensor, W_sel: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor
+    y: torch.Tensor,
+    h_sel: torch.Tensor,
+    W_sel: torch.Tensor,
+    alpha: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[b, t] += mask[b] * (alpha[b] - h_sel[b, t]) @ W_sel.T, in place; returns y.
 
-    y: [B, T, D], h_sel: [B, T, S], W_sel: [D, S], alpha: [B] or [B, S], mask: [B] (float or bool).
+    y: [B, T, D], h_sel: [B, T, S] (or h: [B, T, F] with index: [S]), W_sel: [D, S],
+    alpha: [B] or [B, S], mask: [B] (float or bool).
     """
-    _validate_correction(y, h_sel, W_sel, alpha, mask)
+    _validate_correction(y, h_sel, W_sel, alpha, mask, index)
     backend = _backend.resolve("steer_correction", y.device)
     if backend == "torch":
-        return steer_correction_ref(y, h_sel, W_sel, alpha, mask)
+        return steer_correction_ref(y, h_sel, W_sel, alpha, mask, index=index)
     B, T, D = y.shape
-    S = h_sel.shape[2]
+    S = W_sel.shape[1]
     R = B * T
     if R == 0 or D == 0 or S == 0:
         return y
     block_m, block_d, block_s, warps = _correction_config(R, backend == "triton-interpret")
     s_as = alpha.stride(1) if alpha.dim() == 2 else 0
     _correction_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_d))](
-        y, h_sel, W_sel, alpha, mask,
+        y, h_sel, W_sel, alpha, mask, index if index is not None else mask,
         R, T, D, S,
         y.stride(0), y.stride(1), y.stride(2), h_sel.stride(0), h_sel.stride(1), h_sel.stride(2),
         W_sel.stride(0), W_sel.stride(1), alpha.stride(0), s_as, mask.stride(0),
-        RNE_FIX=_rne_fix(y, backend), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=block_s,
+        HAS_INDEX=index is not None, RNE_FIX=_rne_fix(y, backend),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=block_s,
         num_warps=warps,
     )
     return y
@@ -255,9 +283,18 @@ def _apply(y: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Te
 
 
 def steer_correction_ref(
-    y: torch.Tensor, h_sel: torch.Tensor, W_sel: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor
+    y: torch.Tensor,
+    h_sel: torch.Tensor,
+    W_sel: torch.Tensor,
+    alpha: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch: y[b, t] += mask[b] * (alpha[b] - h_sel[b, t]) @ W_sel.T in fp32, in place."""
+    """Plain torch: y[b, t] += mask[b] * (alpha[b] - h_sel[b, t]) @ W_sel.T in fp32, in place
+    (h_sel = h[..., index] when index is given)."""
+    if index is not None:
+        h_sel = h_sel[..., index]  # [B, T, S]
     a = alpha.float()
     a = a[:, None, None] if a.dim() == 1 else a[:, None, :]  # [B, 1, 1] or [B, 1, S]
     corr = (a - h_sel.float()) @ W_sel.float().T  # [B, T, D]
