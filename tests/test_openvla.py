@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from vlafast.models.action_tokenizer import parse_dataset_statistics
 from vlafast.models.llama import KVCache, LlamaConfig, LlamaLM, LlamaMLP
 from vlafast.models.openvla import (
-    EMPTY_TOKEN, GraphedDecoder, OpenVLAConfig, OpenVLAPolicy, ViTConfig, openvla_prompt, preprocess_images,
+    EMPTY_TOKEN, GraphedDecoder, OpenVLAConfig, OpenVLAPolicy, ViTConfig, openvla_prompt, openvla_pixel_values,
 )
 
 try:
@@ -278,13 +278,13 @@ def test_input_and_stats_errors():
 def test_preprocess_images():
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (2, 28, 28, 3), generator=g, dtype=torch.uint8)
-    pv = preprocess_images(img, 28)
+    pv = openvla_pixel_values(img, 28)
     x = img.permute(0, 3, 1, 2).float() / 255
     torch.testing.assert_close(pv[:, 3:], x * 2 - 1)
     torch.testing.assert_close(pv[:, 0], (x[:, 0] - 0.485) / 0.229)
-    assert preprocess_images(img, 14).shape == (2, 6, 14, 14)
+    assert openvla_pixel_values(img, 14).shape == (2, 6, 14, 14)
     with pytest.raises(ValueError, match="uint8"):
-        preprocess_images(img.float())
+        openvla_pixel_values(img.float())
     assert openvla_prompt("pick up the cup") == "In: What action should the robot take to pick up the cup?\nOut:"
 
 

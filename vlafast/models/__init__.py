@@ -1,6 +1,7 @@
 """Lean VLA models and checkpoint loading.
 
-pi0 / pi0.5 (``Pi0Config``, ``Pi0Policy``, ``load_pi0``), the generic safetensors loader
+pi0 / pi0.5 (``Pi0Config``, ``Pi0Policy``, ``load_pi0``), OpenVLA (``OpenVLAConfig``,
+``OpenVLAPolicy``, ``load_openvla``, ``ActionTokenizer``), the generic safetensors loader
 (``checkpoint``) and input/output normalisation (``normalize``).
 """
 
@@ -13,9 +14,18 @@ from vlafast.models.pi0 import (
 )
 from vlafast.models.pi0_load import load_pi0
 from vlafast.models.siglip import SiglipConfig
+from vlafast.models.action_tokenizer import ActionStats, ActionTokenizer
+from vlafast.models.llama import KVCache, LlamaConfig, LlamaMLP
+from vlafast.models.openvla import (
+    EMPTY_TOKEN, GraphedDecoder, OpenVLAConfig, OpenVLAPolicy, ViTConfig, openvla_pixel_values, openvla_prompt,
+)
+from vlafast.models.openvla_load import load_openvla
 
 __all__ = [
     "CheckpointError", "FeatureStats", "GemmaConfig", "GemmaMLP", "Normalizer", "Pi0Config", "Pi0Context", "Pi0Observation",
     "Pi0Policy", "PrefixCache", "SiglipConfig", "StatsError", "discretize_state", "load_pi0", "make_att_2d_masks",
     "pi05_state_prompt", "preprocess_images", "sincos_time_embedding",
+    # OpenVLA
+    "ActionStats", "ActionTokenizer", "EMPTY_TOKEN", "GraphedDecoder", "KVCache", "LlamaConfig", "LlamaMLP",
+    "OpenVLAConfig", "OpenVLAPolicy", "ViTConfig", "load_openvla", "openvla_pixel_values", "openvla_prompt",
 ]

@@ -234,7 +234,7 @@ class OpenVLAProjector(nn.Module):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
 
 
-def preprocess_images(images: Tensor, image_size: int = 224) -> Tensor:
+def openvla_pixel_values(images: Tensor, image_size: int = 224) -> Tensor:
     """uint8 images [B, H, W, 3] -> pixel_values [B, 6, S, S] (DINOv2 then SigLIP normalisation).
 
     Resizing (when H, W != S) is bilinear with antialiasing in torch, close to but not
@@ -310,7 +310,7 @@ class OpenVLAPolicy(nn.Module):
         s = self.cfg.vision.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (6, s, s):
             raise ValueError(f"pixel_values must be [B, 6, {s}, {s}] (DINOv2 and SigLIP channels stacked; "
-                             f"see preprocess_images), got {list(pixel_values.shape)}")
+                             f"see openvla_pixel_values), got {list(pixel_values.shape)}")
         if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0] or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be [B, S] with B = {pixel_values.shape[0]} and S >= 1 (BOS first), "
                              f"got {list(input_ids.shape)}")
@@ -433,5 +433,5 @@ def num_params(cfg: OpenVLAConfig) -> int:
 
 __all__ = [
     "EMPTY_TOKEN", "FusedVisionBackbone", "GraphedDecoder", "OpenVLAConfig", "OpenVLAPolicy", "OpenVLAProjector",
-    "TimmViT", "ViTConfig", "num_params", "openvla_prompt", "preprocess_images",
+    "TimmViT", "ViTConfig", "num_params", "openvla_prompt", "openvla_pixel_values",
 ]
