@@ -66,6 +66,22 @@ def test_merge_aligns_to_now_and_blends_continuously():
     np.testing.assert_array_equal(m, new[5:])
 
 
+@pytest.mark.parametrize("blend_s", [0.1, 0.25, 0.37])
+def test_blended_hand_over_of_a_jump_stays_smooth(blend_s):
+    dt, T, t0 = 0.02, 40, 0
+    prev, new = np.tile(Q0, (T, 1)), np.tile(Q0 + 0.02, (T, 1))
+    now = int(0.1 * 1e9)
+    merged, m0 = merge_chunk(new, t0, (prev, t0), dt, now, blend_s=blend_s)
+    t = np.arange(0.0, (merged.shape[0] - 1) * dt, 1e-3)
+    q, v = interpolate(merged, dt, t)
+    a = np.abs(np.diff(v[:, 0])) / 1e-3
+    # A smootherstep of height h over b needs at most 5.77 h / b^2; the cubic through its
+    # samples on the 20 ms grid needs more (measured 1.45x at b = 0.1 s, 1.10x at 0.37 s).
+    assert a.max() <= 1.6 * 5.7735 * 0.02 / blend_s**2
+    assert abs(v[0, 0]) < 1e-12 and q[0, 0] == pytest.approx(Q0[0], abs=1e-12)  # starts as prev: at rest
+    np.testing.assert_allclose(q[-1], Q0 + 0.02, atol=1e-12)  # ends on the new plan
+
+
 def test_servo_loop_context_manager_stops_cleanly_and_reports():
     be = RecordingBackend(2000)
     with ServoLoop(CFG, be) as loop:
@@ -83,7 +99,12 @@ def test_servo_loop_context_manager_stops_cleanly_and_reports():
 def tracking_error(be, policy, t_from, t_to):
     rec = be.records()
     t = rec["t"]
+    # After a missed cycle (a stalled VM) the arm catches up under the acceleration limit; the
+    # 150 ms after each gap are left out.
     sel = (t >= t_from) & (t <= t_to)
+    for gap in t[1:][np.diff(t) > 1.5 * CFG.period_s]:
+        sel &= ~((t >= gap) & (t < gap + 0.15))
+    assert sel.sum() > 100, "too few undisturbed cycles to judge tracking"
     # The command sent at t is the plan's position for the next deadline, t + period.
     return np.abs(rec["q"][sel] - policy.reference(t[sel] + CFG.period_s)).max(), rec
 

@@ -17,8 +17,16 @@ from vlafast.robot.servo import DOF, UR5E_HOME
 
 
 def smoothstep(x: np.ndarray) -> np.ndarray:
+    """3x^2 - 2x^3 on [0, 1]: zero slope at both ends."""
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
+
+
+def smootherstep(x: np.ndarray) -> np.ndarray:
+    """6x^5 - 15x^4 + 10x^3 on [0, 1]: zero slope and curvature at both ends; peak second
+    derivative 10 / sqrt(3) ~ 5.77."""
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * x * (x * (6.0 * x - 15.0) + 10.0)
 
 
 class SinusoidPolicy:
