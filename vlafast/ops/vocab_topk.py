@@ -11,8 +11,12 @@ means, without ever materialising the ``[N, V]`` logits:
   The merge is a *threshold-gated replace-the-worst loop*: while any row's tile maximum beats
   that row's current k-th best, the tile maximum (lowest id among equal maxima) replaces the
   worst slot and is knocked out of the tile. The first tile of a split costs k rounds; later
-  tiles usually cost 0-2, since only values above the running k-th best enter — so the
-  epilogue stays small next to the GEMM (a sorting network over every tile would not).
+  tiles few, since only values above the running k-th best enter — so the epilogue stays
+  small next to the GEMM (a sorting network over every tile would not). Simulated on random
+  data with the GPU tiles (64 rows x 256 tokens): mean rounds per tile 0.89 for a pi0 layer
+  (k=10, 1005 tiles per split), 3.2 for an OpenVLA layer (k=10, 3 splits of 42 tiles), 7.7
+  for OpenVLA with k=64 (128-token tiles); each round is a few reductions over the tile, next
+  to a 64 x 256 x D GEMM per tile.
 * **Pass 2** (``_merge_kernel``), grid ``(cdiv(N, BLOCK_M),)``: merges the ``splits`` partial
   lists of each row by k rounds of (max, lowest id) extraction and writes them sorted.
 
