@@ -333,6 +333,7 @@ def test_graphed_decoder_matches_eager_on_gpu(dtype):
     pixel_values, ids = pixel_values.cuda(), ids.cuda()
     eager = policy.predict_action_tokens(pixel_values, ids)
     dec = GraphedDecoder(policy, 2, 6)
+    assert dec.graph is not None
     for _ in range(2):  # replays reuse the static cache
         assert torch.equal(policy.predict_action_tokens(pixel_values, ids, decoder=dec), eager)
     if dtype == torch.float32:
@@ -357,9 +358,22 @@ def test_bench_module_runs_tiny_on_cpu_and_is_gpu_only_in_the_registry(tmp_path,
         assert "skip openvla: needs a CUDA device" in capsys.readouterr().out
 
 
-def test_graphed_decoder_refuses_cpu():
-    with pytest.raises(ValueError, match="CUDA device"):
-        GraphedDecoder(random_openvla(), 1, 4)
+@pytest.mark.parametrize("batch,text_len", [(1, 1), (2, 6)])
+def test_decoder_static_buffers_match_eager_on_cpu(batch, text_len):
+    """Off CUDA the decoder runs the exact step its graph captures (static cache, in-place token
+    and position): tokens equal the eager loop's, on repeated calls too."""
+    policy = random_openvla(seed=13)
+    pixel_values, ids = inputs(policy.cfg, batch, text_len, seed=13)
+    dec = GraphedDecoder(policy, batch, text_len)
+    assert dec.graph is None
+    want = policy.predict_action_tokens(pixel_values, ids)
+    for _ in range(2):
+        assert torch.equal(policy.predict_action_tokens(pixel_values, ids, decoder=dec), want)
+    other_pv, other_ids = inputs(policy.cfg, batch, text_len, seed=14)  # stale cache entries must not leak
+    assert torch.equal(policy.predict_action_tokens(other_pv, other_ids, decoder=dec),
+                       policy.predict_action_tokens(other_pv, other_ids))
+    with pytest.raises(ValueError, match="build another GraphedDecoder"):
+        policy.predict_action_tokens(pixel_values, torch.cat([ids, ids[:, :1]], dim=1), decoder=dec)
 
 
 def test_shared_steering_op_runs_in_the_llama_slot():

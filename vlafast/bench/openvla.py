@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         def replays() -> None:  # each replay advances the position: rewind, then all decode steps
             decoder.position.fill_(seq)
             for _ in range(steps):
-                decoder.graph.replay()
+                decoder.replay()
 
         times["step-graph"] = time_ms(replays, device=device, min_time_s=0.3, max_iters=200) / steps
         extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -343,7 +343,11 @@ class OpenVLAPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_action_tokens(self, pixel_values: Tensor, input_ids: Tensor, *, decoder: "GraphedDecoder | None" = None) -> Tensor:
-        """Greedy decoding: pixel_values [B, 6, H, W], input_ids [B, S] (ending with 29871) -> tokens [B, A]."""
+        """Greedy decoding: pixel_values [B, 6, H, W], input_ids [B, S] (ending with 29871) -> tokens [B, A].
+
+        Rows share one prompt length (no padding: OpenVLA's own ``predict_action`` is batch 1).
+        ``decoder`` (a ``GraphedDecoder`` built for this batch and length) replays the decode steps.
+        """
         self._check_inputs(pixel_values, input_ids)
         if decoder is not None:
             return decoder(pixel_values, input_ids)
@@ -382,18 +386,19 @@ class GraphedDecoder:
     of the remaining ``action_dim - 1`` tokens is one graph replay (no host sync in between).
     The ``mlp.steer`` slots are baked in at capture: a steering plan set before building the
     decoder can change its device buffers (alpha, on/off mask) between calls without recapture;
-    setting or clearing a slot afterwards needs a new decoder.
+    setting or clearing a slot afterwards needs a new decoder. Off CUDA the same static-buffer
+    step runs eagerly (no capture), so CPU tests exercise the code the graph replays.
     """
 
     def __init__(self, policy: OpenVLAPolicy, batch: int, text_len: int) -> None:
-        p = policy.lm_head.weight
-        if p.device.type != "cuda":
-            raise ValueError(f"GraphedDecoder needs the policy on a CUDA device, got {p.device}")
         self.policy, self.batch, self.text_len = policy, batch, text_len
+        device = policy.device
         self.cache = policy.new_cache(batch, text_len)
-        self.token = torch.zeros(batch, dtype=torch.long, device=p.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=p.device)
-        self.next_token = torch.zeros_like(self.token)
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if device.type != "cuda":
+            return
         start = policy.prefix_len(text_len)
         with torch.no_grad():
             stream = torch.cuda.Stream()
@@ -401,13 +406,24 @@ class GraphedDecoder:
             with torch.cuda.stream(stream):  # warm up (allocator, kernels) off the capture
                 for _ in range(2):
                     self.position.fill_(start)
-                    self.next_token.copy_(policy.decode_step(self.token, self.position, self.cache))
+                    self._step()
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.next_token.copy_(policy.decode_step(self.token, self.position, self.cache))
-                self.position.add_(1)
-                self.token.copy_(self.next_token)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step()
+        self.graph = graph
+
+    def _step(self) -> None:
+        """What one replay does: next token from (token, position), then advance both in place."""
+        nxt = self.policy.decode_step(self.token, self.position, self.cache)
+        self.position.add_(1)
+        self.token.copy_(nxt)
+
+    def replay(self) -> None:
+        if self.graph is None:
+            self._step()
+        else:
+            self.graph.replay()
 
     def __call__(self, pixel_values: Tensor, input_ids: Tensor) -> Tensor:
         B, S = input_ids.shape
@@ -420,7 +436,7 @@ class GraphedDecoder:
         self.position.fill_(policy.prefix_len(S))
         tokens = [first]
         for _ in range(policy.cfg.action_dim - 1):
-            self.graph.replay()
+            self.replay()
             tokens.append(self.token.clone())
         return torch.stack(tokens, dim=1)
 
