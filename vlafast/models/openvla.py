@@ -237,14 +237,16 @@ class OpenVLAProjector(nn.Module):
 def openvla_pixel_values(images: Tensor, image_size: int = 224) -> Tensor:
     """uint8 images [B, H, W, 3] -> pixel_values [B, 6, S, S] (DINOv2 then SigLIP normalisation).
 
-    Resizing (when H, W != S) is bilinear with antialiasing in torch, close to but not
-    bit-identical with OpenVLA's PIL resize; feed 224 x 224 images for exact parity.
+    Resizing (when H, W != S) is bicubic with antialiasing in torch (timm's interpolation for
+    both towers), close to but not bit-identical with OpenVLA's PIL resize; feed S x S images
+    for exact parity.
     """
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {list(images.shape)}")
     x = images.permute(0, 3, 1, 2).float() / 255.0
     if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0.0, 1.0)  # bicubic overshoots; PIL clips to the uint8 range
     mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
     return torch.cat([(x - mean) / std, (x - 0.5) / 0.5], dim=1)
