@@ -260,7 +260,10 @@ def vocab_topk(
     backend = _backend.resolve("vocab_topk", values.device)
     if backend == "torch":
         return vocab_topk_ref(values, embedding, k, largest=largest, scale=scale)
-    return _launch(values, embedding, k, largest, scale, interpret=backend == "triton-interpret")
+    if backend == "triton-interpret":
+        return _launch(values, embedding, k, largest, scale, interpret=True)
+    with torch.cuda.device(values.device):  # Triton launches on the current device
+        return _launch(values, embedding, k, largest, scale, interpret=False)
 
 
 def _launch(values, embedding, k, largest, scale, *, interpret):
@@ -277,12 +280,13 @@ def _launch(values, embedding, k, largest, scale, *, interpret):
         sm_count = _INTERPRET_SM_COUNT
     else:
         block_n, block_v, block_d, warps, stages = _gpu_config(values.dtype, KP)
-        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sm_count = _sm_count(torch.cuda.current_device())
     n_blocks = triton.cdiv(N, block_n)
     n_tiles = triton.cdiv(V, block_v)
     splits = _pick_splits(n_blocks, n_tiles, sm_count, KP)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
+    # Per-split running lists, unsorted: part_val [N, splits * KP] fp32, part_id [N, splits * KP] int32.
     part_val = torch.empty((N, splits * KP), dtype=torch.float32, device=device)
     part_id = torch.empty((N, splits * KP), dtype=torch.int32, device=device)
     sign = 1.0 if largest else -1.0
