@@ -447,3 +447,29 @@ def test_vision_bf16_error_within_twice_transformers_bf16_error():
         ours = policy.to(torch.bfloat16).vision_backbone(pv).float()
     err, ref_err = (ours - want).abs().max().item(), (theirs - want).abs().max().item()
     assert err <= 2 * ref_err + 1e-3, (err, ref_err)  # measured: ours 0.037, transformers bf16 0.048 (values up to 5.9)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decoder_follows_steering_buffers_without_recapture(device):
+    """A steer slot set before the decoder is built reads alpha / mask from device buffers:
+    writing new values changes the next call exactly as in the eager path."""
+    from vlafast.ops import steer_correction_
+
+    policy = random_openvla(seed=15).to(device)
+    pixel_values, ids = inputs(policy.cfg, 1, 5, seed=15)
+    pixel_values, ids = pixel_values.to(device), ids.to(device)
+    base = policy.predict_action_tokens(pixel_values, ids)
+    S = torch.arange(0, 96, 5, device=device)
+    alpha, mask = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    for _, mlp in policy.mlps():
+        W_sel = mlp.down_proj.weight[:, S].detach().contiguous()
+        mlp.steer = lambda h, y, W_sel=W_sel: steer_correction_(y, h[..., S], W_sel, alpha, mask)
+    dec = GraphedDecoder(policy, 1, 5)
+    assert torch.equal(policy.predict_action_tokens(pixel_values, ids, decoder=dec), base)  # mask 0: unsteered
+    alpha.fill_(8.0)
+    mask.fill_(1.0)
+    steered = policy.predict_action_tokens(pixel_values, ids)
+    assert not torch.equal(steered, base)
+    assert torch.equal(policy.predict_action_tokens(pixel_values, ids, decoder=dec), steered)
+    mask.fill_(0.0)
+    assert torch.equal(policy.predict_action_tokens(pixel_values, ids, decoder=dec), base)
