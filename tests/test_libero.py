@@ -119,6 +119,20 @@ def test_killed_worker_is_restarted_and_reported(env):
     assert info["errors"] == [None, None] and info["steps"].tolist() == [3, 3]
 
 
+@pytest.mark.slow
+def test_hung_worker_times_out_and_is_restarted(env):
+    env.reset(seed=2)
+    restarts = env.restarts
+    os.kill(env.worker_pids[0], signal.SIGSTOP)  # a real hang: the process stops answering
+    env._procs[0].timeout_s = 3.0                # white-box: this worker only, not the 300 s default
+    obs, reward, terminated, truncated, info = env.step(np.zeros((2, 2, 7)))
+    assert "no answer within 3 s" in info["errors"][0] and truncated[0]
+    assert info["errors"][1] is None and info["steps"][1] == 2
+    assert env.restarts == restarts + 1 and env._procs[0].timeout_s == env.cfg.timeout_s
+    _, _, _, _, info = env.step(np.zeros((2, 2, 7)))
+    assert info["errors"] == [None, None]
+
+
 def test_init_states_interleave_across_envs_on_one_task():
     slots = [_Slot(task_id=0, rank=r, peers=3, seed=5, num_init_states=50) for r in range(3)]
     seen = []

@@ -115,6 +115,20 @@ def test_killed_worker_is_restarted_and_reported(cpu_env):
 
 @pytest.mark.vulkan
 @pytest.mark.slow
+def test_hung_worker_times_out_and_is_restarted(cpu_env):
+    cpu_env.reset(seed=2)
+    restarts = cpu_env.restarts
+    os.kill(cpu_env.worker_pids[1], signal.SIGSTOP)  # a real hang: the process stops answering
+    cpu_env._workers[1].timeout_s = 3.0              # white-box: this worker only, not the 300 s default
+    _, reward, _, truncated, info = cpu_env.step(np.zeros((2, 2, 7)))
+    assert "no answer within 3 s" in info["errors"][1] and truncated[1] and reward[1] == 0
+    assert info["errors"][0] is None and cpu_env.restarts == restarts + 1
+    _, _, _, _, info = cpu_env.step(np.zeros((2, 2, 7)))
+    assert info["errors"] == [None, None] and info["steps"].tolist() == [2, 2]
+
+
+@pytest.mark.vulkan
+@pytest.mark.slow
 def test_rgb_images_match_maniskill(sapien_ok):
     env = make_env("maniskill:PickCube-v1", 1, seed=3, obs_mode="rgb", sim_backend="physx_cpu", image_size=48)
     try:

@@ -53,9 +53,6 @@ class LiberoConfig:
     image_size: int = 224                # px returned (pi0 / OpenVLA input)
     num_steps_wait: int = 10             # no-op steps after each reset while objects settle
     max_episode_steps: int | None = None  # None: the suite's budget (MAX_STEPS)
-    hard_reset: bool = False             # True rebuilds the MuJoCo model at every reset (LIBERO's
-                                         # default; ~6-9 s per reset here vs ~0.4 s); init states
-                                         # overwrite the whole sim state either way
     timeout_s: float = 300.0             # a worker silent this long is killed and restarted
 
     def __post_init__(self):
@@ -118,8 +115,9 @@ class _Proc:
 
     def recv(self) -> dict:
         ready, _, _ = select.select([self.fd_in], [], [], self.timeout_s)
-        if not ready:
-            raise WorkerError(f"worker pid {self.proc.pid} gave no answer within {self.timeout_s:.0f} s")
+        if not ready:  # hung (or stopped): kill it now so the restart does not wait again
+            self.proc.kill()
+            raise WorkerError(f"worker pid {self.proc.pid} gave no answer within {self.timeout_s:g} s (killed)")
         try:
             reply = _wire.read_msg(self.fd_in)
         except EOFError as exc:
@@ -214,7 +212,6 @@ class LiberoVecEnv:
         self._init_args = dict(
             suite=suite, cameras=list(config.cameras), render_size=config.render_size,
             image_size=config.image_size, num_steps_wait=config.num_steps_wait, max_steps=max_steps,
-            hard_reset=config.hard_reset,
         )
         self._seed_rng = np.random.default_rng(seed)
         seeds = env_seeds(seed, num_envs, self._seed_rng)

@@ -12,7 +12,7 @@ prints are sent to stderr. Observation images go through ``<image-file>``, a fil
 memory (/dev/shm) that both sides map: camera c occupies bytes [c*H*W*3, (c+1)*H*W*3).
 
 Requests (``(command, args)``) and replies (a dict; ``{"error": "..."}`` if the command raised):
-  init   {suite, task_id, cameras, render_size, image_size, num_steps_wait, max_steps, hard_reset}
+  init   {suite, task_id, cameras, render_size, image_size, num_steps_wait, max_steps}
          -> {instruction, num_init_states}
   reset  {init_index, seed} -> {state}                       (images written)
   step   {actions: float64 bytes [T, 7], next_init_index, next_seed}
@@ -88,7 +88,7 @@ class Worker:
     # -- commands ---------------------------------------------------------------------------
 
     def init(self, suite: str, task_id: int, cameras: list[str], render_size: int, image_size: int,
-             num_steps_wait: int, max_steps: int, hard_reset: bool) -> dict:
+             num_steps_wait: int, max_steps: int) -> dict:
         os.environ.setdefault("MUJOCO_GL", "egl")
         os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
         import numpy as np
@@ -105,8 +105,10 @@ class Worker:
         task = task_suite.get_task(task_id)
         self.init_states = task_suite.get_task_init_states(task_id)
         bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        # hard_reset=False: LIBERO's default (True) rebuilds the MuJoCo model from XML at every
+        # reset (6-9 s here, vs ~0.4 s); the init state then overwrites the whole sim state anyway.
         self.env = OffScreenRenderEnv(
-            bddl_file_name=bddl, camera_heights=render_size, camera_widths=render_size, hard_reset=hard_reset,
+            bddl_file_name=bddl, camera_heights=render_size, camera_widths=render_size, hard_reset=False,
         )
         self.cameras = list(cameras)
         self.render_size, self.image_size = render_size, image_size

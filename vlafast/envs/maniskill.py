@@ -221,8 +221,10 @@ class _CpuEnv:
             raise RuntimeError(f"ManiSkill worker pid {self.proc.pid} is gone ({exc})") from exc
 
     def recv(self) -> dict:
-        if not self.conn.poll(self.timeout_s):
-            raise RuntimeError(f"ManiSkill worker pid {self.proc.pid} gave no answer within {self.timeout_s:.0f} s")
+        if not self.conn.poll(self.timeout_s):  # hung: kill it so the restart does not wait again
+            self.proc.kill()
+            self.proc.join()
+            raise RuntimeError(f"ManiSkill worker pid {self.proc.pid} gave no answer within {self.timeout_s:g} s (killed)")
         try:
             return self.conn.recv()
         except (EOFError, ConnectionResetError) as exc:
