@@ -34,6 +34,8 @@ once into y's dtype, as the references do.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -207,6 +209,12 @@ def _correction_config(R: int, interpret: bool) -> tuple[int, int, int, int]:
     return (16, 128, 32, 4) if R <= 16 else (64, 128, 32, 8)
 
 
+def _on_device(y: torch.Tensor, backend: str) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it y's (a host-side cudaSetDevice at
+    most; nothing that syncs or allocates, so capture stays valid)."""
+    return torch.cuda.device(y.device) if backend == "triton" else contextlib.nullcontext()
+
+
 def _rne_fix(y: torch.Tensor, backend: str) -> bool:
     return backend == "triton-interpret" and y.dtype == torch.bfloat16
 
@@ -236,15 +244,16 @@ def steer_correction_(
         return y
     block_m, block_d, block_s, warps = _correction_config(R, backend == "triton-interpret")
     s_as = alpha.stride(1) if alpha.dim() == 2 else 0
-    _correction_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_d))](
-        y, h_sel, W_sel, alpha, mask, index if index is not None else mask,
-        R, T, D, S,
-        y.stride(0), y.stride(1), y.stride(2), h_sel.stride(0), h_sel.stride(1), h_sel.stride(2),
-        W_sel.stride(0), W_sel.stride(1), alpha.stride(0), s_as, mask.stride(0),
-        HAS_INDEX=index is not None, RNE_FIX=_rne_fix(y, backend),
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=block_s,
-        num_warps=warps,
-    )
+    with _on_device(y, backend):
+        _correction_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_d))](
+            y, h_sel, W_sel, alpha, mask, index if index is not None else mask,
+            R, T, D, S,
+            y.stride(0), y.stride(1), y.stride(2), h_sel.stride(0), h_sel.stride(1), h_sel.stride(2),
+            W_sel.stride(0), W_sel.stride(1), alpha.stride(0), s_as, mask.stride(0),
+            HAS_INDEX=index is not None, RNE_FIX=_rne_fix(y, backend),
+            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=block_s,
+            num_warps=warps,
+        )
     return y
 
 
@@ -262,12 +271,13 @@ def add_direction_(y: torch.Tensor, direction: torch.Tensor, alpha: torch.Tensor
     if R == 0 or D == 0:
         return y
     block_m, block_d = 16, 64 if backend == "triton-interpret" else 128  # sm_90: 92 regs, no spill
-    _direction_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_d))](
-        y, direction, alpha, mask,
-        R, T, D,
-        y.stride(0), y.stride(1), y.stride(2), direction.stride(0), alpha.stride(0), mask.stride(0),
-        RNE_FIX=_rne_fix(y, backend), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
-    )
+    with _on_device(y, backend):
+        _direction_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_d))](
+            y, direction, alpha, mask,
+            R, T, D,
+            y.stride(0), y.stride(1), y.stride(2), direction.stride(0), alpha.stride(0), mask.stride(0),
+            RNE_FIX=_rne_fix(y, backend), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        )
     return y
 
 
