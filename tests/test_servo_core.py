@@ -198,7 +198,8 @@ def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     PERIOD_NS = loop.period_ns
     assert PERIOD_NS == round(1e9 / hz)
     loop.start()
-    q, t0, dt_ns = smooth_chunk(C.monotonic_ns() + 20_000_000)
+    # Starts 200 ms after the push: a stalled VM must not delay the push past the start.
+    q, t0, dt_ns = smooth_chunk(C.monotonic_ns() + 200_000_000)
     obs_ns = C.monotonic_ns() - 5_000_000  # an observation taken 5 ms before the push
     assert loop.push(q, t0, dt_ns, obs_ns) == "accepted"
     s = run_until_stopped(loop)
