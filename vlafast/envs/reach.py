@@ -32,6 +32,7 @@ SPEEDS = {"slowly": 0.35, "": 0.65, "quickly": 1.0}  # fraction of the maximum s
 VERBS = ("touch", "reach", "go to", "move to")
 
 STATE_DIM = NUM_JOINTS + 3  # joint positions, end-effector position
+_SLOTS = (np.array([0.25, 0.45, 0.25]), np.array([0.0, 0.55, 0.3]), np.array([-0.25, 0.45, 0.25]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ReachConfig:
     reach_radius: float = 0.05            # m
     slow_cap: float = 0.55                # "slowly": mean step displacement <= slow_cap * max_ee_step
     fast_deadline: int = 20               # "quickly": each target reached within this many steps
+    slot_jitter: float | None = None      # None: balls anywhere; else each colour in its own slot +- this (m)
     image_size: int = 64
     cameras: tuple[str, ...] = ("base",)  # "base" (fixed, facing the arm) and/or "wrist"
     render: bool = True
@@ -57,6 +59,8 @@ class ReachConfig:
         unknown = set(self.cameras) - {"base", "wrist"}
         if unknown or not self.cameras:
             raise ValueError(f"cameras must be a non-empty subset of ('base', 'wrist'), got {self.cameras}")
+        if self.slot_jitter is not None and not 0 <= self.slot_jitter <= 0.1:
+            raise ValueError(f"slot_jitter must be None or in [0, 0.1] m, got {self.slot_jitter}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
@@ -204,6 +208,9 @@ class UR5eReach:
         d.qpos[:NUM_JOINTS] += ep.rng.normal(0.0, 0.05, NUM_JOINTS)
         d.ctrl[:] = d.qpos[:NUM_JOINTS]
         positions: list[np.ndarray] = []
+        if self.cfg.slot_jitter is not None:  # red left, green centre, blue right, jittered
+            j = self.cfg.slot_jitter
+            positions = [slot + ep.rng.uniform(-j, j, 3) for slot in _SLOTS]
         while len(positions) < len(COLOURS):  # balls at least 15 cm apart, in front of the arm
             p = np.array([ep.rng.uniform(-0.35, 0.35), ep.rng.uniform(0.3, 0.65), ep.rng.uniform(0.1, 0.45)])
             if all(np.linalg.norm(p - q) > 0.15 for q in positions):
