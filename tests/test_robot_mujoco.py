@@ -50,8 +50,15 @@ def run_sinusoid(seconds, **policy_kw):
     s = RealtimeRunner(policy, be, hz=500.0, chunk_exec=5, config=ServoConfig(spin_us=0.0)).run(seconds)
     wall = time.monotonic() - wall0
     log = be.log()
-    sel = (log["t"] >= policy.t_start + 0.5) & (log["t"] <= policy.t_start + seconds - 0.2)
-    err = np.abs(log["q"][sel] - policy.reference(log["t"][sel])).max(0)
+    t = log["t"]
+    sel = (t >= policy.t_start + 0.5) & (t <= policy.t_start + seconds - 0.2)
+    # A delayed forwarder (busy VM) steps the arm with a stale target; 150 ms after each such
+    # catch-up are left out, and must stay a minority of the run.
+    n_before = sel.sum()
+    for late_t in t[log["late"]]:
+        sel &= ~((t >= late_t) & (t < late_t + 0.15))
+    assert sel.sum() > 0.5 * n_before, f"forwarder delayed too often: {be.late_steps} late steps"
+    err = np.abs(log["q"][sel] - policy.reference(t[sel])).max(0)
     return s, be, log, err, wall
 
 
@@ -61,14 +68,14 @@ def test_short_real_time_run():
     # Real time: simulated time advanced with the wall clock (one 2 ms step per 2 ms).
     sim_span = log["t"][-1] - log["t"][0]
     assert 0.8 * 1.2 < sim_span <= wall + 0.01
-    assert err.max() < 0.05  # measured max 1.5e-3 rad
+    assert err.max() < 0.05  # measured max 1.5e-3 rad (shoulder lift)
 
 
 @pytest.mark.slow
 def test_ten_second_sinusoid_tracking():
     """A sinusoid on every joint (0.3 rad, 0.5 Hz; 0.94 rad/s, 3 rad/s^2 peak) as 40-waypoint
     chunks every 100 ms with 20 ms of simulated inference: the simulated arm stays within
-    0.03 rad of the analytic trajectory (measured max 9.8e-3 rad, shoulder lift)."""
+    0.03 rad of the analytic trajectory (measured max 1.1e-2 rad, shoulder lift and elbow)."""
     s, be, log, err, wall = run_sinusoid(10.0, amplitude=0.3, freq_hz=0.5, ramp_s=1.0, dt=0.02, horizon=40,
                                          latency_s=0.02)
     assert s["stop_reason"] == "requested: run complete", s

@@ -151,7 +151,9 @@ class MujocoUR5eBackend:
         self._log_t = np.zeros(n, dtype=np.int64)
         self._log_target = np.zeros((n, DOF))
         self._log_q = np.zeros((n, DOF))
+        self._log_late = np.zeros(n, dtype=bool)
         self._log_n = 0
+        self.late_steps = 0  # physics steps taken late, to catch up after this thread was delayed
         self._q = self.q0.copy()
         self._q_ns = 0
         self.stopped_by_loop = False
@@ -172,13 +174,17 @@ class MujocoUR5eBackend:
             if self.model.nu == 2 * DOF:
                 self.data.ctrl[DOF:] = 0.0 if stopped else v
         now = self._C.monotonic_ns()
+        late = False
         while self._sim_ns + self._dt_ns <= now:  # real time: catch up if this thread was late
             self._mj.mj_step(self.model, self.data)
             self._sim_ns += self._dt_ns
             if seq > 0 and self._log_n < len(self._log_t):
                 i = self._log_n
                 self._log_t[i], self._log_target[i], self._log_q[i] = self._sim_ns, q, self.data.qpos[:DOF]
+                self._log_late[i] = late
                 self._log_n += 1
+            self.late_steps += late
+            late = True  # every further step in this tick ran with a target older than its time
         with self._lock:
             self._q, self._q_ns = self.data.qpos[:DOF].copy(), self._sim_ns
         if stopped:
@@ -192,9 +198,11 @@ class MujocoUR5eBackend:
             return self._q.copy(), self._q_ns
 
     def log(self) -> dict[str, np.ndarray]:
-        """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated)."""
+        """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated), late: [N]
+        (the step caught up after this thread was delayed, i.e. ran with a stale target)."""
         n = self._log_n
-        return {"t": self._log_t[:n] * 1e-9, "target": self._log_target[:n].copy(), "q": self._log_q[:n].copy()}
+        return {"t": self._log_t[:n] * 1e-9, "target": self._log_target[:n].copy(), "q": self._log_q[:n].copy(),
+                "late": self._log_late[:n].copy()}
 
     def close(self) -> None:
         self._fwd.close()
