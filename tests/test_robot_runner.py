@@ -246,3 +246,33 @@ def test_forwarder_that_throws_stops_the_servo_loop():
     assert loop.wait(5.0)
     s = loop.stop()
     assert "flaky failed" in s["stop_reason"] and "robot went away" in s["backend_error"]
+
+
+def test_guided_policy_receives_the_executing_plan_as_its_prefix():
+    class Guided(SinusoidPolicy):
+        guided = True
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.seen = []
+
+        def __call__(self, q, t, prefix=None, weights=None):
+            self.seen.append((t, prefix, weights))
+            return super().__call__(q, t)
+
+    policy = Guided(amplitude=0.2, dt=0.02, horizon=30, ramp_s=0.5, latency_s=0.03)
+    runner = RealtimeRunner(policy, RecordingBackend(3000), hz=500.0, chunk_exec=5, blend_s=0.0, config=CFG)
+    s = runner.run(0.8)
+    assert s["policy_error"] == "" and len(policy.seen) >= 4
+    assert policy.seen[0][1] is None  # nothing executing yet
+    for t, prefix, w in policy.seen[2:]:
+        # Blend 0: the executing plan is the previous chunk, i.e. the analytic curve from its
+        # aligned start; the prefix is it at t + i dt wherever that plan still runs.
+        times = t + policy.dt * np.arange(policy.horizon)
+        live = w > 0
+        np.testing.assert_allclose(prefix[live], policy.reference(times)[live], atol=2e-4)  # measured 6e-7
+        d = int(np.sum(w == 1.0))
+        assert d >= 2  # ~30 ms of inference at 20 ms waypoints
+        assert np.all(w[-5:] == 0) and np.all(np.diff(w) <= 0)
+    with pytest.raises(ValueError, match="horizon"):
+        RealtimeRunner(Guided(horizon=5), RecordingBackend(10), chunk_exec=5, config=CFG)

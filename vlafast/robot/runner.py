@@ -9,9 +9,14 @@ the chunk being executed with a smootherstep weight (6x^5 - 15x^4 + 10x^3), 0 wi
 and curvature at *now* and 1 after ``blend_s``. Position, velocity and acceleration stay
 continuous at the hand-over; a jump h between plans costs about 5.77 h / blend_s^2 of extra
 acceleration (up to 1.5x that once resampled on a coarse waypoint grid), and the servo thread
-still clamps acceleration as a last line of defence. Guided real-time chunking (freezing the
-executing prefix inside a flow policy's denoiser) is not done here: it needs the policy's
-sampler, and this module treats the policy as a black box.
+still clamps acceleration as a last line of defence.
+
+Guided real-time chunking: a policy with ``guided = True`` and ``horizon`` (T) is called as
+``policy(q, t, prefix=Y, weights=W)`` with Y: [T, 6] the plan being executed, sampled at the new
+chunk's waypoint times, and W: [T] the RTC soft mask (``vlafast.robot.rtc.prefix_weights``: 1 on
+the d waypoints the last inference took, decaying to 0 at T - chunk_exec; 0 where Y's plan has
+run out). The policy's sampler freezes that prefix (``vlafast.robot.rtc.guided_sample``); the
+blend above still runs and then has (almost) nothing to hide.
 """
 
 from __future__ import annotations
@@ -73,12 +78,33 @@ class RealtimeRunner:
         self._halt = threading.Event()
         self._worker: threading.Thread | None = None
         self._prev: tuple[np.ndarray, int] | None = None
+        self._guided = bool(getattr(policy, "guided", False))
+        if self._guided:
+            if not getattr(policy, "horizon", 0) > chunk_exec:
+                raise ValueError("a guided policy needs an attribute horizon (T) > chunk_exec")
+            from vlafast.robot.rtc import prefix_weights  # imports torch: here, not between observe and push
+
+            self._prefix_weights = prefix_weights
+        self.last_inference_s = 0.0
 
     def _observe(self) -> tuple[np.ndarray, int]:
         got = self.robot.read_q()
         if got is not None:
             return got
         return self.loop.commanded_q(), load_C().monotonic_ns()
+
+    def _guidance(self, obs_ns: int, dt: float) -> dict:
+        """prefix: [T, 6] (the executing plan at the new chunk's waypoint times), weights: [T]."""
+        T, s = int(self.policy.horizon), self.chunk_exec
+        if self._prev is None:
+            return {"prefix": None, "weights": None}
+        prev_q, prev_t0 = self._prev
+        t_rel = (obs_ns - prev_t0) * 1e-9 + dt * np.arange(T)
+        prefix, _ = interpolate(prev_q, dt, t_rel, self.config.interp)
+        d = min(int(math.ceil(self.last_inference_s / dt)), T - s)
+        w = self._prefix_weights(T, d, s).numpy()
+        w[t_rel > (prev_q.shape[0] - 1) * dt] = 0.0  # no plan to follow there
+        return {"prefix": prefix, "weights": w}
 
     def _work(self) -> None:
         C = load_C()
@@ -88,7 +114,9 @@ class RealtimeRunner:
         try:
             while not self._halt.is_set():
                 q, obs_ns = self._observe()
-                chunk = np.asarray(self.policy(q, obs_ns * 1e-9), dtype=np.float64)
+                extra = self._guidance(obs_ns, dt) if self._guided else {}
+                chunk = np.asarray(self.policy(q, obs_ns * 1e-9, **extra), dtype=np.float64)
+                self.last_inference_s = (C.monotonic_ns() - obs_ns) * 1e-9
                 if chunk.ndim != 2 or chunk.shape[1] != DOF or chunk.shape[0] < 1:
                     raise ValueError(f"policy must return a chunk [T, 6], got shape {chunk.shape}")
                 merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, C.monotonic_ns(), self.blend_s,
