@@ -109,7 +109,8 @@ def test_grpo_iteration(env):
 def test_pi05_critic_reads_prefix(env):
     pol = tiny_policy(env, pi05=True)
     assert pol.critic_input == "prefix"
-    v = pol.value(pol.context(pol.observe(env.reset(seed=0))))
+    batch = pol.observe(env.reset(seed=0))
+    v = pol.value(pol.context(batch), batch.state)
     assert v.shape == (4,) and torch.isfinite(v).all()
 
 

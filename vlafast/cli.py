@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="the built-in demo (CPU, no downloads)")
-    p.add_argument("--out", default="demo-report", help="folder for the report (default demo-report)")
-    p.add_argument("--seconds", type=float, default=3.0, help="servo-timing duration")
+    p.add_argument("--out", default="runs", help="runs folder; the report goes to <out>/<date>/ (default runs)")
+    p.add_argument("--seconds", type=float, default=2.0, help="servo-timing duration")
+    p.add_argument("--quick", action="store_true", help="smoke-test budget (seconds, not minutes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
     from vlafast.robot import serve

@@ -104,7 +104,8 @@ class VLAPolicy(nn.Module):
         self.noise_head = noise_head
         self.critic_input: Literal["expert", "prefix"] = "prefix" if cfg.is_pi05 else "expert"
         width = cfg.vlm.width if self.critic_input == "prefix" else cfg.expert.width
-        self.critic = nn.Sequential(nn.Linear(width, 64), nn.Tanh(), nn.Linear(64, 1))
+        # The critic reads the model's features and the raw proprio state.
+        self.critic = nn.Sequential(nn.Linear(width + spec.state_dim, 64), nn.Tanh(), nn.Linear(64, 1))
         mask = torch.zeros(cfg.horizon, cfg.action_dim)
         mask[:exec_horizon, : spec.action_dim] = 1.0
         self.register_buffer("action_mask", mask, persistent=False)  # [T, A] executed part
@@ -148,11 +149,11 @@ class VLAPolicy(nn.Module):
         """The sampler's velocity function: (v [B, T, A] fp32, expert hidden [B, T, D])."""
         return self.model.velocity(x, t, ctx.state, ctx.cache, return_hidden=True)
 
-    def value(self, ctx: Pi0Context) -> Tensor:
-        """Critic: [B]. pi0 reads the expert's action tokens at the first denoise step (t=1)
-        taken at the noise's mean (x = 0), so the value is a function of the observation
-        alone; pi0.5 the mean of the valid VLM prefix outputs. Features are detached: the
-        value loss trains the critic head only."""
+    def value(self, ctx: Pi0Context, state: Tensor) -> Tensor:
+        """Critic: [B] from the raw state [B, S] and model features: pi0 reads the expert's
+        action tokens at the first denoise step (t=1) taken at the noise's mean (x = 0), so
+        the value is a function of the observation alone; pi0.5 the mean of the valid VLM
+        prefix outputs. Features are detached: the value loss trains the critic head only."""
         with torch.no_grad():
             if self.critic_input == "prefix":
                 h, m = ctx.cache.hidden, ctx.cache.pad_mask[..., None].to(ctx.cache.hidden.dtype)
@@ -163,13 +164,13 @@ class VLAPolicy(nn.Module):
                 x = torch.zeros(B, cfg.horizon, cfg.action_dim, device=self.device)
                 _, h = self.velocity_fn(x, torch.ones(B, device=self.device), ctx)
                 feat = h.mean(dim=1)
-        return self.critic(feat.float()).squeeze(-1)
+        return self.critic(torch.cat([feat.float(), state.float()], dim=-1)).squeeze(-1)
 
-    def sampler_config(self, method: str, num_steps: int, a: float = 0.5) -> flow.SamplerConfig:
+    def sampler_config(self, method: str, num_steps: int, a: float = 0.5, hybrid: bool = True) -> flow.SamplerConfig:
         if method == "ode":
             return flow.ode(num_steps)
         if method == "flow_sde":
-            return flow.flow_sde(a=a, hybrid=True, num_steps=num_steps)
+            return flow.flow_sde(a=a, hybrid=hybrid, num_steps=num_steps)
         if method == "flow_noise":
             if self.noise_head is None:
                 raise ValueError("flow_noise needs a policy built with noise_head=NoiseHead(...)")
@@ -186,7 +187,7 @@ class VLAPolicy(nn.Module):
         noise = torch.randn(batch.size, cfg.horizon, cfg.action_dim, generator=generator, device=self.device)
         actions, trace = flow.sample(config, self.velocity_fn, ctx, noise, generator=generator,
                                      action_mask=self.action_mask)
-        value = self.value(ctx)
+        value = self.value(ctx, batch.state)
         env_actions = actions[:, : self.exec_horizon, : self.spec.action_dim].float().cpu().numpy()
         return env_actions, trace, value
 
@@ -194,7 +195,7 @@ class VLAPolicy(nn.Module):
         """(log_prob [B], entropy [B], value [B]) of stored chunks under current parameters."""
         ctx = self.context(batch)
         out = flow.evaluate(self.velocity_fn, ctx, trace)
-        return out.log_prob, out.entropy, self.value(ctx)
+        return out.log_prob, out.entropy, self.value(ctx, batch.state)
 
     def flow_matching_loss(self, batch: Batch, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """SFT loss: actions [B, T, A_env] (the expert's chunk) -> mean squared velocity error

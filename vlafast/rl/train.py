@@ -37,6 +37,7 @@ class RLConfig:
     method: Method = "flow_sde"
     num_steps: int = 4                 # K denoise steps in training (pi_RL: 4 for pi0)
     sde_a: float = 0.5                 # Flow-SDE noise level
+    sde_hybrid: bool = True            # Flow-SDE: one stochastic step per chunk (else all K, joint log-prob)
     chunks_per_rollout: int = 10       # N chunk steps per env per PPO update
     iterations: int = 20
     group_size: int = 8                # GRPO
@@ -186,7 +187,7 @@ def collect(policy: VLAPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: t
         stats["env_steps"].append(int(info["steps"].sum()))
     with torch.no_grad():
         last_batch = policy.observe(obs)
-        last_value = policy.value(policy.context(last_batch)).cpu()
+        last_value = policy.value(policy.context(last_batch), last_batch.state).cpu()
     return ro, obs, last_value
 
 
@@ -280,7 +281,7 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
     betas = cfg.ppo.betas
     actor_opt = torch.optim.AdamW(actor, lr=cfg.ppo.actor_lr, betas=betas)
     critic_opt = torch.optim.AdamW(critic, lr=cfg.ppo.critic_lr, betas=betas) if cfg.algo == "ppo" else None
-    sampler_cfg = policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a)
+    sampler_cfg = policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 1)  # minibatch order, CPU
     history: list[dict[str, float]] = []

@@ -1,0 +1,104 @@
+"""The jobs behind `vlafast train` / `vlafast eval` and the demo: SFT, RL and evaluation runs
+that write their results into a run folder (policy.pt, metrics.json, summary.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlafast._io import atomic_write_text
+from vlafast.rl import train as T
+from vlafast.rl.recipe import Recipe, build_env, build_policy, dump, load_policy, save_policy
+
+
+def speed_by_word(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean end-effector displacement per step, grouped by the instruction's speed word."""
+    groups: dict[str, list[float]] = {"slowly": [], "(none)": [], "quickly": []}
+    for r in records:
+        words = r["instruction"].split()
+        key = words[-1] if words[-1] in ("slowly", "quickly") else "(none)"
+        if np.isfinite(r["speed"]):
+            groups[key].append(r["speed"])
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
+
+
+def summarise_eval(ev: dict[str, Any]) -> dict[str, Any]:
+    return {k: ev[k] for k in ("episodes", "success_rate", "success_ci95", "return")} | {"speed": speed_by_word(ev["records"])}
+
+
+def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Scripted demos -> SFT -> evaluation; writes out/policy.pt and out/summary.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.json", dump(recipe))
+    env = build_env(recipe)
+    policy = build_policy(recipe, env.spec)
+    t0 = time.perf_counter()
+    demos = T.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
+    losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
+                   seed=recipe.seed, progress=progress)
+    ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+                    progress=progress)
+    summary = {"phase": "sft", "demo_episodes": demos.episodes, "demo_chunks": len(demos), "sft_loss": losses,
+               "eval": summarise_eval(ev), "seconds": time.perf_counter() - t0}
+    save_policy(policy, recipe, out / "policy.pt", extra={"summary": summary})
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    env.close()
+    return summary
+
+
+def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any] | None = None,
+           resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """PPO / GRPO from a policy checkpoint; writes checkpoints, metrics.json, policy.pt, summary.json."""
+    policy, recipe, env = load_policy(init)
+    if recipe_overrides:
+        recipe = Recipe.from_json({**recipe.to_json(), **recipe_overrides})
+        if recipe.rl.method == "flow_noise" and policy.noise_head is None:
+            from vlafast.flow.noise_head import NoiseHead
+
+            cfg = policy.model.cfg
+            policy.noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.json", dump(recipe))
+    t0 = time.perf_counter()
+    history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out, resume=resume, progress=progress)
+    ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+                    progress=progress)
+    summary = {"phase": recipe.rl.algo, "method": recipe.rl.method, "history": history, "eval": summarise_eval(ev),
+               "seconds": time.perf_counter() - t0}
+    save_policy(policy, recipe, out / "policy.pt", extra={"summary": summary})
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    env.close()
+    return summary
+
+
+def run_eval(checkpoint: str | Path, *, episodes: int | None = None, seed: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    policy, recipe, env = load_policy(checkpoint)
+    ev = T.evaluate(policy, env, episodes=episodes or recipe.eval_episodes,
+                    seed=recipe.seed + 100 if seed is None else seed, num_steps=recipe.rl.num_steps, progress=progress)
+    env.close()
+    return summarise_eval(ev)
+
+
+def recipe_from_file(path: str | Path | None, **overrides: Any) -> Recipe:
+    """A recipe from a JSON file (partial: missing keys keep their defaults) plus CLI overrides."""
+    data: dict[str, Any] = json.loads(Path(path).read_text()) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return Recipe.from_json(data)
+
+
+def format_eval(name: str, s: dict[str, Any]) -> str:
+    sp = s["speed"]
+    return (f"{name:10s} success {100 * s['success_rate']:5.1f}% +- {100 * s['success_ci95']:4.1f}  "
+            f"return {s['return']:6.3f}  speed slowly/none/quickly "
+            f"{sp['slowly']:.4f} / {sp['(none)']:.4f} / {sp['quickly']:.4f} m/step  ({s['episodes']} episodes)")
+
+
+__all__ = ["run_sft", "run_rl", "run_eval", "recipe_from_file", "format_eval", "summarise_eval", "dataclasses"]

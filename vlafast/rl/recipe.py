@@ -1,0 +1,125 @@
+"""Recipes: everything needed to rebuild an environment and a tiny flow VLA for it, saved
+with the policy so `vlafast eval` / `vlafast train ppo --init` can load a run.
+
+The default recipe is what `vlafast demo` runs on a 2-core CPU: the built-in UR5e reach task
+(balls in colour slots, 32 px camera) and a ~0.3 M-parameter pi0 of the real structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlafast._io import atomic_path
+from vlafast.envs import make_env
+from vlafast.envs.reach import COLOURS, SPEEDS, VERBS
+from vlafast.models.gemma import GemmaConfig
+from vlafast.models.pi0 import Pi0Config, Pi0Policy
+from vlafast.models.siglip import SiglipConfig
+from vlafast.rl.losses import PPOConfig
+from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
+from vlafast.rl.train import RLConfig
+
+# Words the tiny tokenizer knows: the task's own plus the paper's steering keywords, so the
+# neuron dictionary of a policy trained here has "fast"/"slow"/"up"... tokens to find.
+EXTRA_WORDS = ("up down raise lift high low fast quick rapid slow careful gentle steady smooth "
+               "left right forward back stop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    env: str = "ur5e-reach"
+    num_envs: int = 16
+    image_size: int = 32
+    slot_jitter: float | None = 0.04
+    pi05: bool = False
+    width: int = 64                 # VLM and expert width (the tiny pi0)
+    depth: int = 2
+    patch_size: int = 8
+    horizon: int = 8                # model chunk length T
+    exec_horizon: int = 5           # actions executed per chunk
+    demos: int = 48                 # scripted episodes for SFT (few-shot on purpose)
+    sft_steps: int = 200
+    sft_batch: int = 32
+    sft_lr: float = 2e-3
+    eval_episodes: int = 64
+    seed: int = 0
+    rl: RLConfig = RLConfig(iterations=30, chunks_per_rollout=8,
+                            ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=32, epochs=2))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Recipe":
+        """A recipe from (partial) JSON: unknown keys raise, nested rl / rl.ppo are merged."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        base = cls()
+        if "rl" in data:
+            rl = dict(data["rl"])
+            ppo = PPOConfig(**{**dataclasses.asdict(base.rl.ppo), **rl.pop("ppo", {})})
+            if "betas" in rl or "betas" in data.get("rl", {}).get("ppo", {}):
+                ppo = dataclasses.replace(ppo, betas=tuple(ppo.betas))
+            data["rl"] = RLConfig(**{**{k: v for k, v in dataclasses.asdict(base.rl).items() if k != "ppo"}, **rl}, ppo=ppo)
+        return dataclasses.replace(base, **data)
+
+
+def build_env(recipe: Recipe, num_envs: int | None = None, seed: int | None = None):
+    overrides: dict[str, Any] = {"image_size": recipe.image_size}
+    if recipe.env.startswith("ur5e-"):
+        overrides["slot_jitter"] = recipe.slot_jitter
+    return make_env(recipe.env, num_envs or recipe.num_envs, seed=recipe.seed if seed is None else seed, **overrides)
+
+
+def build_policy(recipe: Recipe, spec) -> VLAPolicy:
+    """The tiny pi0 (or pi0.5) of the recipe, randomly initialised from its seed."""
+    tok = build_word_tokenizer(words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS), EXTRA_WORDS]))
+    heads = 4
+    g = GemmaConfig(width=recipe.width, depth=recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads,
+                    num_kv_heads=1, head_dim=recipe.width // heads)
+    vision = SiglipConfig(image_size=recipe.image_size, patch_size=recipe.patch_size, width=recipe.width,
+                          depth=recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads)
+    cfg = Pi0Config.tiny(pi05=recipe.pi05, vision=vision, vlm=g, expert=g, vocab_size=tok.get_vocab_size(),
+                         action_dim=max(4, spec.action_dim), state_dim=max(spec.state_dim, 8),
+                         horizon=recipe.horizon, num_steps=recipe.rl.num_steps)
+    torch.manual_seed(recipe.seed)
+    noise_head = None
+    if recipe.rl.method == "flow_noise":
+        from vlafast.flow.noise_head import NoiseHead
+
+        noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
+    return VLAPolicy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
+
+
+def save_policy(policy: VLAPolicy, recipe: Recipe, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Policy weights + recipe in one file, written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"recipe": recipe.to_json(), "policy": policy.state_dict(), "extra": extra or {}}, tmp)
+
+
+def load_policy(path: str | Path) -> tuple[VLAPolicy, Recipe, Any]:
+    """(policy, recipe, env) from a file written by ``save_policy``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no policy checkpoint at {path} (write one with `vlafast train sft`)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing = {"recipe", "policy"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not a vlafast policy checkpoint: missing {sorted(missing)}")
+    recipe = Recipe.from_json(state["recipe"])
+    env = build_env(recipe)
+    policy = build_policy(recipe, env.spec)
+    policy.load_state_dict(state["policy"])
+    return policy, recipe, env
+
+
+def dump(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_json(), indent=1)
