@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -29,43 +30,81 @@ def env():
     e.close()
 
 
+# The reference: openpi's LIBERO evaluation loop, run under the LIBERO interpreter with LIBERO's
+# defaults (hard_reset=True, every camera rendered at every step). It saves the raw observation
+# after the settle steps and after a chunk of actions.
+REFERENCE_LOOP = r"""
+import os, sys
+import numpy as np
+os.environ.setdefault("MUJOCO_GL", "egl")
+from libero.libero import benchmark, get_libero_path
+from libero.libero.envs import OffScreenRenderEnv
+suite, task_id, seed, size, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+actions = np.load(sys.argv[6])
+s = benchmark.get_benchmark_dict()[suite]()
+task = s.get_task(task_id)
+env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
+                         camera_heights=size, camera_widths=size)
+env.seed(seed)
+env.reset()
+obs = env.set_init_state(s.get_task_init_states(task_id)[0])
+for _ in range(10):
+    obs, _, _, _ = env.step([0.0] * 6 + [-1.0])
+keys = ["agentview_image", "robot0_eye_in_hand_image", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+saved = {"0_" + k: obs[k] for k in keys}
+for a in actions:
+    obs, _, _, _ = env.step(a.tolist())
+saved.update({"1_" + k: obs[k] for k in keys})
+np.savez(out, **saved)
+"""
+
+
 def _axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     v, w = quat_xyzw[:3], quat_xyzw[3]
     n = np.linalg.norm(v)
     return np.zeros(3) if n < 1e-12 else v / n * 2.0 * np.arctan2(n, w)
 
 
-def _expected(raw: dict, size: int) -> tuple[dict, np.ndarray]:
-    """The openpi / OpenVLA conversion of a raw LIBERO observation, written independently."""
+def _convert(ref, prefix: str, size: int) -> tuple[dict, np.ndarray]:
+    """openpi's conversion of a raw LIBERO observation, written independently of the worker."""
     images = {
-        cam: np.asarray(Image.fromarray(raw[cam][::-1, ::-1].copy()).resize((size, size), Image.BILINEAR))
-        for cam in ("image", "wrist_image")
+        cam: np.asarray(Image.fromarray(ref[prefix + key][::-1, ::-1].copy()).resize((size, size), Image.BILINEAR))
+        for cam, key in (("image", "agentview_image"), ("wrist_image", "robot0_eye_in_hand_image"))
     }
-    state = np.concatenate([raw["robot0_eef_pos"], _axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]])
+    state = np.concatenate([ref[prefix + "robot0_eef_pos"], _axis_angle(ref[prefix + "robot0_eef_quat"]),
+                            ref[prefix + "robot0_gripper_qpos"]])
     return images, state
 
 
 @pytest.mark.slow
-def test_observation_matches_raw_libero(env):
+def test_observations_match_the_openpi_loop(env, tmp_path):
     assert isinstance(env, VecEnv)
     assert env.spec.action_dim == 7 and env.spec.state_dim == 8 and env.spec.cameras == ("image", "wrist_image")
-    assert env.spec.max_episode_steps == BUDGET
-    obs = env.reset(seed=7)
-    assert obs["instruction"] == [SPATIAL_0, SPATIAL_1]
-    for cam in ("image", "wrist_image"):
-        assert obs["images"][cam].shape == (2, 64, 64, 3) and obs["images"][cam].dtype == np.uint8
-    assert obs["state"].shape == (2, 8) and obs["state"].dtype == np.float32
-    for i in range(2):
-        raw = env.raw_observation(i)
-        assert raw["image"].shape == (96, 96, 3)
-        images, state = _expected(raw, 64)
+    assert env.spec.max_episode_steps == BUDGET and env.spec.image_size == (64, 64)
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(3, 7))
+    np.save(tmp_path / "actions.npy", actions)
+    ref_proc = subprocess.Popen([env.python, "-c", REFERENCE_LOOP, "libero_spatial", "0", "7", "96",
+                                 str(tmp_path / "ref.npz"), str(tmp_path / "actions.npy")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    obs0 = env.reset(seed=7)  # env 0: task 0, init state 0, seed 7 -- as the reference
+    chunk = np.zeros((2, 3, 7))
+    chunk[0] = actions
+    obs1, *_ = env.step(chunk)
+    _, err = ref_proc.communicate(timeout=300)
+    assert ref_proc.returncode == 0, err.decode()[-2000:]
+    ref = np.load(tmp_path / "ref.npz")
+    assert obs0["instruction"] == [SPATIAL_0, SPATIAL_1]
+    for obs, prefix in ((obs0, "0_"), (obs1, "1_")):
+        for cam in ("image", "wrist_image"):
+            assert obs["images"][cam].shape == (2, 64, 64, 3) and obs["images"][cam].dtype == np.uint8
+        assert obs["state"].shape == (2, 8) and obs["state"].dtype == np.float32
+        images, state = _convert(ref, prefix, 64)
         for cam in images:
-            # same PIL build on both sides (13.0.0): bit-exact; measured max abs diff 0
-            np.testing.assert_array_equal(obs["images"][cam][i], images[cam])
-        np.testing.assert_allclose(obs["state"][i], state, atol=1e-5)  # float32 cast; measured max 5.5e-8
-        # the renders are not blank, and the two tasks' scenes differ
-        assert raw["image"].std() > 10
-    assert np.abs(obs["images"]["image"][0].astype(int) - obs["images"]["image"][1]).mean() > 1
+            # same sim, same renderer, same PIL (13.0.0) on both sides: measured max abs diff 0
+            np.testing.assert_array_equal(obs["images"][cam][0], images[cam])
+        np.testing.assert_allclose(obs["state"][0], state, atol=1e-5)  # float32 cast; measured max 1.0e-7
+        assert ref[prefix + "agentview_image"].std() > 10  # a real render, not a blank frame
+    assert np.abs(obs0["images"]["image"][0].astype(int) - obs0["images"]["image"][1]).mean() > 1  # two scenes
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ class LiberoConfig:
     cameras: tuple[str, ...] = CAMERAS   # subset of ("image", "wrist_image")
     render_size: int = 256               # px rendered by MuJoCo (LIBERO's data: 256)
     image_size: int = 224                # px returned (pi0 / OpenVLA input)
-    num_steps_wait: int = 10             # no-op steps after each reset while objects settle
+    num_steps_wait: int = 10             # no-op steps after each reset while objects settle (>= 1)
     max_episode_steps: int | None = None  # None: the suite's budget (MAX_STEPS)
     timeout_s: float = 300.0             # a worker silent this long is killed and restarted
 
@@ -61,8 +61,9 @@ class LiberoConfig:
             raise ValueError(f"cameras must be a non-empty subset of {CAMERAS}, got {self.cameras}")
         if self.render_size < 8 or self.image_size < 8:
             raise ValueError(f"render_size and image_size must be >= 8 px, got {self.render_size}, {self.image_size}")
-        if self.num_steps_wait < 0:
-            raise ValueError(f"num_steps_wait must be >= 0, got {self.num_steps_wait}")
+        if self.num_steps_wait < 1:
+            raise ValueError(f"num_steps_wait must be >= 1 (the first observation comes from the last "
+                             f"settle step; LIBERO's evaluations use 10), got {self.num_steps_wait}")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1 or None, got {self.max_episode_steps}")
         if self.timeout_s <= 0:
@@ -341,22 +342,6 @@ class LiberoVecEnv:
     @property
     def worker_pids(self) -> list[int]:
         return [p.proc.pid for p in self._procs]
-
-    def raw_observation(self, i: int) -> dict[str, Any]:
-        """Env i's unconverted LIBERO observation: ``image`` / ``wrist_image`` uint8 [R, R, 3] as
-        rendered, ``robot0_eef_pos`` [3], ``robot0_eef_quat`` [4] (x, y, z, w),
-        ``robot0_gripper_qpos`` [2]. For checking the conversion against the real env."""
-        reply = self._procs[i].call("raw")
-        if "error" in reply:
-            raise RuntimeError(f"env {i}: {reply['error']}")
-        out: dict[str, Any] = {}
-        for k, v in reply.items():
-            if isinstance(v, tuple):
-                data, shape = v
-                out[k] = np.frombuffer(data, np.uint8).reshape(shape)
-            else:
-                out[k] = np.array(v, np.float64)
-        return out
 
     # -- internals --------------------------------------------------------------------------
 

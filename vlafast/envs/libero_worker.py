@@ -19,16 +19,14 @@ Requests (``(command, args)``) and replies (a dict; ``{"error": "..."}`` if the 
          -> {reward, success, truncated, steps, episode_return, episode_length, final_state, state}
          The chunk stops early at success or at the step budget; the env is then reset at once
          (same-step auto-reset) to ``next_init_index`` and the new episode's first obs returned.
-  raw    {} -> the unconverted LIBERO observation (images as rendered, eef quaternion): for
-         testing the conversion against the real env
   close  {} -> {} and exit
 
 Observation conventions (openpi's LIBERO example, also OpenVLA's): images rendered at
 ``render_size`` (256 in LIBERO's data), rotated 180 degrees (robosuite renders them upside down
 and mirrored), resized to ``image_size`` with PIL bilinear (openpi's resize_with_pad; square in,
 square out, so no padding); state = eef position (3) + eef orientation as axis-angle (3) +
-gripper finger positions (2). The first ``num_steps_wait`` steps of each episode execute the
-no-op action [0]*6 + [-1] while objects settle and do not count against the step budget.
+gripper finger positions (2). The first ``num_steps_wait`` (>= 1) steps of each episode execute
+the no-op action [0]*6 + [-1] while objects settle and do not count against the step budget.
 """
 
 from __future__ import annotations
@@ -113,8 +111,6 @@ class Worker:
         self.cameras = list(cameras)
         self.render_size, self.image_size = render_size, image_size
         self.num_steps_wait, self.max_steps = num_steps_wait, max_steps
-        # Camera observables are rendered only when an observation is returned (end of a chunk),
-        # not at every control step: rendering is ~95% of a LIBERO step on a CPU.
         self._set_cameras(False)
         size = len(self.cameras) * image_size * image_size * 3
         with open(self.image_path, "r+b") as f:
@@ -127,16 +123,18 @@ class Worker:
         env.seed(seed)
         env.reset()
         env.set_init_state(self.init_states[init_index % len(self.init_states)])
-        for _ in range(self.num_steps_wait):
-            env.step(NOOP_ACTION)
+        for k in range(self.num_steps_wait):
+            obs, _, _ = self._step(NOOP_ACTION, render=k == self.num_steps_wait - 1)
         self.steps, self.ret = 0, 0.0
-        return {"state": self._observe()}
+        return {"state": self._observe(obs)}
 
     def step(self, actions: bytes, next_init_index: int, next_seed: int) -> dict:
         chunk = self.np.frombuffer(actions, dtype=self.np.float64).reshape(-1, 7)
         reward, success, truncated, n = 0.0, False, False, 0
-        for a in chunk:
-            _, r, done, _ = self.env.step(a.tolist())
+        for t, a in enumerate(chunk):
+            # images are needed only after the chunk's last action, if the episode goes on
+            render = t == len(chunk) - 1 and self.steps + 1 < self.max_steps
+            obs, r, done = self._step(a.tolist(), render=render)
             n += 1
             self.steps += 1
             reward += float(r)
@@ -149,47 +147,54 @@ class Worker:
                 break
         out = {"reward": reward, "success": success, "truncated": truncated, "steps": n}
         if success or truncated:
-            out.update(episode_return=self.ret, episode_length=self.steps, final_state=self._proprio())
+            out.update(episode_return=self.ret, episode_length=self.steps, final_state=self._proprio(obs))
             out.update(self.reset(next_init_index, next_seed))
         else:
-            out["state"] = self._observe()
-        return out
-
-    def raw(self) -> dict:
-        self._set_cameras(True)
-        try:
-            obs = self.env.env._get_observations(force_update=True)
-        finally:
-            self._set_cameras(False)
-        keys = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
-        out = {k: [float(v) for v in obs[k]] for k in keys}
-        for name in self.cameras:
-            img = obs[CAMERA_KEYS[name]]
-            out[name] = (img.tobytes(), list(img.shape))
+            out["state"] = self._observe(obs)
         return out
 
     # -- internals --------------------------------------------------------------------------
 
+    def _step(self, action: list[float], render: bool):
+        """One control step. Cameras are rendered only when ``render``: rendering is ~95% of a
+        LIBERO step on a CPU, and only a chunk's last observation is returned. A camera enabled
+        just for this step samples at the same substep as with cameras always on, so the
+        observation is identical to LIBERO's own loop (checked against it in the tests)."""
+        if render:
+            self._set_cameras(True)
+        try:
+            obs, r, done, _ = self.env.step(action)
+        finally:
+            if render:
+                self._set_cameras(False)
+        return obs, r, done
+
     def _set_cameras(self, enabled: bool) -> None:
+        observables = self.env.env._observables
+        clock = observables["robot0_eef_pos"]  # always enabled, same sampling rate as the cameras
         for name in self.cameras:
             self.env.env.modify_observable(CAMERA_KEYS[name], "enabled", enabled)
+            if enabled:
+                # robosuite samples an observable at the physics substep its own timer picks, and
+                # set_enabled resets that timer. With cameras always on, their timers would run in
+                # lockstep with the proprio observables' (same rate, same resets and forced updates),
+                # so take over that clock: the frame is then sampled at the same substep as the
+                # state, exactly as in LIBERO's own loop. (Private fields of robosuite 1.4.0, pinned.)
+                cam = observables[CAMERA_KEYS[name]]
+                cam._time_since_last_sample = clock._time_since_last_sample
+                cam._sampled = clock._sampled
+                cam._current_delay = clock._current_delay
 
-    def _proprio(self, obs=None) -> list[float]:
-        if obs is None:
-            obs = self.env.env._get_observations(force_update=True)
+    @staticmethod
+    def _proprio(obs) -> list[float]:
         return (
             [float(v) for v in obs["robot0_eef_pos"]]
             + quat_to_axis_angle(obs["robot0_eef_quat"])
             + [float(v) for v in obs["robot0_gripper_qpos"]]
         )
 
-    def _observe(self) -> list[float]:
+    def _observe(self, obs) -> list[float]:
         np = self.np
-        self._set_cameras(True)
-        try:
-            obs = self.env.env._get_observations(force_update=True)
-        finally:
-            self._set_cameras(False)
         frame = self.image_size * self.image_size * 3
         for c, name in enumerate(self.cameras):
             img = np.ascontiguousarray(obs[CAMERA_KEYS[name]][::-1, ::-1])  # rotate 180 degrees
@@ -225,7 +230,7 @@ def main(argv: list[str]) -> int:
             write_msg(fd_out, {})
             return 0
         try:
-            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step", "raw") else None
+            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step") else None
             if reply is None:
                 raise ValueError(f"unknown command {command!r}")
         except Exception as exc:  # reported to the parent, which resets or restarts this env
