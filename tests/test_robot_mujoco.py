@@ -52,12 +52,13 @@ def run_sinusoid(seconds, **policy_kw):
     log = be.log()
     t = log["t"]
     sel = (t >= policy.t_start + 0.5) & (t <= policy.t_start + seconds - 0.2)
-    # A delayed forwarder (busy VM) steps the arm with a stale target; 150 ms after each such
-    # catch-up are left out, and must stay a minority of the run.
+    # A stalled VM delays the servo loop or the forwarder: the arm runs on a stale target, then
+    # catches up under the acceleration limit. 300 ms after each stale step are left out, and
+    # must stay a minority of the run.
     n_before = sel.sum()
     for late_t in t[log["late"]]:
-        sel &= ~((t >= late_t) & (t < late_t + 0.15))
-    assert sel.sum() > 0.5 * n_before, f"forwarder delayed too often: {be.late_steps} late steps"
+        sel &= ~((t >= late_t) & (t < late_t + 0.3))
+    assert sel.sum() > 0.5 * n_before, f"stalled too often: {be.late_steps} stale steps"
     err = np.abs(log["q"][sel] - policy.reference(t[sel])).max(0)
     return s, be, log, err, wall
 
@@ -69,6 +70,8 @@ def test_short_real_time_run():
     sim_span = log["t"][-1] - log["t"][0]
     assert 0.8 * 1.2 < sim_span <= wall + 0.01
     assert err.max() < 0.05  # measured max 1.5e-3 rad (shoulder lift)
+    with pytest.raises(RuntimeError, match="make a new backend"):
+        be.start(None)
 
 
 @pytest.mark.slow

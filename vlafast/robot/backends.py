@@ -81,6 +81,8 @@ class _Forwarder:
         self.error: BaseException | None = None
 
     def start(self, loop: Any) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"{self._name}: a backend drives one servo loop; make a new backend")
         self._thread = threading.Thread(target=self._run, args=(loop,), name=self._name, daemon=True)
         self._thread.start()
 
@@ -153,7 +155,7 @@ class MujocoUR5eBackend:
         self._log_q = np.zeros((n, DOF))
         self._log_late = np.zeros(n, dtype=bool)
         self._log_n = 0
-        self.late_steps = 0  # physics steps taken late, to catch up after this thread was delayed
+        self.late_steps = 0  # physics steps run with a stale target (this thread or the servo loop was delayed)
         self._q = self.q0.copy()
         self._q_ns = 0
         self.stopped_by_loop = False
@@ -168,23 +170,23 @@ class MujocoUR5eBackend:
         self._fwd.start(loop)
 
     def _tick(self, target: tuple) -> bool:
-        seq, _t_ns, q, v, stopped = target
+        seq, t_ns, q, v, stopped = target
         if seq > 0:
             self.data.ctrl[:DOF] = q
             if self.model.nu == 2 * DOF:
                 self.data.ctrl[DOF:] = 0.0 if stopped else v
         now = self._C.monotonic_ns()
-        late = False
         while self._sim_ns + self._dt_ns <= now:  # real time: catch up if this thread was late
             self._mj.mj_step(self.model, self.data)
             self._sim_ns += self._dt_ns
+            # A target issued more than 3 steps before the time it is applied at is stale.
+            late = seq > 0 and not stopped and self._sim_ns - t_ns > 3 * self._dt_ns
             if seq > 0 and self._log_n < len(self._log_t):
                 i = self._log_n
                 self._log_t[i], self._log_target[i], self._log_q[i] = self._sim_ns, q, self.data.qpos[:DOF]
                 self._log_late[i] = late
                 self._log_n += 1
             self.late_steps += late
-            late = True  # every further step in this tick ran with a target older than its time
         with self._lock:
             self._q, self._q_ns = self.data.qpos[:DOF].copy(), self._sim_ns
         if stopped:
@@ -199,7 +201,8 @@ class MujocoUR5eBackend:
 
     def log(self) -> dict[str, np.ndarray]:
         """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated), late: [N]
-        (the step caught up after this thread was delayed, i.e. ran with a stale target)."""
+        (the step ran with a target issued more than 3 steps earlier: the servo loop or this
+        thread was delayed)."""
         n = self._log_n
         return {"t": self._log_t[:n] * 1e-9, "target": self._log_target[:n].copy(), "q": self._log_q[:n].copy(),
                 "late": self._log_late[:n].copy()}
