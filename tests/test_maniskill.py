@@ -168,6 +168,16 @@ def test_gpu_batched_sim_chunks_and_partial_resets(sapien_ok):
         env.close()
 
 
+@pytest.mark.vulkan
+def test_task_without_its_assets_is_refused_with_the_fix(sapien_ok):
+    from vlafast.envs.maniskill import ManiSkillVecEnv, _missing_assets
+
+    if not _missing_assets("PickSingleYCB-v1"):
+        pytest.skip("YCB assets are present here")
+    with pytest.raises(FileNotFoundError, match="download_asset PickSingleYCB-v1"):
+        ManiSkillVecEnv("PickSingleYCB-v1", 1, "state", "physx_cpu")
+
+
 def test_argument_validation():
     from vlafast.envs.maniskill import ManiSkillVecEnv
 

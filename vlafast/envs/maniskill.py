@@ -128,6 +128,17 @@ def flatten_obs(obs: Any, obs_mode: str) -> tuple[dict[str, np.ndarray], np.ndar
     return images, np.concatenate(leaves, axis=1)
 
 
+def _missing_assets(task: str) -> list[str]:
+    from mani_skill.utils import assets
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    missing = []
+    for asset_id in REGISTERED_ENVS[task].asset_download_ids or []:
+        ids = assets.expand_data_group_into_individual_data_source_ids(asset_id) if asset_id in assets.DATA_GROUPS else [asset_id]
+        missing += [i for i in ids if not assets.is_data_source_downloaded(i)]
+    return missing
+
+
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
@@ -269,6 +280,12 @@ class ManiSkillVecEnv:
             raise ValueError("sim_backend='physx_cuda' needs a CUDA device; use 'physx_cpu' or 'auto'")
         if task not in gym.registry:
             raise ValueError(f"unknown ManiSkill task {task!r} (e.g. PickCube-v1, PushCube-v1, StackCube-v1)")
+        missing = _missing_assets(task)
+        if missing:  # ManiSkill would prompt on stdin (and exit) to download them
+            raise FileNotFoundError(
+                f"{task} needs ManiSkill assets that are not downloaded: {', '.join(missing)}; run "
+                f"`python -m mani_skill.utils.download_asset {task}` where the network allows it"
+            )
         max_steps = max_episode_steps or gym.spec(task).max_episode_steps
         if not max_steps:
             raise ValueError(f"{task} has no registered episode length: pass max_episode_steps=N")
