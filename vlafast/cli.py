@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -25,6 +26,42 @@ def _cmd_serve_robot(args: argparse.Namespace) -> int:
     from vlafast.robot import serve
 
     return serve.main(args)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vlafast.rl import jobs
+
+    progress = not args.no_progress
+    if args.phase == "sft":
+        if args.init:
+            raise SystemExit("vlafast train sft builds a fresh policy: drop --init")
+        recipe = jobs.recipe_from_file(args.config, env=args.env, seed=args.seed)
+        summary = jobs.run_sft(recipe, args.out, progress=progress)
+    else:
+        if not args.init and not args.resume:
+            raise SystemExit(f"vlafast train {args.phase} needs --init <policy.pt> (from `vlafast train sft`)")
+        if args.env:
+            raise SystemExit("--env applies to `train sft`; RL continues on the env of its --init policy")
+        overrides: dict = json.loads(Path(args.config).read_text()) if args.config else {}
+        rl = dict(overrides.pop("rl", {}))
+        rl["algo"] = args.phase
+        for key in ("method", "iterations"):
+            if getattr(args, key) is not None:
+                rl[key] = getattr(args, key)
+        overrides["rl"] = rl
+        init = args.init or Path(args.out) / "policy.pt"
+        summary = jobs.run_rl(init, args.out, recipe_overrides=overrides, resume=args.resume, progress=progress)
+    print(jobs.format_eval(args.phase, summary["eval"]))
+    print(f"wrote {Path(args.out) / 'policy.pt'} and {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlafast.rl import jobs
+
+    summary = jobs.run_eval(args.checkpoint, episodes=args.episodes, seed=args.seed, progress=not args.no_progress)
+    print(jobs.format_eval("eval", summary))
+    return 0
 
 
 def _where_parser(prog: str = "vlafast bench all", add_help: bool = True) -> argparse.ArgumentParser:
@@ -119,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke-test budget (seconds, not minutes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train a flow VLA on a VecEnv: sft (scripted demos) | ppo | grpo (pi_RL)")
+    p.add_argument("phase", choices=["sft", "ppo", "grpo"])
+    p.add_argument("--out", required=True, help="run folder (policy.pt, metrics.json, summary.json)")
+    p.add_argument("--config", default=None, help="recipe JSON (partial; see vlafast/rl/recipe.py)")
+    p.add_argument("--env", default=None, help="sft: environment name (default ur5e-reach)")
+    p.add_argument("--init", default=None, help="ppo/grpo: policy.pt to start from")
+    p.add_argument("--method", choices=["flow_sde", "flow_noise"], default=None, help="ppo/grpo sampler")
+    p.add_argument("--iterations", type=int, default=None, help="ppo/grpo updates")
+    p.add_argument("--resume", action="store_true", help="ppo/grpo: continue from <out>/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a policy.pt on fixed seeds (success rate with a 95% interval)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
 
     from vlafast.robot import serve
 

@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("vocab-topk", "vlafast.bench.vocab_topk", "fused value-vector -> vocab top-k vs matmul+torch.topk and the bare matmul; one layer and whole model"),
         Benchmark("steer", "vlafast.bench.steer", "in-place steering correction / direction inside a graph-captured Gemma MLP at batch 1 and 64"),
         Benchmark("envs", "vlafast.bench.envs", "env steps/s: LIBERO per worker count (CPU) vs the openpi loop; ManiSkill GPU sim at 320/1024 envs (CUDA)"),
+        Benchmark("rollout", "vlafast.bench.rollout", "chunks/s with log-probs: real pi0 graphed vs eager at B=64/256 (CUDA); tiny pi0 + built-in env (CPU)"),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }

@@ -1,0 +1,61 @@
+"""The CLI's train / eval jobs and the demo, at smoke-test budgets."""
+
+import json
+
+import pytest
+
+from vlafast.cli import main
+
+SMALL = {"num_envs": 4, "demos": 6, "sft_steps": 10, "eval_episodes": 4, "image_size": 16, "width": 32,
+         "rl": {"iterations": 1, "chunks_per_rollout": 2, "ppo": {"minibatch": 8}}}
+
+
+def test_train_sft_ppo_resume_eval(tmp_path, capsys):
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps(SMALL))
+    run1, run2 = tmp_path / "sft", tmp_path / "ppo"
+    assert main(["train", "sft", "--config", str(cfg), "--out", str(run1), "--no-progress"]) == 0
+    assert (run1 / "policy.pt").exists() and json.loads((run1 / "summary.json").read_text())["phase"] == "sft"
+    assert main(["train", "ppo", "--init", str(run1 / "policy.pt"), "--out", str(run2), "--iterations", "1",
+                 "--no-progress"]) == 0
+    assert main(["train", "ppo", "--out", str(run2), "--resume", "--iterations", "2", "--no-progress"]) == 0
+    history = json.loads((run2 / "metrics.json").read_text())
+    assert [h["iteration"] for h in history] == [1, 2]
+    assert main(["eval", "--checkpoint", str(run2 / "policy.pt"), "--episodes", "4", "--no-progress"]) == 0
+    assert "success" in capsys.readouterr().out
+
+
+def test_train_errors(tmp_path):
+    with pytest.raises(SystemExit, match="needs --init"):
+        main(["train", "ppo", "--out", str(tmp_path / "x")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"num_envz": 3}))
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['num_envz'\]"):
+        main(["train", "sft", "--config", str(bad), "--out", str(tmp_path / "y")])
+    with pytest.raises(FileNotFoundError, match="no policy checkpoint"):
+        main(["eval", "--checkpoint", str(tmp_path / "none.pt")])
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--no-progress", "--seconds", "0.2", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    report = (run / "report.md").read_text()
+    for section in ("Real-time core", "pi_RL on the built-in UR5e reach task", "Steering", "Recipe"):
+        assert section in report
+    for png in ("training.png", "speed.png"):
+        assert (run / png).stat().st_size > 5000
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["sft"]["success_rate"] <= 1.0 and len(summary["history"]) == 2
+    assert "success SFT + PPO" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_rollout_bench_rows(tmp_path):
+    out = tmp_path / "r.csv"
+    assert main(["bench", "rollout", "--out", str(out)]) == 0
+    from vlafast.bench.core import read_rows
+
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(float(r["achieved"]) > 0 for r in rows)
+    assert {r["unit"] for r in rows} == {"chunks/s", "env steps/s"}
