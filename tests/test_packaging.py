@@ -22,4 +22,5 @@ def test_pip_wheel_contains_C(tmp_path):
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert any(n.startswith("vlafast/_C") and n.endswith(".so") for n in names), names
     assert "vlafast/_backend.py" in names
+    assert "vlafast/assets/ur5e.xml" in names  # package data: the UR5e model
     assert not any("libtorch" in n for n in names)

@@ -23,7 +23,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; read when mujoc
 import mujoco  # noqa: E402
 
 from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds  # noqa: E402
-from vlafast.envs.ur5e import EE_SITE, HOME_QPOS, JOINT_LIMITS, NUM_JOINTS, arm_xml  # noqa: E402
+from vlafast.envs.ur5e import EE_SITE, HOME_QPOS, NUM_JOINTS, build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,12 @@ class ReachConfig:
         return 3 if self.action_mode == "ee_delta" else NUM_JOINTS
 
 
-def _scene_xml(cfg: ReachConfig) -> str:
-    balls = "\n".join(
-        f'    <body name="ball_{name}" mocap="true" pos="0 0.5 0.2">'
-        f'<geom type="sphere" size="0.035" rgba="{r} {g} {b} 1" contype="0" conaffinity="0"/></body>'
-        for name, (r, g, b) in COLOURS.items()
-    )
-    camera = '    <camera name="base" pos="0 1.45 0.75" xyaxes="-1 0 0 0 -0.45 0.9" fovy="50"/>'
-    return arm_xml(extra_worldbody=balls + "\n" + camera)
+def _add_scene(spec: mujoco.MjSpec) -> None:
+    """Three mocap balls (moved per episode) and the fixed "base" camera facing the arm."""
+    for name, rgb in COLOURS.items():
+        body = spec.worldbody.add_body(name=f"ball_{name}", mocap=True, pos=[0, 0.5, 0.2])
+        body.add_geom(type=mujoco.mjtGeom.mjGEOM_SPHERE, size=[0.035, 0, 0], rgba=[*rgb, 1.0], contype=0, conaffinity=0)
+    spec.worldbody.add_camera(name="base", pos=[0, 1.45, 0.75], xyaxes=[-1, 0, 0, 0, -0.45, 0.9], fovy=50)
 
 
 @dataclasses.dataclass
@@ -102,7 +100,7 @@ class UR5eReach:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.cfg = config
-        self.model = mujoco.MjModel.from_xml_string(_scene_xml(config))
+        self.model = build_model(_add_scene)
         self.substeps = max(1, round(1.0 / (config.control_hz * self.model.opt.timestep)))
         self.datas = [mujoco.MjData(self.model) for _ in range(num_envs)]
         self.spec = EnvSpec(
@@ -113,8 +111,7 @@ class UR5eReach:
         )
         self._site = self.model.site(EE_SITE).id
         self._mocap = {c: self.model.body(f"ball_{c}").mocapid[0] for c in COLOURS}
-        self._lo = np.array([lo for lo, _ in JOINT_LIMITS])
-        self._hi = np.array([hi for _, hi in JOINT_LIMITS])
+        self._lo, self._hi = self.model.jnt_range[:NUM_JOINTS].T.copy()  # joint limits from the model
         self._renderer: mujoco.Renderer | None = None
         self._seed_rng = np.random.default_rng(seed)
         self._episodes = [_Episode(rng=np.random.default_rng(s)) for s in env_seeds(seed, num_envs, self._seed_rng)]
@@ -204,9 +201,9 @@ class UR5eReach:
 
     def _reset_one(self, i: int) -> None:
         ep, d = self._episodes[i], self.datas[i]
-        mujoco.mj_resetDataKeyframe(self.model, d, 0)
-        d.qpos[:NUM_JOINTS] += ep.rng.normal(0.0, 0.05, NUM_JOINTS)
-        d.ctrl[:] = d.qpos[:NUM_JOINTS]
+        mujoco.mj_resetData(self.model, d)
+        d.qpos[:NUM_JOINTS] = np.asarray(HOME_QPOS) + ep.rng.normal(0.0, 0.05, NUM_JOINTS)
+        d.ctrl[:NUM_JOINTS] = d.qpos[:NUM_JOINTS]
         positions: list[np.ndarray] = []
         if self.cfg.slot_jitter is not None:  # red left, green centre, blue right, jittered
             j = self.cfg.slot_jitter
@@ -247,7 +244,9 @@ class UR5eReach:
             else:
                 dq = a * cfg.max_joint_step
             before = d.site_xpos[self._site].copy()
-            d.ctrl[:] = np.clip(d.qpos[:NUM_JOINTS] + dq, self._lo, self._hi)
+            target = np.clip(d.qpos[:NUM_JOINTS] + dq, self._lo, self._hi)
+            d.ctrl[:NUM_JOINTS] = target                                           # position targets
+            d.ctrl[NUM_JOINTS:] = (target - d.qpos[:NUM_JOINTS]) * cfg.control_hz  # velocity feed-forward
             mujoco.mj_step(self.model, d, nstep=self.substeps)
             if not np.isfinite(d.qpos).all():
                 raise FloatingPointError("simulation diverged (non-finite joint positions)")

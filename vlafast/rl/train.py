@@ -128,12 +128,13 @@ def sft(policy: VLAPolicy, demos: Demos, *, steps: int, batch_size: int = 32, lr
 
 @torch.no_grad()
 def evaluate(policy: VLAPolicy, env, *, episodes: int, seed: int, num_steps: int = 4,
-             progress: bool = True) -> dict[str, Any]:
-    """Deterministic (ODE) evaluation on fixed seeds: success rate, return, and the behaviour
-    metric (mean end-effector displacement per step, when the env reports it) per instruction
-    speed word. Each env runs whole episodes; exactly ``episodes`` are counted."""
+             sampler=None, progress: bool = True) -> dict[str, Any]:
+    """Evaluation on fixed seeds: success rate, return, and the behaviour metric (mean
+    end-effector displacement per step, when the env reports it). Deterministic ODE sampling
+    with ``num_steps`` unless ``sampler`` (a flow sampler config, e.g. the training Flow-SDE)
+    is given. Each env runs whole episodes; exactly ``episodes`` are counted."""
     policy.eval()
-    cfg = policy.sampler_config("ode", num_steps)
+    cfg = sampler if sampler is not None else policy.sampler_config("ode", num_steps)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     obs = env.reset(seed=seed)
     B = env.spec.num_envs

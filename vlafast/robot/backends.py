@@ -30,7 +30,7 @@ import numpy as np
 from vlafast._ext import load_C
 from vlafast.robot.servo import DOF, UR5E_HOME
 
-ASSET = Path(__file__).resolve().parent / "assets" / "ur5e.xml"
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "ur5e.xml"  # the one UR5e model, shared with vlafast.envs
 
 
 class NullBackend:
@@ -116,7 +116,7 @@ def _menagerie_model() -> Path | None:
 class MujocoUR5eBackend:
     """A simulated UR5e stepping in real time (one physics step per model timestep of wall time,
     catching up when late). Uses ``$MENAGERIE_ROOT/universal_robots_ur5e/scene.xml`` when set
-    (position actuators: targets only), else the lean built-in model ``assets/ur5e.xml``
+    (position actuators: targets only), else the lean built-in model ``vlafast/assets/ur5e.xml``
     (PD + velocity feed-forward: targets and target velocities).
 
     ``log_seconds`` of (t, target, measured q) are kept for plots and tests.
