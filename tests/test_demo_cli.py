@@ -47,7 +47,8 @@ def test_demo_quick_writes_report(tmp_path, capsys):
         assert (run / png).stat().st_size > 5000
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["sft"]["success_rate"] <= 1.0 and len(summary["history"]) == 2
-    assert "success SFT + PPO" in capsys.readouterr().out
+    assert "success SFT + PPO (ODE / SDE)" in capsys.readouterr().out
+    assert 0.0 <= summary["rl_sde"]["success_rate"] <= 1.0
 
 
 @pytest.mark.slow

@@ -40,8 +40,9 @@ def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], ev
     axes[0].set(title="SFT flow-matching loss", xlabel="step", yscale="log")
     it = [h["iteration"] for h in history]
     axes[1].plot(it, [h["success_rate"] for h in history], marker="o", ms=3, label="rollout success (SDE)")
-    for name, ev, style in (("SFT", evals["sft"], "--"), ("RL", evals["rl"], "-")):
-        axes[1].axhline(ev["success_rate"], ls=style, c="k", lw=1, label=f"eval {name} (ODE)")
+    for key, style, colour in (("sft", "--", "k"), ("rl", "-", "k"), ("sft_sde", "--", "tab:orange"), ("rl_sde", "-", "tab:orange")):
+        name = ("SFT" if key.startswith("sft") else "+PPO") + (" SDE" if key.endswith("sde") else " ODE")
+        axes[1].axhline(evals[key]["success_rate"], ls=style, c=colour, lw=1, label=f"eval {name}")
     axes[1].set(title="success rate vs update", xlabel="PPO update", ylim=(-0.02, 1.02))
     axes[1].legend(fontsize=7)
     axes[2].plot(it, [h["return"] for h in history], marker="o", ms=3)
@@ -124,16 +125,23 @@ def main(args: argparse.Namespace) -> int:
                    seed=recipe.seed, progress=progress)
     t_sft = time.perf_counter() - t0
     eval_seed = recipe.seed + 100
-    ev_sft = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, num_steps=recipe.rl.num_steps,
-                        progress=progress)
-    print(format_eval("SFT", summarise_eval(ev_sft)))
+    sde = policy.sampler_config(recipe.rl.method, recipe.rl.num_steps, recipe.rl.sde_a, hybrid=recipe.rl.sde_hybrid)
+
+    def evaluate(name: str) -> tuple[dict, dict]:
+        """The same fixed seeds under ODE sampling and under the training sampler."""
+        ode_ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=eval_seed,
+                            num_steps=recipe.rl.num_steps, progress=progress)
+        sde_ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, sampler=sde, progress=progress)
+        print(format_eval(f"{name} ODE", summarise_eval(ode_ev)))
+        print(format_eval(f"{name} SDE", summarise_eval(sde_ev)))
+        return ode_ev, sde_ev
+
+    ev_sft, ev_sft_sde = evaluate("SFT")
     save_policy(policy, recipe, out / "policy_sft.pt")
     t0 = time.perf_counter()
     history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress)
     t_rl = time.perf_counter() - t0
-    ev_rl = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, num_steps=recipe.rl.num_steps,
-                       progress=progress)
-    print(format_eval("SFT + PPO", summarise_eval(ev_rl)))
+    ev_rl, ev_rl_sde = evaluate("+PPO")
     save_policy(policy, recipe, out / "policy.pt")
 
     print("\n== 3/3 steering")
@@ -141,15 +149,20 @@ def main(args: argparse.Namespace) -> int:
     print(steer_md)
     env.close()
 
-    evals = {"sft": ev_sft, "rl": ev_rl}
+    evals = {"sft": ev_sft, "rl": ev_rl, "sft_sde": ev_sft_sde, "rl_sde": ev_rl_sde}
     plots = _plots(out, losses, history, evals)
     s_sft, s_rl = summarise_eval(ev_sft), summarise_eval(ev_rl)
+    s_sft_sde, s_rl_sde = summarise_eval(ev_sft_sde), summarise_eval(ev_rl_sde)
+
+    def pct(s: dict) -> str:
+        return f"{100 * s['success_rate']:.1f}% +- {100 * s['success_ci95']:.1f}"
+
     rows = [
         ("servo p99 jitter", f"{servo['p99_us']:.1f} us ({servo['policy']}), {servo['missed']} missed"),
         ("demos", f"{demos.episodes} scripted episodes, {len(demos)} chunks"),
         ("SFT", f"{recipe.sft_steps} steps in {t_sft:.0f} s"),
-        ("success SFT", f"{100 * s_sft['success_rate']:.1f}% +- {100 * s_sft['success_ci95']:.1f} ({s_sft['episodes']} episodes)"),
-        ("success SFT + PPO", f"{100 * s_rl['success_rate']:.1f}% +- {100 * s_rl['success_ci95']:.1f} ({s_rl['episodes']} episodes)"),
+        ("success SFT (ODE / SDE)", f"{pct(s_sft)} / {pct(s_sft_sde)} ({s_sft['episodes']} episodes each)"),
+        ("success SFT + PPO (ODE / SDE)", f"{pct(s_rl)} / {pct(s_rl_sde)} ({s_rl['episodes']} episodes each)"),
         ("PPO", f"{len(history)} updates ({recipe.rl.method}, K={recipe.rl.num_steps}) in {t_rl:.0f} s, "
                 f"{np.mean([h['chunks_per_s'] for h in history]):.0f} chunks/s"),
         ("total", f"{time.perf_counter() - t_start:.0f} s"),
@@ -171,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
 Task: {recipe.env}, {recipe.num_envs} parallel MuJoCo arms, {recipe.image_size} px camera, instructions with
 colour and speed words. Policy: tiny pi0 ({n_params / 1e6:.2f} M parameters, real structure). SFT on
 {demos.episodes} scripted episodes (few-shot on purpose), then PPO with Flow-SDE log-probs
-(a={recipe.rl.sde_a}, K={recipe.rl.num_steps}), evaluation with deterministic ODE sampling on fixed seeds.
+(a={recipe.rl.sde_a}, K={recipe.rl.num_steps}), evaluated on fixed seeds with deterministic ODE sampling
+and with the training sampler (SDE).
 
 ![training](training.png)
 
@@ -193,7 +207,7 @@ Mean end-effector displacement per step (m), by instruction speed word:
 """
     atomic_write_text(out / "report.md", report)
     atomic_write_text(out / "summary.json", json.dumps(
-        {"servo": servo, "sft": s_sft, "rl": s_rl, "history": history,
+        {"servo": servo, "sft": s_sft, "rl": s_rl, "sft_sde": s_sft_sde, "rl_sde": s_rl_sde, "history": history,
          "steering": None if steer is None else {k: v for k, v in steer.items() if k != "markdown"}},
         indent=1, default=str))
     print("\n" + table)
