@@ -57,6 +57,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.env:
+        from vlafast.rl import checkpoint_eval
+
+        return checkpoint_eval.main(args)
     from vlafast.rl import jobs
 
     summary = jobs.run_eval(args.checkpoint, episodes=args.episodes, seed=args.seed, progress=not args.no_progress)
@@ -170,11 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a policy.pt on fixed seeds (success rate with a 95% interval)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--episodes", type=int, default=None)
+    p = sub.add_parser("eval", help="evaluate a policy.pt on fixed seeds, or a pi0 / pi0.5 checkpoint on --env "
+                                     "(success rate with a 95% interval)")
+    p.add_argument("--checkpoint", required=True, help="policy.pt; with --env: a LeRobot / openpi pi0 / pi0.5 folder")
+    p.add_argument("--episodes", type=int, default=None, help="with --env: per task (default 10)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    from vlafast.rl import checkpoint_eval
+
+    checkpoint_eval.add_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
     from vlafast.robot import serve
