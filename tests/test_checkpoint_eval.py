@@ -257,3 +257,47 @@ def test_tiny_lerobot_pi0_on_real_libero(tmp_path, tokenizer_path, capsys):
     for rel in summary["videos"]:
         with Image.open(out / rel) as gif:
             assert gif.n_frames == budget // horizon and gif.size == (2 * 64, 64)
+
+
+# -- for real: ManiSkill (SAPIEN needs a Vulkan device: lavapipe here via `make maniskill`) ------------
+
+def _sapien_error() -> str | None:
+    try:
+        from vlafast.envs.maniskill import _use_vulkan_icd
+
+        _use_vulkan_icd()
+        import mani_skill.envs  # noqa: F401
+        import sapien.render
+
+        sapien.render.get_device_summary()
+    except ImportError as exc:
+        return f"mani-skill is not installed ({exc}); `make maniskill`"
+    except RuntimeError as exc:
+        return f"SAPIEN has no Vulkan device here: {exc}"
+    return None
+
+
+@pytest.mark.vulkan
+@pytest.mark.slow
+def test_tiny_lerobot_pi0_on_real_maniskill(tmp_path, tokenizer_path):
+    err = _sapien_error()
+    if err:
+        pytest.skip(err)
+    state_dim = 29  # PickCube-v1 rgb: agent qpos 9 + qvel 9, tcp pose 7, goal 3, is_grasped 1
+    cfg = Pi0Config.tiny(action_dim=8, state_dim=32, vocab_size=400)
+    ck = write_lerobot(tmp_path / "ck", random_policy(cfg), stats_for(LIBERO_A, state_dim))
+    budget, horizon = 6, 3
+    summary = ce.evaluate_checkpoint(
+        ck, "maniskill:PickCube-v1", tokenizer_path, cfg=ce.EvalConfig(episodes=2, exec_horizon=horizon, num_steps=2,
+                                                                       videos=1, seed=1),
+        out=tmp_path / "run", num_envs=2, config=cfg, progress=False,
+        env_overrides={"sim_backend": "physx_cpu", "image_size": 48, "max_episode_steps": budget})
+    (task,) = summary["tasks"]
+    assert task["episodes"] == 2 and task["instruction"] == "pick up the red cube and move it to the green goal"
+    assert sorted(e["env"] for e in summary["episodes"]) == [0, 1]
+    for e in summary["episodes"]:
+        assert e["error"] is None and (e["length"] == budget or (e["success"] and e["length"] < budget))
+    assert task["ci95"] == pytest.approx(list(_wilson_by_inversion(task["successes"], 2)), abs=1e-9)
+    (rel,) = summary["videos"]
+    with Image.open(tmp_path / "run" / rel) as gif:
+        assert gif.n_frames == budget // horizon and gif.size == (48, 48)
