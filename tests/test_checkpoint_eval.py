@@ -143,6 +143,27 @@ def test_pi0_adapter_builds_the_model_inputs(tmp_path, tokenizer_path):
     assert short.tokens.shape == (3, 4) and short.tokens[2].tolist() == expected[2][:4]
 
 
+def test_pi0_prompt_has_the_tokenizers_bos_and_a_separate_newline(tmp_path):
+    """openpi: encode(text, add_bos=True) + encode("\\n"); a tokenizer.json adds BOS through its
+    post-processor (PaliGemma's does), and the newline must not get a second BOS."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "<bos>": 2, "\n": 3, "pick": 4, "up": 5, "the": 6, "bowl": 7}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(" "), behavior="removed")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.save(str(tmp_path / "tok.json"))
+    pt = ce.PromptTokenizer(tmp_path / "tok.json")
+    assert ce.prompt_ids(pt, " pick_up the\nbowl ", None) == [2, 4, 5, 6, 7, 3]
+    policy = _load(_checkpoint(tmp_path / "ck", pi05=False))
+    spec = _spec()
+    obs = _obs(spec)
+    obs["instruction"] = ["pick up", "the bowl", "pick up the bowl"]
+    x = ce.ObsAdapter(policy, pt, spec)(obs)
+    assert x.tokens.tolist() == [[2, 4, 5, 3, 0, 0], [2, 6, 7, 3, 0, 0], [2, 4, 5, 6, 7, 3]]
+    assert x.token_masks.sum(1).tolist() == [4, 4, 6]
+
+
 def test_pi05_adapter_puts_the_discretised_state_in_the_prompt(tmp_path, tokenizer_path):
     stats = stats_for(LIBERO_A, LIBERO_S)
     policy = _load(_checkpoint(tmp_path / "ck", pi05=True))
@@ -218,6 +239,8 @@ def test_cli_dispatches_env_evaluations(tmp_path, tokenizer_path):
     with pytest.raises(SystemExit, match="--tasks must be comma-separated integers"):
         main(["eval", "--checkpoint", str(tmp_path), "--env", "libero:libero_10", "--tokenizer", str(tokenizer_path),
               "--tasks", "0,one"])
+    with pytest.raises(SystemExit, match="--tokenizer, --videos apply to benchmark envs"):
+        main(["eval", "--checkpoint", str(tmp_path / "policy.pt"), "--tokenizer", "t.json", "--videos", "3"])
     with pytest.raises(ValueError, match="libero:<suite>"):  # reached checkpoint_eval, not the policy.pt path
         main(["eval", "--checkpoint", str(tmp_path), "--env", "gym:CartPole-v1", "--tokenizer", str(tokenizer_path)])
 

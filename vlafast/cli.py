@@ -57,10 +57,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.env:
-        from vlafast.rl import checkpoint_eval
+    from vlafast.rl import checkpoint_eval
 
+    if args.env:
         return checkpoint_eval.main(args)
+    checkpoint_eval.reject_env_options(args)
     from vlafast.rl import jobs
 
     summary = jobs.run_eval(args.checkpoint, episodes=args.episodes, seed=args.seed, progress=not args.no_progress)

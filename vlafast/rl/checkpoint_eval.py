@@ -408,12 +408,22 @@ def add_arguments(p) -> None:
     g.add_argument("--tokenizer", default=None, help="PaliGemma's tokenizer.json or paligemma_tokenizer.model")
     g.add_argument("--tasks", default=None, help="LIBERO task ids, comma separated (default: the whole suite)")
     g.add_argument("--num-envs", type=int, default=None, help="parallel envs (default: LIBERO one per task, ManiSkill 1)")
-    g.add_argument("--videos", type=int, default=2, help="episodes saved as GIFs (default 2)")
+    g.add_argument("--videos", type=int, default=None, help="episodes saved as GIFs (default 2)")
     g.add_argument("--out", default=None, help="run folder (default runs/eval-<env>-<time>)")
     g.add_argument("--steps", type=int, default=None, help="denoise steps (default: the checkpoint's)")
-    g.add_argument("--exec-horizon", type=int, default=EXEC_HORIZON,
+    g.add_argument("--exec-horizon", type=int, default=None,
                    help=f"actions executed per chunk before replanning (default {EXEC_HORIZON}, as openpi's LIBERO example)")
     g.add_argument("--max-episode-steps", type=int, default=None, help="step budget per episode (default: the env's)")
+
+
+ENV_OPTIONS = ("tokenizer", "tasks", "num_envs", "videos", "out", "steps", "exec_horizon", "max_episode_steps")
+
+
+def reject_env_options(args) -> None:
+    """``vlafast eval`` without --env (a built-in task's policy.pt): the --env options do not apply."""
+    given = [f"--{k.replace('_', '-')}" for k in ENV_OPTIONS if getattr(args, k, None) is not None]
+    if given:
+        raise SystemExit(f"{', '.join(given)} apply to benchmark envs: add --env libero:<suite> | maniskill:<task>")
 
 
 def main(args) -> int:
@@ -425,8 +435,10 @@ def main(args) -> int:
         tasks = None if args.tasks is None else [int(t) for t in args.tasks.split(",") if t.strip()]
     except ValueError:
         raise SystemExit(f"--tasks must be comma-separated integers, got {args.tasks!r}") from None
-    cfg = EvalConfig(episodes=args.episodes or EvalConfig.episodes, exec_horizon=args.exec_horizon,
-                     num_steps=args.steps, videos=args.videos, seed=0 if args.seed is None else args.seed)
+    cfg = EvalConfig(episodes=args.episodes or EvalConfig.episodes,
+                     exec_horizon=EXEC_HORIZON if args.exec_horizon is None else args.exec_horizon,
+                     num_steps=args.steps, videos=EvalConfig.videos if args.videos is None else args.videos,
+                     seed=0 if args.seed is None else args.seed)
     overrides = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
     summary = evaluate_checkpoint(args.checkpoint, args.env, args.tokenizer, cfg=cfg, out=args.out, tasks=tasks,
                                   num_envs=args.num_envs, env_overrides=overrides, progress=not args.no_progress)
