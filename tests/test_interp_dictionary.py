@@ -205,3 +205,16 @@ def test_metadata_is_json_with_model_facts(tmp_path):
     assert meta["layers"] == ["vlm.0", "vlm.1"] and meta["k"] == 2 and meta["model_id"] == "m"
     assert meta["vocab_rows"] == 101 and meta["width"] == 48 and len(meta["fingerprint"]) == 32
     assert not math.isnan(float(d.top_scores.max()))
+
+
+def test_expert_excluded_even_at_the_vlm_width():
+    from vlafast.models import GemmaConfig
+
+    vlm = Pi0Config.tiny().vlm
+    model = _randomize(Pi0Policy(Pi0Config.tiny(vocab_size=101, expert=vlm)), 0)
+    assert dict(model.mlps())["expert.0"].down_proj.weight.shape == (48, 80)  # same shape as the VLM's
+    d = NeuronDictionary.build(model, word_tokens(101), k=2)
+    assert d.layers == ("vlm.0", "vlm.1")
+    with pytest.raises(ValueError, match="is in the action expert"):
+        NeuronDictionary.build(model, word_tokens(101), layers=["expert.1"])
+    assert isinstance(vlm, GemmaConfig)

@@ -22,6 +22,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _cmd_dictionary(args: argparse.Namespace) -> int:
+    from vlafast.interp import commands
+
+    return commands.main_dictionary(args)
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    from vlafast.interp import commands
+
+    return commands.main_steer(args)
+
+
 def _cmd_serve_robot(args: argparse.Namespace) -> int:
     from vlafast.robot import serve
 
@@ -185,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     checkpoint_eval.add_arguments(p)
     p.set_defaults(func=_cmd_eval)
+
+    from vlafast.interp import commands as interp_commands
+
+    p = sub.add_parser("dictionary", help="neuron dictionary: build (value vectors -> vocab top-k) | search | explain")
+    interp_commands.add_dictionary_arguments(p)
+    p.set_defaults(func=_cmd_dictionary)
+
+    p = sub.add_parser("steer", help="clamp keyword clusters on the built-in task; print steered vs unsteered speed")
+    interp_commands.add_steer_arguments(p)
+    p.set_defaults(func=_cmd_steer)
 
     from vlafast.robot import serve
 

@@ -37,6 +37,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("steer", "vlafast.bench.steer", "in-place steering correction / direction inside a graph-captured Gemma MLP at batch 1 and 64"),
         Benchmark("envs", "vlafast.bench.envs", "env steps/s: LIBERO per worker count (CPU) vs the openpi loop; ManiSkill GPU sim at 320/1024 envs (CUDA)"),
         Benchmark("rollout", "vlafast.bench.rollout", "chunks/s with log-probs: real pi0 graphed vs eager at B=64/256 (CUDA); tiny pi0 + built-in env (CPU)"),
+        Benchmark("dictionary", "vlafast.bench.dictionary", "whole-model neuron dictionary (pi0, OpenVLA sizes) vs materialise-then-topk"),
+        Benchmark("steering", "vlafast.bench.steering", "steering plans' overhead on a graphed pi0 chunk at batch 1 and 64 (budget 2%)"),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }

@@ -83,7 +83,9 @@ def resolve_layers(model: nn.Module, layers: Iterable[int | str] | None) -> list
     mlps = model_mlps(model)
     E, _ = vocab_surface(model)
     D = E.shape[1]
-    projectable = [n for n, mlp in mlps.items() if mlp.down_proj.weight.shape[0] == D]
+    # VLM layers only: pi0's expert writes its own stream (1024 wide in pi0; the same width as
+    # the VLM in some tiny configs, but still never read out through the vocabulary)
+    projectable = [n for n, mlp in mlps.items() if n.startswith("vlm.") and mlp.down_proj.weight.shape[0] == D]
     if layers is None:
         return projectable
     out = []
@@ -94,8 +96,8 @@ def resolve_layers(model: nn.Module, layers: Iterable[int | str] | None) -> list
         if name not in projectable:
             width = mlps[name].down_proj.weight.shape[0]
             raise ValueError(
-                f"layer {name!r} writes a {width}-wide stream (the action expert) that is never projected onto "
-                f"the {D}-wide vocabulary, so it has no dictionary; pick from {_names(projectable)}"
+                f"layer {name!r} is in the action expert: it writes the expert's own {width}-wide stream, which is "
+                f"never projected onto the vocabulary, so it has no dictionary; pick from {_names(projectable)}"
             )
         if name in out:
             raise ValueError(f"layer {name!r} listed twice")
@@ -146,12 +148,12 @@ def normalize_token(token: str) -> str:
 
 
 def _fingerprint(tensors: Sequence[Tensor]) -> str:
-    """sha256 over shapes, dtypes and up to 2**20 evenly strided elements of each tensor: cheap
-    (a whole model's down_proj + embedding in well under a second) and identifies a checkpoint."""
+    """sha256 over shapes, dtypes and up to 2**16 evenly strided elements of each tensor: cheap
+    (a whole pi0's down_proj + embedding: 1.2 M values, milliseconds) and tells checkpoints apart."""
     h = hashlib.sha256()
     for t in tensors:
         flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() >> 20)
+        step = max(1, flat.numel() >> 16)
         h.update(f"{list(t.shape)}{t.dtype}".encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
@@ -255,8 +257,9 @@ class NeuronDictionary:
         E = E[: len(tokens)]  # [V', D]: padding rows past the tokenizer are never a token
         gain = gain.detach().to(E.dtype) if final_norm else None
         N = mlps[names[0]].down_proj.weight.shape[1]
-        top_ids = torch.empty(len(names), N, k, dtype=torch.int64)
-        top_scores = torch.empty(len(names), N, k, dtype=torch.float32)
+        # results stay on the device until the end: no host sync between layers
+        top_ids = torch.empty(len(names), N, k, dtype=torch.int64, device=E.device)
+        top_scores = torch.empty(len(names), N, k, dtype=torch.float32, device=E.device)
         bottom = (torch.empty_like(top_ids), torch.empty_like(top_scores)) if bottom_k else None
         passes = [(True, top_ids, top_scores)] + ([(False, *bottom)] if bottom else [])
         bar = _bar(progress, len(names) * N * len(passes))
@@ -266,7 +269,7 @@ class NeuronDictionary:
                 if W.shape[1] != N:
                     raise ValueError(f"layers must share one MLP width to share a dictionary: {names[0]} has {N} "
                                      f"neurons, {name} has {W.shape[1]}")
-                values = W.T if gain is None else (W * gain[:, None]).T  # [N, D] value vectors
+                values = (W if gain is None else W * gain[:, None]).T.contiguous()  # [N, D] value vectors
                 for largest, ids_out, scores_out in passes:
                     scores, ids = vocab_topk_chunked(values, E, k, largest=largest, chunk_size=chunk_size,
                                                      progress=False)
@@ -280,8 +283,8 @@ class NeuronDictionary:
         meta = {"format": FORMAT, "model_id": model_id, "fingerprint": weights_fingerprint(model, names),
                 "k": k, "layers": names, "bottom_k": bottom_k, "final_norm": final_norm,
                 "vocab_rows": V, "width": E.shape[1]}
-        return cls(tuple(names), tuple(tokens), top_ids, top_scores,
-                   bottom[0] if bottom else None, bottom[1] if bottom else None, meta)
+        return cls(tuple(names), tuple(tokens), top_ids.cpu(), top_scores.cpu(),
+                   bottom[0].cpu() if bottom else None, bottom[1].cpu() if bottom else None, meta)
 
     # -- files ---------------------------------------------------------------------------------
 

@@ -1,0 +1,106 @@
+"""Behaviour measurement and the `vlafast dictionary` / `vlafast steer` commands on a tiny policy
+trained once per session on the built-in reach task (speed words in its instructions)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlafast.cli import main
+from vlafast.interp import NeuronDictionary, SteeringPlan
+from vlafast.interp import behaviour as bh
+from vlafast.rl.recipe import Recipe, save_policy
+from vlafast.rl.train import evaluate
+
+RECIPE = Recipe(num_envs=8, demos=32, sft_steps=200)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.manual_seed(0)
+    policy, env = bh.train_tiny_policy(RECIPE)
+    path = tmp_path_factory.mktemp("policy") / "policy.pt"
+    save_policy(policy, RECIPE, path)
+    yield policy, env, path
+    env.close()
+
+
+def test_bootstrap_ci_matches_normal_theory():
+    x = np.random.default_rng(0).normal(3.0, 2.0, 4000)
+    lo, hi = bh.bootstrap_ci(x, samples=4000)
+    half = 1.96 * x.std() / np.sqrt(len(x))  # 0.062
+    assert lo == pytest.approx(x.mean() - half, abs=0.01) and hi == pytest.approx(x.mean() + half, abs=0.01)
+    # paired differences: y - x has a much smaller spread than y or x alone
+    y = x + 1.0 + np.random.default_rng(1).normal(0.0, 0.1, 4000)
+    dlo, dhi = bh.bootstrap_ci(y - x, samples=4000)
+    assert dlo < 1.0 < dhi and dhi - dlo < 0.02  # 2 * 1.96 * 0.1 / sqrt(4000) = 0.0062
+
+
+def test_with_speed_word():
+    assert bh.with_speed_word("touch the red ball slowly", "quickly") == "touch the red ball quickly"
+    assert bh.with_speed_word("go to the blue ball", "slowly") == "go to the blue ball slowly"
+
+
+@pytest.mark.slow
+def test_steering_comparison_measures_speed(trained):
+    policy, env, _ = trained
+    d = NeuronDictionary.build(policy, policy.tokenizer, k=3)
+    plans = bh.cluster_plans(policy, d, ["fast", "slow"], alpha=4.0)
+    assert set(plans) == {"fast", "slow"}
+    assert all(layer == "vlm.0" for p in plans.values() for layer in p.neurons)  # the last VLM MLP is skipped
+    plans["dir:quickly"] = bh.speed_direction(policy, env, alpha=1.0, towards="quickly")
+    plans["dir:slowly"] = bh.speed_direction(policy, env, alpha=1.0, towards="slowly")
+    res = bh.steering_comparison(policy, env, plans, episodes=16, seed=100)
+    runs = res["runs"]
+    print(bh.format_comparison(res))
+    assert all(mlp.steer is None for _, mlp in policy.model.mlps())  # every plan removed
+    # the unsteered run is plain evaluation on the same seeds (deterministic ODE sampling)
+    ev = evaluate(policy, env, episodes=16, seed=100, progress=False)
+    assert runs["baseline"]["speed"] == pytest.approx(np.mean([r["speed"] for r in ev["records"]]), rel=1e-6)
+    for r in runs.values():
+        lo, hi = r["speed_ci95"]
+        assert lo <= r["speed"] <= hi
+    # The direction baseline moves speed the way it points: measured (200 SFT steps, 16 episodes)
+    # quickly 35.0 vs slowly 21.8 mm/step, baseline 28.8; the clusters' smaller effect (README)
+    # is not asserted: 16 episodes cannot resolve it.
+    assert runs["dir:quickly"]["speed"] > runs["dir:slowly"]["speed"]
+    assert runs["fast"]["neurons"] == len(plans["fast"]) > 0
+
+
+@pytest.mark.slow
+def test_dictionary_and_steer_cli(trained, tmp_path, capsys):
+    policy, _, path = trained
+    out = tmp_path / "d.safetensors"
+    assert main(["dictionary", "build", "--checkpoint", str(path), "-o", str(out), "-k", "3", "--bottom-k"]) == 0
+    d = NeuronDictionary.load(out)
+    assert d.k == 3 and d.layers == ("vlm.0", "vlm.1") and d.bottom_ids is not None
+    assert d.matches(policy)
+    capsys.readouterr()
+    assert main(["dictionary", "search", str(out), "quickly", "fast", "--limit", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    want = d.search(["quickly", "fast"], limit=5)
+    assert len(lines) == len(want) > 0 and all(f"{h.neuron:6d}" in line for h, line in zip(want, lines))
+    assert main(["dictionary", "explain", str(out), "1", "7"]) == 0
+    assert capsys.readouterr().out.strip() == str(d.explain(1, 7))
+    js = tmp_path / "steer.json"
+    assert main(["steer", "--checkpoint", str(path), "--dictionary", str(out), "--cluster", "fast",
+                 "--max-neurons", "4",
+                 "--episodes", "8", "--direction", "0", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "baseline" in text and "fast" in text
+    result = json.loads(js.read_text())
+    assert set(result["runs"]) == {"baseline", "fast"} and result["episodes"] == 8
+    assert result["runs"]["fast"]["neurons"] == 4
+
+
+def test_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--model pi0 or --model openvla"):
+        main(["dictionary", "build", "--checkpoint", str(tmp_path), "-o", str(tmp_path / "d.safetensors")])
+    with pytest.raises(ValueError, match="towards must be one of"):
+        bh.speed_direction(None, None, towards="sideways")
+    plan = SteeringPlan([(0, 1)])
+    with pytest.raises(ValueError, match="'baseline' is the unsteered run"):
+        bh.steering_comparison(None, None, {"baseline": plan})

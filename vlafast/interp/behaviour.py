@@ -1,0 +1,213 @@
+"""Steered vs unsteered behaviour on the built-in UR5e reach task (DESIGN §2, issue point 6).
+
+The paper's behaviour metric is the mean end-effector displacement per control step (LIBERO-
+Long: baseline 0.38, "fast" cluster 0.56, "slow" cluster 0.25). Here the env reports it per
+episode (``info["episode_speed"]``, metres per step); ``steering_comparison`` runs the same
+fixed seed set once per plan (deterministic ODE sampling: every run sees the same episodes, so
+the only difference is the plan) and reports mean speed with a bootstrap 95 % interval, the
+difference to the unsteered run with a paired (episode by episode) bootstrap interval, and
+the means per instructed speed word.
+
+Also here: ``train_tiny_policy`` (the ``vlafast.rl.recipe`` tiny pi0 behaviour-cloned on the
+scripted expert: about 50 % success after 200-300 SFT steps, seconds on an idle CPU), the speed-word direction baseline
+(``speed_direction``: mean difference of VLM activations between "... quickly" and
+"... slowly" prompts on the same scenes) and ``cluster_plans`` (keyword clusters from a
+neuron dictionary turned into plans, restricted to the VLM layers that can move the actions).
+
+Axes: B envs, P prefix tokens, D VLM width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlafast.interp.clusters import cluster
+from vlafast.interp.dictionary import NeuronDictionary
+from vlafast.interp.steering import DirectionPlan, SteeringPlan
+
+SPEED_WORDS = ("slowly", "quickly")
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny built-in policy
+
+
+def train_tiny_policy(recipe=None, *, progress: bool = False):
+    """(policy, env): the recipe's tiny pi0 (``vlafast.rl.recipe``, default ``Recipe()``: the
+    built-in reach task, a word tokenizer that also knows the paper's steering keywords)
+    behaviour-cloned on the scripted expert for ``recipe.sft_steps`` steps."""
+    from vlafast.rl import train
+    from vlafast.rl.recipe import Recipe, build_env, build_policy
+
+    recipe = recipe or Recipe()
+    env = build_env(recipe)
+    policy = build_policy(recipe, env.spec)
+    demos = train.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1,
+                                progress=progress)
+    train.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
+              seed=recipe.seed, progress=progress)
+    return policy.eval(), env
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+def action_layers(policy) -> list[str]:
+    """VLM layers whose MLPs can change pi0's actions: all but the last (whose MLP only feeds the
+    prefix output, never the K/V the expert reads; see ``Pi0Policy.mlps``)."""
+    model = policy.model if hasattr(policy, "model") else policy
+    depth = model.cfg.vlm.depth
+    return [f"vlm.{l}" for l in range(depth - 1)]
+
+
+def cluster_plans(policy, dictionary: NeuronDictionary, names: list[str], alpha: float, *,
+                  min_hits: int = 1, max_neurons: int | None = None) -> dict[str, SteeringPlan]:
+    """{name: SteeringPlan clamping cluster ``name`` at ``alpha``} over ``action_layers``. A
+    cluster with no neuron is left out (its name is absent from the result)."""
+    layers = [l for l in action_layers(policy) if l in dictionary.layers]
+    plans = {}
+    for name in names:
+        c = cluster(dictionary, name, min_hits=min_hits, layers=layers, max_neurons=max_neurons)
+        if len(c):
+            plans[name] = SteeringPlan(c.neurons, alpha=alpha, positions="prefix")
+    return plans
+
+
+def with_speed_word(instruction: str, word: str) -> str:
+    """The instruction with its speed word (if any) replaced by ``word``."""
+    base = re.sub(r"\s+(%s)$" % "|".join(SPEED_WORDS), "", instruction.strip())
+    return f"{base} {word}"
+
+
+@torch.no_grad()
+def prefix_activations(policy, obs, layer: str) -> Tensor:
+    """Residual stream after VLM ``layer`` ("vlm.{l}"), averaged over each request's valid prefix
+    tokens: [B, D]."""
+    l = int(layer.split(".")[1])
+    batch = policy.observe(obs)
+    model = policy.model
+    cache = model.embed_prefix(batch.images, batch.image_masks, batch.tokens, batch.token_masks,
+                               keep_hidden_states=True)
+    h = cache.hidden_states[l + 1].float()  # [B, P, D]
+    m = cache.pad_mask[..., None].float()
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def speed_direction(policy, env, *, layer: str = "vlm.0", alpha: float = 1.0, seed: int = 0,
+                    towards: str = "quickly") -> DirectionPlan:
+    """The direction baseline: mean VLM activation difference between the same scenes instructed
+    "... quickly" and "... slowly" (``towards="slowly"`` flips it). alpha = 1 shifts a "slowly"
+    prompt's mean activation onto the "quickly" one."""
+    if towards not in SPEED_WORDS:
+        raise ValueError(f"towards must be one of {SPEED_WORDS}, got {towards!r}")
+    away = SPEED_WORDS[1 - SPEED_WORDS.index(towards)]
+    obs = env.reset(seed=seed)
+    acts = {}
+    for word in SPEED_WORDS:
+        o = dict(obs)
+        o["instruction"] = [with_speed_word(s, word) for s in obs["instruction"]]
+        acts[word] = prefix_activations(policy, o, layer)
+    return DirectionPlan.mean_difference(layer, acts[towards], acts[away], alpha=alpha, positions="prefix")
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+
+
+def bootstrap_ci(x: np.ndarray, *, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95 % interval of mean(x)."""
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (samples, len(x)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@torch.no_grad()
+def episode_records(policy, env, *, episodes: int, seed: int, num_steps: int = 4) -> list[dict[str, Any]]:
+    """Deterministic (ODE) episodes on fixed seeds, as ``vlafast.rl.train.evaluate`` runs them, each
+    record keyed by (env, index): env i's first episodes/B episodes, sorted by key, so two runs
+    under different plans can be compared episode by episode."""
+    policy.eval()
+    cfg = policy.sampler_config("ode", num_steps)
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    obs = env.reset(seed=seed)
+    B = env.spec.num_envs
+    per_env = episodes // B
+    started = [0] * B
+    records: list[dict[str, Any]] = []
+    while len(records) < episodes:
+        actions, _, _ = policy.act(policy.observe(obs), cfg, gen)
+        instr = list(obs["instruction"])
+        obs, _, term, trunc, info = env.step(actions)
+        for i in np.where(term | trunc)[0]:
+            if started[i] < per_env:
+                records.append({"env": int(i), "index": started[i], "instruction": instr[i],
+                                "success": bool(info["success"][i]), "speed": float(info["episode_speed"][i])})
+            started[i] += 1
+    return sorted(records, key=lambda r: (r["env"], r["index"]))
+
+
+def steering_comparison(policy, env, plans: dict[str, Any], *, episodes: int = 32, seed: int = 100,
+                        num_steps: int = 4, bootstrap: int = 2000) -> dict[str, Any]:
+    """Mean end-effector speed (m per control step) per plan on one fixed seed set.
+
+    plans: {name: SteeringPlan | DirectionPlan}; the unsteered run is added as "baseline".
+    ``episodes`` should be a multiple of the env count so every run sees the same episodes.
+    Returns {"episodes", "seed", "runs": {name: {"speed", "speed_ci95", "delta", "delta_ci95",
+    "success_rate", "by_word": {word: speed}, "neurons"}}}.
+    """
+    from vlafast.rl.jobs import speed_by_word
+
+    if "baseline" in plans:
+        raise ValueError("'baseline' is the unsteered run's name; call your plan something else")
+    B = env.spec.num_envs
+    if episodes % B:
+        raise ValueError(f"episodes must be a multiple of the env count {B} (same episodes for every plan), "
+                         f"got {episodes}")
+    raw: dict[str, list[dict]] = {}
+    for name, plan in {"baseline": None, **plans}.items():
+        with plan.applied(policy) if plan is not None else contextlib.nullcontext():
+            raw[name] = episode_records(policy, env, episodes=episodes, seed=seed, num_steps=num_steps)
+    base = np.array([r["speed"] for r in raw["baseline"]])
+    runs = {}
+    for name, records in raw.items():
+        if [r["instruction"] for r in records] != [r["instruction"] for r in raw["baseline"]]:
+            raise RuntimeError(f"run {name!r} saw other episodes than the baseline; the env is not seed-deterministic")
+        speed = np.array([r["speed"] for r in records])
+        plan = plans.get(name)
+        runs[name] = {
+            "speed": float(speed.mean()),
+            "speed_ci95": bootstrap_ci(speed, samples=bootstrap, seed=seed),
+            "delta": float(speed.mean() - base.mean()),
+            "delta_ci95": bootstrap_ci(speed - base, samples=bootstrap, seed=seed),  # paired by episode
+            "success_rate": float(np.mean([r["success"] for r in records])),
+            "by_word": speed_by_word(records),
+            "neurons": len(plan) if isinstance(plan, SteeringPlan) else 0,
+        }
+    return {"episodes": episodes, "seed": seed, "runs": runs}
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """A plain-text table of ``steering_comparison``'s result (speeds in mm per control step)."""
+    runs = result["runs"]
+    words = list(next(iter(runs.values()))["by_word"])
+    head = (f"{'plan':<14}{'neurons':>8}{'speed':>8}{'95% CI':>16}{'delta':>8}{'95% CI':>16}{'success':>9}"
+            + "".join(f"{w:>9}" for w in words))
+    lines = [f"mean end-effector speed, mm per control step ({result['episodes']} episodes, seed {result['seed']})",
+             head]
+    for name, r in runs.items():
+        lo, hi = r["speed_ci95"]
+        dlo, dhi = r["delta_ci95"]
+        lines.append(
+            f"{name:<14}{r['neurons']:>8}{1e3 * r['speed']:>8.2f}{f'[{1e3 * lo:.2f}, {1e3 * hi:.2f}]':>16}"
+            f"{1e3 * r['delta']:>+8.2f}{f'[{1e3 * dlo:+.2f}, {1e3 * dhi:+.2f}]':>16}{r['success_rate']:>9.2f}"
+            + "".join(f"{1e3 * r['by_word'].get(w, math.nan):>9.2f}" for w in words))
+    return "\n".join(lines)
