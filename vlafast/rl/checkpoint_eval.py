@@ -387,7 +387,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, env_name: str, tokenizer:
     summary = summarise(records)
     summary["config"] = {"checkpoint": str(checkpoint), "env": env_name, "tokenizer": str(tok.path),
                          "variant": policy.cfg.variant, "num_envs": n, "device": device, "dtype": str(dtype),
-                         **dataclasses.asdict(cfg), "env_overrides": {k: v for k, v in overrides.items()}}
+                         **dataclasses.asdict(cfg), "env_overrides": overrides}
     summary["episodes"] = records
     summary["videos"] = []
     for v in videos:
