@@ -155,7 +155,7 @@ def episode_records(policy, env, *, episodes: int, seed: int, num_steps: int = 4
     return sorted(records, key=lambda r: (r["env"], r["index"]))
 
 
-def steering_comparison(policy, env, plans: dict[str, Any], *, episodes: int = 32, seed: int = 100,
+def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, seed: int = 100, *,
                         num_steps: int = 4, bootstrap: int = 2000) -> dict[str, Any]:
     """Mean end-effector speed (m per control step) per plan on one fixed seed set.
 
