@@ -52,6 +52,18 @@ def test_failed_write_keeps_previous_results(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]  # no temp file left behind
 
 
+def test_atomic_write_has_default_permissions(tmp_path):
+    import os
+
+    from vlafast._io import atomic_write_text
+
+    path = tmp_path / "x.txt"
+    atomic_write_text(path, "hi")
+    old = os.umask(0o022)
+    os.umask(old)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~old)
+
+
 def test_time_ms_measures_cpu_work():
     import time
 
