@@ -47,13 +47,11 @@ def test_with_speed_word():
 @pytest.mark.slow
 def test_steering_comparison_measures_speed(trained):
     policy, env, _ = trained
-    d = NeuronDictionary.build(policy, policy.tokenizer, k=3)
-    plans = bh.cluster_plans(policy, d, ["fast", "slow"], alpha=4.0)
-    assert set(plans) == {"fast", "slow"}
-    assert all(layer == "vlm.0" for p in plans.values() for layer in p.neurons)  # the last VLM MLP is skipped
-    plans["dir:quickly"] = bh.speed_direction(policy, env, alpha=1.0, towards="quickly")
-    plans["dir:slowly"] = bh.speed_direction(policy, env, alpha=1.0, towards="slowly")
-    res = bh.steering_comparison(policy, env, plans, episodes=16, seed=100)
+    plans = bh.default_plans(policy, env, alpha=4.0, k=3)
+    assert set(plans) == {"fast", "slow", "dir:quickly", "dir:slowly"}
+    # the last VLM MLP is skipped: it cannot reach the actions
+    assert all(layer == "vlm.0" for name in ("fast", "slow") for layer in plans[name].neurons)
+    res = bh.steering_comparison(policy, env, plans, 16, 100)
     runs = res["runs"]
     print(bh.format_comparison(res))
     assert all(mlp.steer is None for _, mlp in policy.model.mlps())  # every plan removed

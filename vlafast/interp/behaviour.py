@@ -81,6 +81,21 @@ def cluster_plans(policy, dictionary: NeuronDictionary, names: list[str], alpha:
     return plans
 
 
+def default_plans(policy, env, *, dictionary: NeuronDictionary | None = None, clusters: tuple[str, ...] = ("fast", "slow"),
+                  alpha: float = 4.0, k: int = 3, max_neurons: int | None = None, direction_alpha: float = 1.0,
+                  seed: int = 0) -> dict[str, Any]:
+    """The plans `vlafast steer` and the demo compare: keyword clusters from ``dictionary`` (built
+    here with top-``k`` when None) clamped at ``alpha``, and the speed-word direction baseline at
+    +-``direction_alpha`` ("dir:quickly", "dir:slowly"; none when 0)."""
+    if dictionary is None:
+        dictionary = NeuronDictionary.build(policy, policy.tokenizer, k=k)
+    plans: dict[str, Any] = dict(cluster_plans(policy, dictionary, list(clusters), alpha, max_neurons=max_neurons))
+    if direction_alpha:
+        for word in ("quickly", "slowly"):
+            plans[f"dir:{word}"] = speed_direction(policy, env, alpha=direction_alpha, seed=seed, towards=word)
+    return plans
+
+
 def with_speed_word(instruction: str, word: str) -> str:
     """The instruction with its speed word (if any) replaced by ``word``."""
     base = re.sub(r"\s+(%s)$" % "|".join(SPEED_WORDS), "", instruction.strip())

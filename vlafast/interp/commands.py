@@ -19,7 +19,8 @@ def add_dictionary_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--model", choices=["auto", "pi0", "openvla", "policy"], default="auto",
                    help="checkpoint kind (auto: policy for a .pt file; folders need pi0 or openvla)")
     b.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or sentencepiece .model (a policy.pt brings its own)")
+                   help="tokenizer.json or sentencepiece .model (default: a policy.pt's own, else "
+                        "<checkpoint>/tokenizer.json when present)")
     b.add_argument("-o", "--out", required=True, help="output .safetensors file")
     b.add_argument("-k", "--k", type=int, default=10, help="tokens kept per neuron (default 10)")
     b.add_argument("--layers", type=int, nargs="+", default=None, help="VLM layers (default: all)")
@@ -72,7 +73,8 @@ def main_dictionary(args: argparse.Namespace) -> int:
 
     if args.dict_cmd == "build":
         model, own_tok = _load_model(args)
-        tokenizer = args.tokenizer or own_tok
+        beside = Path(args.checkpoint) / "tokenizer.json"
+        tokenizer = args.tokenizer or own_tok or (str(beside) if beside.is_file() else None)
         if tokenizer is None:
             raise SystemExit("--tokenizer is required (the model's tokenizer.json or sentencepiece .model)")
         d = NeuronDictionary.build(model, tokenizer, k=args.k, layers=args.layers, bottom_k=args.bottom_k,
@@ -124,19 +126,16 @@ def main_steer(args: argparse.Namespace) -> int:
     else:
         print("no --checkpoint: training the tiny built-in policy (SFT on scripted demos) ...", flush=True)
         policy, env = bh.train_tiny_policy(progress=True)
+    d = None
     if args.dictionary:
         d = NeuronDictionary.load(args.dictionary)
         if not d.matches(policy):
             raise SystemExit(f"{args.dictionary} was built from other weights than this policy")
-    else:
-        d = NeuronDictionary.build(policy, policy.tokenizer, k=args.k)
-    plans: dict = bh.cluster_plans(policy, d, args.cluster, args.alpha, max_neurons=args.max_neurons)
+    plans = bh.default_plans(policy, env, dictionary=d, clusters=tuple(args.cluster), alpha=args.alpha, k=args.k,
+                             max_neurons=args.max_neurons, direction_alpha=args.direction)
     for name in args.cluster:
         if name not in plans:
-            print(f"cluster {name!r}: no neuron of layers {bh.action_layers(policy)} has its words in its top-{d.k}")
-    if args.direction:
-        plans["dir:quickly"] = bh.speed_direction(policy, env, alpha=args.direction, towards="quickly")
-        plans["dir:slowly"] = bh.speed_direction(policy, env, alpha=args.direction, towards="slowly")
+            print(f"cluster {name!r}: no neuron of layers {bh.action_layers(policy)} has its words in its top-k")
     result = bh.steering_comparison(policy, env, plans, episodes=args.episodes, seed=args.seed)
     env.close()
     print(bh.format_comparison(result))
