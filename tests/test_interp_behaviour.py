@@ -85,13 +85,25 @@ def test_dictionary_and_steer_cli(trained, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(d.explain(1, 7))
     js = tmp_path / "steer.json"
     assert main(["steer", "--checkpoint", str(path), "--dictionary", str(out), "--cluster", "fast",
-                 "--max-neurons", "4",
+                 "--max-neurons", "4", "--controls", "1",
                  "--episodes", "8", "--direction", "0", "--json", str(js)]) == 0
     text = capsys.readouterr().out
     assert "baseline" in text and "fast" in text
     result = json.loads(js.read_text())
-    assert set(result["runs"]) == {"baseline", "fast"} and result["episodes"] == 8
-    assert result["runs"]["fast"]["neurons"] == 4
+    assert set(result["runs"]) == {"baseline", "fast", "random:fast#0"} and result["episodes"] == 8
+    assert result["runs"]["fast"]["neurons"] == result["runs"]["random:fast#0"]["neurons"] == 4
+
+
+def test_random_control_matches_plan_sizes():
+    from test_interp_dictionary import tiny_pi0
+
+    model = tiny_pi0()
+    plan = SteeringPlan([(0, 1), (0, 5), (0, 9), ("expert.1", 3)], alpha=2.5, positions="all")
+    a, b, c = (bh.random_like(plan, model, seed=s) for s in (0, 0, 1))
+    assert {k: len(v) for k, v in a.neurons.items()} == {"vlm.0": 3, "expert.1": 1}
+    assert a.neurons == b.neurons and a.neurons != c.neurons  # seeded
+    assert (a.alpha, a.positions) == (2.5, "all")
+    assert all(0 <= i < 80 for i in a.neurons["vlm.0"]) and all(0 <= i < 56 for i in a.neurons["expert.1"])
 
 
 def test_errors(tmp_path):

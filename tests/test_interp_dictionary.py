@@ -175,6 +175,8 @@ def test_bad_input_errors(tmp_path):
         NeuronDictionary.build(model, word_tokens(101), layers=["expert.0"])
     with pytest.raises(ValueError, match="unknown layer 'vlm.7'"):
         NeuronDictionary.build(model, word_tokens(101), layers=[7])
+    with pytest.raises(ValueError, match="at least one VLM layer"):
+        NeuronDictionary.build(model, word_tokens(101), layers=[])
     with pytest.raises(ValueError, match="k must be in 1..64"):
         NeuronDictionary.build(model, word_tokens(101), k=65)
     d = NeuronDictionary.build(model, word_tokens(101), k=2, layers=[1])

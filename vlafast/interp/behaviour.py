@@ -81,15 +81,34 @@ def cluster_plans(policy, dictionary: NeuronDictionary, names: list[str], alpha:
     return plans
 
 
+def random_like(plan: SteeringPlan, policy, seed: int) -> SteeringPlan:
+    """A control for ``plan``: as many neurons in each of its layers, drawn uniformly at random
+    (``seed``), same alpha and positions. Tells a cluster's specific effect from what clamping
+    any neurons of that many does."""
+    from vlafast.interp.dictionary import model_mlps
+
+    mlps = model_mlps(policy)
+    g = torch.Generator().manual_seed(seed)
+    neurons = []
+    for layer, idx in plan.neurons.items():
+        F = mlps[layer].down_proj.weight.shape[1]
+        neurons += [(layer, int(i)) for i in torch.randperm(F, generator=g)[: len(idx)]]
+    return SteeringPlan(neurons, alpha=plan.alpha, positions=plan.positions, max_batch=plan.max_batch)
+
+
 def default_plans(policy, env, *, dictionary: NeuronDictionary | None = None, clusters: tuple[str, ...] = ("fast", "slow"),
                   alpha: float = 4.0, k: int = 3, max_neurons: int | None = None, direction_alpha: float = 1.0,
-                  seed: int = 0) -> dict[str, Any]:
+                  controls: int = 0, seed: int = 0) -> dict[str, Any]:
     """The plans `vlafast steer` and the demo compare: keyword clusters from ``dictionary`` (built
-    here with top-``k`` when None) clamped at ``alpha``, and the speed-word direction baseline at
+    here with top-``k`` when None) clamped at ``alpha``, ``controls`` random sets of the same sizes
+    per cluster ("random:fast#0", ...), and the speed-word direction baseline at
     +-``direction_alpha`` ("dir:quickly", "dir:slowly"; none when 0)."""
     if dictionary is None:
         dictionary = NeuronDictionary.build(policy, policy.tokenizer, k=k)
     plans: dict[str, Any] = dict(cluster_plans(policy, dictionary, list(clusters), alpha, max_neurons=max_neurons))
+    for name in list(plans):
+        for i in range(controls):
+            plans[f"random:{name}#{i}"] = random_like(plans[name], policy, seed=seed * 1000 + i)
     if direction_alpha:
         for word in ("quickly", "slowly"):
             plans[f"dir:{word}"] = speed_direction(policy, env, alpha=direction_alpha, seed=seed, towards=word)

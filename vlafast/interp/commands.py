@@ -108,6 +108,8 @@ def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--k", type=int, default=3, help="top-k of the dictionary built here (default 3: a ~40-word vocabulary)")
     p.add_argument("--direction", type=float, default=1.0,
                    help="also run the mean-difference direction baseline (quickly - slowly) at +-this alpha; 0: skip")
+    p.add_argument("--controls", type=int, default=0,
+                   help="random neuron sets of each cluster's size to run as controls (default 0)")
     p.add_argument("--episodes", type=int, default=32, help="episodes per run (a multiple of the env count)")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--json", default=None, help="also write the result as JSON here")
@@ -132,7 +134,7 @@ def main_steer(args: argparse.Namespace) -> int:
         if not d.matches(policy):
             raise SystemExit(f"{args.dictionary} was built from other weights than this policy")
     plans = bh.default_plans(policy, env, dictionary=d, clusters=tuple(args.cluster), alpha=args.alpha, k=args.k,
-                             max_neurons=args.max_neurons, direction_alpha=args.direction)
+                             max_neurons=args.max_neurons, direction_alpha=args.direction, controls=args.controls)
     for name in args.cluster:
         if name not in plans:
             print(f"cluster {name!r}: no neuron of layers {bh.action_layers(policy)} has its words in its top-k")

@@ -102,6 +102,8 @@ def resolve_layers(model: nn.Module, layers: Iterable[int | str] | None) -> list
         if name in out:
             raise ValueError(f"layer {name!r} listed twice")
         out.append(name)
+    if not out:
+        raise ValueError(f"layers must name at least one VLM layer; pick from {_names(projectable)}")
     return out
 
 
