@@ -3,9 +3,9 @@
 1. The real-time core: jitter of the 500 Hz servo timing loop.
 2. A tiny pi0 (the real architecture, ~0.3 M parameters) learns the built-in UR5e reach task
    from a few scripted demonstrations (flow-matching SFT), is evaluated on fixed seeds, then
-   fine-tuned online with PPO on Flow-SDE log-probs (pi_RL) and evaluated again.
-3. When the steering API is installed: the neuron dictionary of the trained policy and one
-   steered-vs-unsteered comparison of end-effector speed.
+   fine-tuned online with PPO on Flow-Noise log-probs (pi_RL) and evaluated again.
+3. The neuron dictionary of the trained policy, and clamped keyword clusters against the
+   unsteered policy and a direction baseline: end-effector speed on the same episodes.
 
 Writes ``runs/<date>/report.md`` with PNG plots and prints a summary table.
 """
@@ -83,14 +83,22 @@ def _servo_section(seconds: float) -> tuple[str, dict]:
     return "\n".join(lines), ours
 
 
-def _steering_section(policy, env, episodes: int, seed: int) -> tuple[str, dict | None]:
-    """Neuron dictionary + one steering comparison, when vlafast.interp provides them."""
-    try:
-        from vlafast.interp import behaviour, dictionary  # noqa: F401
-    except ImportError as exc:
-        return f"_steering API not available in this build ({exc})._\n", None
-    result = behaviour.demo_steering(policy, env, episodes=episodes, seed=seed)
-    return result["markdown"], result
+def _steering_section(policy, env, episodes: int, seed: int) -> tuple[str, dict]:
+    """The trained policy's neuron dictionary, the fast / slow keyword clusters clamped at
+    alpha = 4 and the speed-word direction baseline, each against the unsteered policy on the
+    same fixed episodes (what `vlafast steer` runs)."""
+    from vlafast.interp import KEYWORDS, NeuronDictionary
+    from vlafast.interp import behaviour as bh
+
+    dictionary = NeuronDictionary.build(policy, policy.tokenizer, k=3)
+    plans = bh.default_plans(policy, env, dictionary=dictionary)
+    episodes -= episodes % env.spec.num_envs or 0  # every run sees the same episodes
+    result = bh.steering_comparison(policy, env, plans, max(episodes, env.spec.num_envs), seed)
+    hits = {name: [f"{h.layer}/{h.neuron} {'/'.join(h.tokens)}" for h in dictionary.search(KEYWORDS[name], limit=3)]
+            for name in ("fast", "slow")}
+    md = "```\n" + bh.format_comparison(result) + "\n```\n\nstrongest dictionary hits: " + "; ".join(
+        f"{k}: {', '.join(v) or 'none'}" for k, v in hits.items()) + "\n"
+    return md, {"comparison": result, "dictionary_hits": hits}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -144,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     ev_rl, ev_rl_sde = evaluate("+PPO")
     save_policy(policy, recipe, out / "policy.pt")
 
-    print("\n== 3/3 steering")
+    print("\n== 3/3 steering: neuron dictionary of the trained policy, keyword clusters, clamped")
     steer_md, steer = _steering_section(policy, env, episodes=recipe.eval_episodes, seed=eval_seed)
     print(steer_md)
     env.close()
@@ -183,8 +191,8 @@ def main(args: argparse.Namespace) -> int:
 
 Task: {recipe.env}, {recipe.num_envs} parallel MuJoCo arms, {recipe.image_size} px camera, instructions with
 colour and speed words. Policy: tiny pi0 ({n_params / 1e6:.2f} M parameters, real structure). SFT on
-{demos.episodes} scripted episodes (few-shot on purpose), then PPO with Flow-SDE log-probs
-(a={recipe.rl.sde_a}, K={recipe.rl.num_steps}), evaluated on fixed seeds with deterministic ODE sampling
+{demos.episodes} scripted episodes (few-shot on purpose), then PPO on {recipe.rl.method} log-probs
+(K={recipe.rl.num_steps}), evaluated on fixed seeds with deterministic ODE sampling
 and with the training sampler (SDE).
 
 ![training](training.png)
