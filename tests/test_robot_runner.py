@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -198,7 +199,13 @@ def test_producer_that_dies_lets_the_watchdog_stop_the_arm():
 def test_ctrl_c_brakes_stops_the_backend_and_joins_every_thread():
     be = RecordingBackend(5000)
     runner = RealtimeRunner(SinusoidPolicy(amplitude=0.1, ramp_s=0.2), be, hz=500.0, chunk_exec=5, config=CFG)
-    timer = threading.Timer(0.6, os.kill, args=(os.getpid(), signal.SIGINT))
+    def press_ctrl_c():  # once the runner is executing policy chunks (start-up is slow on loaded hosts)
+        deadline = time.monotonic() + 60
+        while runner.chunks < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=press_ctrl_c)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         runner.run(None)

@@ -156,9 +156,9 @@ class RealtimeRunner:
             stats_every_s: float = 0.5) -> dict:
         """Run for ``seconds`` (None: until the loop stops or Ctrl-C). Ctrl-C brakes the arm to
         rest, stops the backend and re-raises. Returns the final statistics."""
-        self.start()
         t_end = None if seconds is None else time.monotonic() + seconds
         try:
+            self.start()  # inside the try: a Ctrl-C during start-up still stops what started
             while not self.loop.done and (t_end is None or time.monotonic() < t_end):
                 left = stats_every_s if t_end is None else min(stats_every_s, t_end - time.monotonic())
                 self.loop.wait(max(0.0, left))
