@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     save_policy(policy, recipe, out / "policy.pt")
 
     print("\n== 3/3 steering: neuron dictionary of the trained policy, keyword clusters, clamped")
-    steer_md, steer = _steering_section(policy, env, episodes=recipe.eval_episodes, seed=eval_seed)
+    steer_md, steer = _steering_section(policy, env, episodes=recipe.eval_episodes // 2, seed=eval_seed)
     print(steer_md)
     env.close()
 
