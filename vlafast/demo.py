@@ -3,7 +3,7 @@
 1. The real-time core: jitter of the 500 Hz servo timing loop.
 2. A tiny pi0 (the real architecture, ~0.3 M parameters) learns the built-in UR5e reach task
    from a few scripted demonstrations (flow-matching SFT), is evaluated on fixed seeds, then
-   fine-tuned online with PPO on Flow-Noise log-probs (pi_RL) and evaluated again.
+   fine-tuned online with PPO on Flow-SDE log-probs (pi_RL) and evaluated again.
 3. The neuron dictionary of the trained policy, and clamped keyword clusters against the
    unsteered policy and a direction baseline: end-effector speed on the same episodes.
 

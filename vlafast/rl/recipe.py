@@ -48,10 +48,11 @@ class Recipe:
     sft_lr: float = 2e-3
     eval_episodes: int = 64
     seed: int = 0
-    # Flow-Noise: of the settings tried on this budget it is the one whose PPO phase leaves the
-    # deterministic policy intact (README, "The demo"); Flow-SDE is `--method flow_sde`.
-    rl: RLConfig = RLConfig(method="flow_noise", iterations=30, chunks_per_rollout=8,
-                            ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=64, epochs=2))
+    # Flow-SDE (one stochastic step per chunk, pi_RL's cheapest update). At this CPU budget no
+    # setting tried raised success over SFT (README, "The demo"); lr 3e-5 is the one that
+    # leaves the SFT policy within noise.
+    rl: RLConfig = RLConfig(method="flow_sde", iterations=20, chunks_per_rollout=8,
+                            ppo=PPOConfig(actor_lr=3e-5, critic_lr=1e-3, minibatch=64, epochs=2))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
