@@ -24,6 +24,9 @@ def test_serve_robot_ctrl_c_stops_cleanly():
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlafast.cli", "serve-robot", "--backend", "mujoco", "--no-realtime"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # A runner started in the background (CI, `cmd &`) inherits SIGINT as ignored; give the
+        # child the default disposition so Ctrl-C reaches it as it would from a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Wait until the loop reports that it is tracking, then press Ctrl-C. Start-up (imports,

@@ -205,11 +205,16 @@ def test_ctrl_c_brakes_stops_the_backend_and_joins_every_thread():
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Under a background runner (CI, `cmd &`) SIGINT starts out ignored: install Python's handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=press_ctrl_c)
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(None)
-    timer.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(None)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     s = runner.loop.stats()
     assert s["state"] == "stopped" and s["stop_reason"] == "requested: interrupted"
     assert be.c_backend.stops == 1
