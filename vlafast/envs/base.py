@@ -60,6 +60,24 @@ def env_seeds(seed: int | Sequence[int] | None, num_envs: int, rng: np.random.Ge
     return seeds
 
 
+def step_outputs(spec: EnvSpec, instructions: list[str], **extra: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fresh (reward [B], terminated [B], truncated [B], info) for one ``step``, with the info
+    keys every adapter reports: success, steps, episode_return / episode_length (set where an
+    episode ended), instruction, final_state [B, S], errors; ``extra`` adds env-specific keys."""
+    B = spec.num_envs
+    info: dict[str, Any] = {
+        "success": np.zeros(B, bool),
+        "steps": np.zeros(B, np.int64),
+        "episode_return": np.full(B, np.nan, np.float32),
+        "episode_length": np.zeros(B, np.int64),
+        "instruction": list(instructions),
+        "final_state": np.zeros((B, spec.state_dim), np.float32),
+        "errors": [None] * B,
+        **extra,
+    }
+    return np.zeros(B, np.float32), np.zeros(B, bool), np.zeros(B, bool), info
+
+
 def check_actions(actions: np.ndarray, spec: EnvSpec) -> np.ndarray:
     """Validate a chunk of actions: float [B, T, A] with B, A matching the env, all finite."""
     actions = np.asarray(actions)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlafast.envs import libero_worker as _wire
-from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds
+from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds, step_outputs
 
 log = logging.getLogger(__name__)
 
@@ -261,20 +261,10 @@ class LiberoVecEnv:
             raise RuntimeError("call reset() before the first step()")
         actions = check_actions(actions, self.spec)  # [B, T, A]
         B = self.spec.num_envs
-        reward = np.zeros(B, np.float32)
-        terminated = np.zeros(B, bool)
-        truncated = np.zeros(B, bool)
-        info: dict[str, Any] = {
-            "success": np.zeros(B, bool),
-            "steps": np.zeros(B, np.int64),
-            "episode_return": np.full(B, np.nan, np.float32),
-            "episode_length": np.zeros(B, np.int64),
-            "instruction": [s.instruction for s in self._slots],
-            "task_id": self.task_ids.copy(),
-            "init_state_index": np.array([s.init_index for s in self._slots], np.int64),
-            "final_state": np.zeros((B, STATE_DIM), np.float32),
-            "errors": [None] * B,
-        }
+        reward, terminated, truncated, info = step_outputs(
+            self.spec, [s.instruction for s in self._slots], task_id=self.task_ids.copy(),
+            init_state_index=np.array([s.init_index for s in self._slots], np.int64),
+        )
         sent: list[int] = []
         for i in range(B):
             index, seed = self._slots[i].upcoming()  # used only if the episode ends in this chunk

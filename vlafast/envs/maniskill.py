@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds
+from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds, step_outputs
 
 log = logging.getLogger(__name__)
 
@@ -360,18 +360,8 @@ class ManiSkillVecEnv:
             raise RuntimeError("call reset() before the first step()")
         actions = check_actions(actions, self.spec)  # [B, T, A]
         B = self.spec.num_envs
-        out = dict(
-            reward=np.zeros(B, np.float32), terminated=np.zeros(B, bool), truncated=np.zeros(B, bool),
-        )
-        info: dict[str, Any] = {
-            "success": np.zeros(B, bool),
-            "steps": np.zeros(B, np.int64),
-            "episode_return": np.full(B, np.nan, np.float32),
-            "episode_length": np.zeros(B, np.int64),
-            "instruction": [self.instruction] * B,
-            "final_state": np.zeros((B, self.spec.state_dim), np.float32),
-            "errors": [None] * B,
-        }
+        reward, terminated, truncated, info = step_outputs(self.spec, [self.instruction] * B)
+        out = dict(reward=reward, terminated=terminated, truncated=truncated)
         if self._gpu is not None:
             self._step_gpu(actions, out, info)
         else:

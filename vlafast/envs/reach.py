@@ -22,7 +22,7 @@ import numpy as np
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; read when mujoco is imported
 import mujoco  # noqa: E402
 
-from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds  # noqa: E402
+from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds, step_outputs  # noqa: E402
 from vlafast.envs.ur5e import EE_SITE, HOME_QPOS, NUM_JOINTS, build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -129,19 +129,10 @@ class UR5eReach:
     def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         actions = check_actions(actions, self.spec)  # [B, T, A]
         B = self.spec.num_envs
-        reward = np.zeros(B, np.float32)
-        terminated = np.zeros(B, bool)
-        truncated = np.zeros(B, bool)
-        info: dict[str, Any] = {
-            "success": np.zeros(B, bool),
-            "steps": np.zeros(B, np.int64),
-            "episode_return": np.full(B, np.nan, np.float32),
-            "episode_length": np.zeros(B, np.int64),
-            "episode_speed": np.full(B, np.nan, np.float32),  # mean ee displacement per step, m
-            "instruction": [ep.instruction for ep in self._episodes],
-            "final_state": np.zeros((B, STATE_DIM), np.float32),
-            "errors": [None] * B,
-        }
+        reward, terminated, truncated, info = step_outputs(
+            self.spec, [ep.instruction for ep in self._episodes],
+            episode_speed=np.full(B, np.nan, np.float32),  # mean ee displacement per step, m
+        )
         for i in range(B):
             try:
                 r, term, trunc, n = self._run_chunk(i, actions[i])
