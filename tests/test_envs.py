@@ -100,6 +100,19 @@ def test_auto_reset_and_episode_info():
     assert not np.allclose(info["final_state"], obs["state"])  # obs is the new episode's first
 
 
+def test_progress_reward_scales_shaping():
+    returns = []
+    for w in (2.0, 0.5):
+        env = make_env("ur5e-reach", 2, seed=8, render=False, progress_reward=w)
+        env.reset(seed=8)
+        _, r, term, _, _ = env.step(env.expert_chunk(2))
+        assert not term.any()  # two steps never reach the ball: the reward is shaping only
+        returns.append(r)
+    np.testing.assert_allclose(returns[1], returns[0] * 0.25, rtol=1e-5)
+    with pytest.raises(ValueError, match="progress_reward must be >= 0"):
+        ReachConfig(progress_reward=-1.0)
+
+
 def test_joint_delta_mode():
     env = make_env("ur5e-reach", 2, seed=4, render=False, action_mode="joint_delta")
     assert env.spec.action_dim == 6

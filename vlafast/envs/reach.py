@@ -46,6 +46,7 @@ class ReachConfig:
     reach_radius: float = 0.05            # m
     slow_cap: float = 0.55                # "slowly": mean step displacement <= slow_cap * max_ee_step
     fast_deadline: int = 20               # "quickly": each target reached within this many steps
+    progress_reward: float = 2.0          # shaping per metre of approach (success pays 1)
     slot_jitter: float | None = None      # None: balls anywhere; else each colour in its own slot +- this (m)
     image_size: int = 64
     cameras: tuple[str, ...] = ("base",)  # "base" (fixed, facing the arm) and/or "wrist"
@@ -61,6 +62,8 @@ class ReachConfig:
             raise ValueError(f"cameras must be a non-empty subset of ('base', 'wrist'), got {self.cameras}")
         if self.slot_jitter is not None and not 0 <= self.slot_jitter <= 0.1:
             raise ValueError(f"slot_jitter must be None or in [0, 0.1] m, got {self.slot_jitter}")
+        if self.progress_reward < 0:
+            raise ValueError(f"progress_reward must be >= 0, got {self.progress_reward}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
@@ -244,7 +247,7 @@ class UR5eReach:
             ep.steps += 1
             ep.path_length += float(np.linalg.norm(d.site_xpos[self._site] - before))
             dist = self._dist_to_target(i)
-            r = 2.0 * (ep.prev_dist - dist)  # progress shaping
+            r = cfg.progress_reward * (ep.prev_dist - dist)  # progress shaping
             ep.prev_dist = dist
             done = False
             if dist < cfg.reach_radius:
