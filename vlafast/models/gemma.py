@@ -82,8 +82,9 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype), gate.to(x.dtype)
 
 
-class GemmaMLP(nn.Module):
-    """GeGLU MLP: ``down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))``.
+class GatedMLP(nn.Module):
+    """Gated MLP ``down_proj(act(gate_proj(x)) * up_proj(x))`` with the steering slot; the
+    subclasses (Gemma's GeGLU here, Llama's SwiGLU in ``llama.py``) choose ``act``.
 
     Steering slot: ``steer`` is None by default (costs one attribute test). When set to a
     callable ``steer(h, y) -> y'`` it receives the activations entering ``down_proj``
@@ -100,9 +101,12 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(mlp_dim, width, bias=False)
         self.steer: Optional[SteerFn] = None
 
+    def act(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def activations(self, x: Tensor) -> Tensor:
         """x: [B, S, D] -> h: [B, S, N], the input of ``down_proj``."""
-        return F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.activations(x)
@@ -110,6 +114,13 @@ class GemmaMLP(nn.Module):
         if self.steer is not None:
             y = self.steer(h, y)
         return y
+
+
+class GemmaMLP(GatedMLP):
+    """GeGLU MLP: ``down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))``, steering slot as ``GatedMLP``."""
+
+    def act(self, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate="tanh")
 
 
 class GemmaAttention(nn.Module):

@@ -16,13 +16,12 @@ M cache length, V vocab.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlafast.models.gemma import SteerFn, apply_rope, rope_cos_sin
+from vlafast.models.gemma import GatedMLP, apply_rope, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,32 +70,12 @@ class LlamaRMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class LlamaMLP(nn.Module):
-    """SwiGLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+class LlamaMLP(GatedMLP):
+    """SwiGLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, with the same steering slot
+    as ``GemmaMLP`` (``vlafast.models.gemma.GatedMLP``)."""
 
-    Steering slot, same contract as ``vlafast.models.gemma.GemmaMLP``: ``steer`` is None by
-    default; when set to ``steer(h, y) -> y'`` it receives the activations entering
-    ``down_proj`` (``h: [B, S, N]``) and its output (``y: [B, S, D]``) and returns the corrected
-    output. With ``steer = None`` the forward is exactly the unsteered one.
-    """
-
-    def __init__(self, width: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
-        self.up_proj = nn.Linear(width, mlp_dim, bias=False)
-        self.down_proj = nn.Linear(mlp_dim, width, bias=False)
-        self.steer: Optional[SteerFn] = None
-
-    def activations(self, x: Tensor) -> Tensor:
-        """x: [B, S, D] -> h: [B, S, N], the input of ``down_proj``."""
-        return F.silu(self.gate_proj(x)) * self.up_proj(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.activations(x)
-        y = self.down_proj(h)
-        if self.steer is not None:
-            y = self.steer(h, y)
-        return y
+    def act(self, x: Tensor) -> Tensor:
+        return F.silu(x)
 
 
 @dataclasses.dataclass
