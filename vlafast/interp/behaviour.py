@@ -166,27 +166,12 @@ def bootstrap_ci(x: np.ndarray, *, samples: int = 2000, seed: int = 0) -> tuple[
 
 @torch.no_grad()
 def episode_records(policy, env, *, episodes: int, seed: int, num_steps: int = 4) -> list[dict[str, Any]]:
-    """Deterministic (ODE) episodes on fixed seeds, as ``vlafast.rl.train.evaluate`` runs them, each
-    record keyed by (env, index): env i's first episodes/B episodes, sorted by key, so two runs
-    under different plans can be compared episode by episode."""
-    policy.eval()
-    cfg = policy.sampler_config("ode", num_steps)
-    gen = torch.Generator(device=policy.device).manual_seed(seed)
-    obs = env.reset(seed=seed)
-    B = env.spec.num_envs
-    per_env = episodes // B
-    started = [0] * B
-    records: list[dict[str, Any]] = []
-    while len(records) < episodes:
-        actions, _, _ = policy.act(policy.observe(obs), cfg, gen)
-        instr = list(obs["instruction"])
-        obs, _, term, trunc, info = env.step(actions)
-        for i in np.where(term | trunc)[0]:
-            if started[i] < per_env:
-                records.append({"env": int(i), "index": started[i], "instruction": instr[i],
-                                "success": bool(info["success"][i]), "speed": float(info["episode_speed"][i])})
-            started[i] += 1
-    return sorted(records, key=lambda r: (r["env"], r["index"]))
+    """Deterministic (ODE) episodes on fixed seeds (``vlafast.rl.train.evaluate``), sorted by
+    (env, index) so two runs under different plans can be compared episode by episode."""
+    from vlafast.rl.train import evaluate
+
+    out = evaluate(policy, env, episodes=episodes, seed=seed, num_steps=num_steps, progress=False)
+    return sorted(out["records"], key=lambda r: (r["env"], r["index"]))
 
 
 def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, seed: int = 100, *,

@@ -149,6 +149,7 @@ def evaluate(policy: VLAPolicy, env, *, episodes: int, seed: int, num_steps: int
         for i in np.where(term | trunc)[0]:
             if started[i] < per_env and len(records) < episodes:
                 records.append({
+                    "env": int(i), "index": started[i],  # env i's n-th episode: pairs runs episode by episode
                     "instruction": instr[i], "success": bool(info["success"][i]),
                     "return": float(info["episode_return"][i]),
                     "speed": float(info.get("episode_speed", np.full(B, np.nan))[i]),
