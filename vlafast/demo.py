@@ -34,6 +34,8 @@ def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], ev
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vlafast.rl.jobs import speed_word
+
     names = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(sft_losses, lw=0.8)
@@ -56,7 +58,7 @@ def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], ev
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for word, colour in (("slowly", "tab:blue"), ("(none)", "tab:gray"), ("quickly", "tab:red")):
-        vals = [r["speed"] for r in evals["rl"]["records"] if _speed_word(r["instruction"]) == word]
+        vals = [r["speed"] for r in evals["rl"]["records"] if speed_word(r["instruction"]) == word]
         if vals:
             ax.hist(vals, bins=15, alpha=0.5, color=colour, label=f"{word} (n={len(vals)})")
     ax.set(title="end-effector speed per episode (after RL)", xlabel="mean displacement per step (m)")
@@ -66,11 +68,6 @@ def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], ev
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return names + ["speed.png"]
-
-
-def _speed_word(instruction: str) -> str:
-    last = instruction.split()[-1]
-    return last if last in ("slowly", "quickly") else "(none)"
 
 
 def _servo_section(seconds: float) -> tuple[str, dict]:

@@ -16,14 +16,18 @@ from vlafast.rl import train as T
 from vlafast.rl.recipe import Recipe, build_env, build_policy, dump, load_policy, save_policy
 
 
+def speed_word(instruction: str) -> str:
+    """The instruction's speed word: "slowly", "quickly" or "(none)"."""
+    last = instruction.split()[-1]
+    return last if last in ("slowly", "quickly") else "(none)"
+
+
 def speed_by_word(records: list[dict[str, Any]]) -> dict[str, float]:
     """Mean end-effector displacement per step, grouped by the instruction's speed word."""
     groups: dict[str, list[float]] = {"slowly": [], "(none)": [], "quickly": []}
     for r in records:
-        words = r["instruction"].split()
-        key = words[-1] if words[-1] in ("slowly", "quickly") else "(none)"
         if np.isfinite(r["speed"]):
-            groups[key].append(r["speed"])
+            groups[speed_word(r["instruction"])].append(r["speed"])
     return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
 
 
