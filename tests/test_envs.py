@@ -109,8 +109,23 @@ def test_progress_reward_scales_shaping():
         assert not term.any()  # two steps never reach the ball: the reward is shaping only
         returns.append(r)
     np.testing.assert_allclose(returns[1], returns[0] * 0.25, rtol=1e-5)
-    with pytest.raises(ValueError, match="progress_reward must be >= 0"):
+    with pytest.raises(ValueError, match="progress_reward and speed_penalty must be >= 0"):
         ReachConfig(progress_reward=-1.0)
+
+
+def test_speed_penalty_charges_only_speeding_when_asked_slowly():
+    rewards, words = [], None
+    for penalty in (4.0, 0.0):
+        env = make_env("ur5e-reach", 6, seed=3, render=False, speed_penalty=penalty)
+        env.reset(seed=3)
+        words = [ep.speed_word for ep in env._episodes]
+        fast = np.clip(3.0 * env.expert_chunk(2), -1, 1)  # well above every instructed speed
+        rewards.append(env.step(fast)[1])  # same motion in both envs; only the charge differs
+    slow = np.array([w == "slowly" for w in words])
+    assert slow.any() and (~slow).any(), words
+    cost = rewards[1] - rewards[0]
+    assert (cost[slow] > 0).all(), cost     # speeding while asked "slowly" is charged ...
+    assert (cost[~slow] == 0).all(), cost   # ... and nothing else is
 
 
 def test_joint_delta_mode():

@@ -1,6 +1,7 @@
 """RL plumbing on the built-in task with a tiny pi0: rollout/update log-prob agreement, SFT,
 PPO/GRPO smoke runs, checkpoints and resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -131,3 +132,52 @@ def test_bad_configs(env):
         pol.sampler_config("flow_noise", 3)
     with pytest.raises(ValueError, match="exec_horizon must be in"):
         VLAPolicy(pol.model, pol.tokenizer, env.spec, exec_horizon=99)
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def test_critic_warmup_and_frozen_vlm(env):
+    # One warm-up update: the critic learns, the actor and the frozen VLM stay bit-identical.
+    pol = tiny_policy(env)
+    actor, critic = pol.rl_parameters()
+    ids = {id(p) for p in actor + critic}
+    frozen = [p for p in pol.parameters() if id(p) not in ids]
+    before = _snapshot(actor), _snapshot(critic), _snapshot(frozen)
+    cfg = T.RLConfig(iterations=1, chunks_per_rollout=2, num_steps=2, critic_warmup=1,
+                     ppo=PPOConfig(actor_lr=1e-2, critic_lr=1e-2, minibatch=4))
+    T.train_rl(pol, env, cfg, seed=0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], actor))
+    assert not all(torch.equal(a, b) for a, b in zip(before[1], critic))
+    assert all(torch.equal(a, b) for a, b in zip(before[2], frozen))
+    assert all(p.requires_grad for p in pol.parameters())  # restored after training
+    # A second iteration past the warm-up moves the actor.
+    T.train_rl(pol, env, dataclasses.replace(cfg, iterations=2, critic_warmup=1), seed=0, progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(before[0], actor))
+
+
+def test_bc_anchor_pulls_towards_demos(env, tmp_path):
+    # With a BC weight that dominates the PPO term, the RL phase lowers the demonstrations'
+    # flow-matching loss; the anchor's sampling state is checkpointed for --resume.
+    demos = T.collect_demos(env, episodes=4, horizon=6, exec_horizon=3, seed=0, progress=False)
+    pol = tiny_policy(env)
+
+    def demo_loss():
+        g = torch.Generator().manual_seed(0)
+        rng = np.random.default_rng(0)
+        with torch.no_grad():
+            return float(np.mean([pol.flow_matching_loss(*demos.sample(pol, 32, rng), generator=g).item() for _ in range(4)]))
+
+    start = demo_loss()
+    cfg = T.RLConfig(iterations=6, chunks_per_rollout=2, num_steps=2, bc_coef=50.0, bc_batch=16,
+                     ppo=PPOConfig(actor_lr=3e-3, minibatch=8, max_grad_norm=100.0))
+    hist = T.train_rl(pol, env, cfg, seed=0, run_dir=tmp_path, progress=False, demos=demos)
+    assert "bc_loss" in hist[-1]
+    assert demo_loss() < 0.8 * start, (start, demo_loss())
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert {"bc_rng", "bc_generator"} <= set(state)
+    with pytest.raises(ValueError, match="needs the demonstrations"):
+        T.train_rl(pol, env, cfg, seed=0, progress=False)
+    with pytest.raises(ValueError, match="bc_coef and critic_warmup must be >= 0"):
+        T.RLConfig(bc_coef=-1.0)

@@ -101,7 +101,7 @@ def _steering_section(policy, env, episodes: int, seed: int) -> tuple[str, dict]
 def main(args: argparse.Namespace) -> int:
     from vlafast.rl import train as T
     from vlafast.rl.jobs import format_eval, summarise_eval
-    from vlafast.rl.recipe import Recipe, build_env, build_policy, dump, save_policy
+    from vlafast.rl.recipe import Recipe, build_env, build_policy, collect_recipe_demos, dump, save_policy
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t_start = time.perf_counter()
@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"tiny pi0: {n_params / 1e6:.2f} M parameters, horizon {recipe.horizon}, executes {recipe.exec_horizon}")
     t0 = time.perf_counter()
-    demos = T.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
+    demos = collect_recipe_demos(recipe, env, progress=progress)
     losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
                    seed=recipe.seed, progress=progress)
     t_sft = time.perf_counter() - t0
@@ -144,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
     ev_sft, ev_sft_sde = evaluate("SFT")
     save_policy(policy, recipe, out / "policy_sft.pt")
     t0 = time.perf_counter()
-    history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress)
+    history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress, demos=demos)
     t_rl = time.perf_counter() - t0
     ev_rl, ev_rl_sde = evaluate("+PPO")
     save_policy(policy, recipe, out / "policy.pt")

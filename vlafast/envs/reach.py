@@ -47,6 +47,7 @@ class ReachConfig:
     slow_cap: float = 0.55                # "slowly": mean step displacement <= slow_cap * max_ee_step
     fast_deadline: int = 20               # "quickly": each target reached within this many steps
     progress_reward: float = 2.0          # shaping per metre of approach (success pays 1)
+    speed_penalty: float = 4.0            # "slowly": cost per metre a step moves beyond the slow cap
     slot_jitter: float | None = None      # None: balls anywhere; else each colour in its own slot +- this (m)
     image_size: int = 64
     cameras: tuple[str, ...] = ("base",)  # "base" (fixed, facing the arm) and/or "wrist"
@@ -62,8 +63,8 @@ class ReachConfig:
             raise ValueError(f"cameras must be a non-empty subset of ('base', 'wrist'), got {self.cameras}")
         if self.slot_jitter is not None and not 0 <= self.slot_jitter <= 0.1:
             raise ValueError(f"slot_jitter must be None or in [0, 0.1] m, got {self.slot_jitter}")
-        if self.progress_reward < 0:
-            raise ValueError(f"progress_reward must be >= 0, got {self.progress_reward}")
+        if self.progress_reward < 0 or self.speed_penalty < 0:
+            raise ValueError(f"progress_reward and speed_penalty must be >= 0, got {self.progress_reward}, {self.speed_penalty}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
@@ -245,9 +246,12 @@ class UR5eReach:
             if not np.isfinite(d.qpos).all():
                 raise FloatingPointError("simulation diverged (non-finite joint positions)")
             ep.steps += 1
-            ep.path_length += float(np.linalg.norm(d.site_xpos[self._site] - before))
+            moved = float(np.linalg.norm(d.site_xpos[self._site] - before))
+            ep.path_length += moved
             dist = self._dist_to_target(i)
             r = cfg.progress_reward * (ep.prev_dist - dist)  # progress shaping
+            if ep.speed_word == "slowly":  # the dense side of the slow cap, so shaping never pays for speeding
+                r -= cfg.speed_penalty * max(0.0, moved - cfg.slow_cap * cfg.max_ee_step)
             ep.prev_dist = dist
             done = False
             if dist < cfg.reach_radius:

@@ -13,7 +13,7 @@ import numpy as np
 
 from vlafast._io import atomic_write_text
 from vlafast.rl import train as T
-from vlafast.rl.recipe import Recipe, build_env, build_policy, dump, load_policy, save_policy
+from vlafast.rl.recipe import Recipe, build_env, build_policy, collect_recipe_demos, dump, load_policy, save_policy
 
 
 def speed_word(instruction: str) -> str:
@@ -43,7 +43,7 @@ def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[s
     env = build_env(recipe)
     policy = build_policy(recipe, env.spec)
     t0 = time.perf_counter()
-    demos = T.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
+    demos = collect_recipe_demos(recipe, env, progress=progress)
     losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
                    seed=recipe.seed, progress=progress)
     ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
@@ -71,7 +71,9 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.json", dump(recipe))
     t0 = time.perf_counter()
-    history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out, resume=resume, progress=progress)
+    demos = collect_recipe_demos(recipe, env, progress=progress) if recipe.rl.bc_coef > 0 else None
+    history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out, resume=resume, progress=progress,
+                         demos=demos)
     ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
                     progress=progress)
     summary = {"phase": recipe.rl.algo, "method": recipe.rl.method, "history": history, "eval": summarise_eval(ev),

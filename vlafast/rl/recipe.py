@@ -22,7 +22,7 @@ from vlafast.models.pi0 import Pi0Config, Pi0Policy
 from vlafast.models.siglip import SiglipConfig
 from vlafast.rl.losses import PPOConfig
 from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
-from vlafast.rl.train import RLConfig
+from vlafast.rl.train import Demos, RLConfig, collect_demos
 
 # Words the tiny tokenizer knows: the task's own plus the paper's steering keywords, so the
 # neuron dictionary of a policy trained here has "fast"/"slow"/"up"... tokens to find.
@@ -100,6 +100,12 @@ def build_policy(recipe: Recipe, spec) -> VLAPolicy:
 
         noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
     return VLAPolicy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
+
+
+def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
+    """The recipe's scripted demonstrations (deterministic in its seed): what SFT learns from
+    and what the RL phase's BC anchor (``rl.bc_coef``) replays."""
+    return collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
 
 
 def save_policy(policy: VLAPolicy, recipe: Recipe, path: str | Path, extra: dict[str, Any] | None = None) -> None:

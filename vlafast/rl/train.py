@@ -41,6 +41,9 @@ class RLConfig:
     chunks_per_rollout: int = 10       # N chunk steps per env per PPO update
     iterations: int = 20
     group_size: int = 8                # GRPO
+    critic_warmup: int = 0             # PPO: first updates train the critic only (the actor waits for useful advantages)
+    bc_coef: float = 0.0               # weight of an auxiliary flow-matching loss on the SFT demos (DAPG-style anchor)
+    bc_batch: int = 32
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
@@ -48,6 +51,8 @@ class RLConfig:
             raise ValueError(f"algo must be 'ppo' or 'grpo', got {self.algo!r}")
         if self.method not in ("flow_sde", "flow_noise"):
             raise ValueError(f"RL needs a stochastic sampler: method must be flow_sde or flow_noise, got {self.method!r}")
+        if self.bc_coef < 0 or self.critic_warmup < 0:
+            raise ValueError(f"bc_coef and critic_warmup must be >= 0, got {self.bc_coef}, {self.critic_warmup}")
         if self.chunks_per_rollout < 1 or self.iterations < 0:
             raise ValueError("chunks_per_rollout must be >= 1 and iterations >= 0")
 
@@ -225,9 +230,11 @@ def _record_episodes(stats: dict[str, list], done: np.ndarray, info: dict[str, A
 
 def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
            actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None,
-           shuffle: torch.Generator) -> dict[str, float]:
+           shuffle: torch.Generator, train_actor: bool = True,
+           bc: tuple[float, Callable[[], Tensor]] | None = None) -> dict[str, float]:
     """PPO epochs over minibatches of the rollout's valid samples; returns mean loss terms.
-    ``returns`` None means GRPO (no critic)."""
+    ``returns`` None means GRPO (no critic). ``bc`` = (coef, loss_fn) adds coef * loss_fn()
+    (a demonstration flow-matching loss) to every actor minibatch."""
     policy.train()
     batch, trace = ro.flat()
     st = ro.stacked()
@@ -253,12 +260,17 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
             if isinstance(trace.config, FlowNoiseConfig):
                 kwargs["entropy"] = entropy
             loss, t = ppo_loss(logp, old_logp.to(logp.device)[mb_dev], adv.to(logp.device)[mb_dev], cfg, **kwargs)
+            if bc is not None and train_actor:
+                bc_loss = bc[1]()
+                loss = loss + bc[0] * bc_loss
+                t["bc_loss"] = bc_loss.detach()
             actor_opt.zero_grad(set_to_none=True)
             if critic_opt is not None:
                 critic_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
-            actor_opt.step()
+            if train_actor:
+                actor_opt.step()
             if critic_opt is not None:
                 critic_opt.step()
             for k, v in t.items():
@@ -273,6 +285,7 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
 
 
 def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str | Path | None = None,
+             demos: Demos | None = None,
              resume: bool = False, progress: bool = True,
              on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """PPO or GRPO for ``cfg.iterations`` updates. Logs per update: success_rate, return,
@@ -286,6 +299,13 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
     sampler_cfg = policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 1)  # minibatch order, CPU
+    bc = None
+    bc_rng = np.random.default_rng(seed + 2)                              # demo minibatches
+    bc_gen = torch.Generator(device=policy.device).manual_seed(seed + 3)  # their flow-matching noise
+    if cfg.bc_coef > 0:
+        if demos is None:
+            raise ValueError(f"bc_coef={cfg.bc_coef} needs the demonstrations: train_rl(..., demos=...)")
+        bc = (cfg.bc_coef, lambda: policy.flow_matching_loss(*demos.sample(policy, cfg.bc_batch, bc_rng), generator=bc_gen))
     history: list[dict[str, float]] = []
     start = 0
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
@@ -299,42 +319,56 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
             critic_opt.load_state_dict(state["critic_opt"])
         gen.set_state(state["generator"])
         shuffle.set_state(state["shuffle"])
+        bc_rng.bit_generator.state = state["bc_rng"]
+        bc_gen.set_state(state["bc_generator"])
         history, start = state["history"], state["iteration"]
     obs = env.reset(seed=seed + 10_000 * start)
-    bar = tqdm(range(start, cfg.iterations), desc=cfg.algo, disable=not progress, initial=start, total=cfg.iterations)
-    for it in bar:
-        stats: dict[str, list] = {"success": [], "return": [], "env_steps": []}
-        t0 = time.perf_counter()
-        if cfg.algo == "ppo":
-            ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats)
-            st = ro.stacked()
-            adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, cfg.ppo.gamma, cfg.ppo.lam)
-        else:
-            ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats)
-            adv = group_advantages(ep_returns, cfg.group_size)[None].expand(len(ro), -1)
-            ret = None
-        t_roll = time.perf_counter() - t0
-        terms = update(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle)
-        chunks = int(torch.stack(ro.valid).sum())
-        row = {
-            "iteration": it + 1,
-            "success_rate": float(np.mean(stats["success"])) if stats["success"] else float("nan"),
-            "return": float(np.mean(stats["return"])) if stats["return"] else float("nan"),
-            "episodes": len(stats["success"]),
-            "env_steps_per_s": sum(stats["env_steps"]) / t_roll,
-            "chunks_per_s": chunks / t_roll,
-            "update_s": time.perf_counter() - t0 - t_roll,
-            **terms,
-        }
-        history.append(row)
-        bar.set_postfix(success=f"{row['success_rate']:.2f}", kl=f"{row['approx_kl']:.4f}")
-        if ckpt is not None:
-            with atomic_path(ckpt) as tmp:
-                torch.save({"policy": policy.state_dict(), "actor_opt": actor_opt.state_dict(),
-                            "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
-                            "generator": gen.get_state(), "shuffle": shuffle.get_state(), "history": history, "iteration": it + 1,
-                            "config": dataclasses.asdict(cfg)}, tmp)
-            atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(history, indent=1))
-        if on_iteration is not None:
-            on_iteration(it + 1, row)
+    # Only the actor and critic learn: the frozen VLM gets no gradients (the BC loss runs the
+    # full forward) and the SFT weights outside RL stay bit-identical.
+    trainable = {id(p) for p in actor + critic}
+    frozen = [p for p in policy.parameters() if p.requires_grad and id(p) not in trainable]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        bar = tqdm(range(start, cfg.iterations), desc=cfg.algo, disable=not progress, initial=start, total=cfg.iterations)
+        for it in bar:
+            stats: dict[str, list] = {"success": [], "return": [], "env_steps": []}
+            t0 = time.perf_counter()
+            if cfg.algo == "ppo":
+                ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats)
+                st = ro.stacked()
+                adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, cfg.ppo.gamma, cfg.ppo.lam)
+            else:
+                ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats)
+                adv = group_advantages(ep_returns, cfg.group_size)[None].expand(len(ro), -1)
+                ret = None
+            t_roll = time.perf_counter() - t0
+            terms = update(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle,
+                           train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc)
+            chunks = int(torch.stack(ro.valid).sum())
+            row = {
+                "iteration": it + 1,
+                "success_rate": float(np.mean(stats["success"])) if stats["success"] else float("nan"),
+                "return": float(np.mean(stats["return"])) if stats["return"] else float("nan"),
+                "episodes": len(stats["success"]),
+                "env_steps_per_s": sum(stats["env_steps"]) / t_roll,
+                "chunks_per_s": chunks / t_roll,
+                "update_s": time.perf_counter() - t0 - t_roll,
+                **terms,
+            }
+            history.append(row)
+            bar.set_postfix(success=f"{row['success_rate']:.2f}", kl=f"{row['approx_kl']:.4f}")
+            if ckpt is not None:
+                with atomic_path(ckpt) as tmp:
+                    torch.save({"policy": policy.state_dict(), "actor_opt": actor_opt.state_dict(),
+                                "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
+                                "generator": gen.get_state(), "shuffle": shuffle.get_state(), "history": history, "iteration": it + 1,
+                                "bc_rng": bc_rng.bit_generator.state, "bc_generator": bc_gen.get_state(),
+                                "config": dataclasses.asdict(cfg)}, tmp)
+                atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(history, indent=1))
+            if on_iteration is not None:
+                on_iteration(it + 1, row)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return history
