@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     recipe = Recipe()
     if args.quick:  # the smoke-test budget (tests use it); results mean little
         recipe = dataclasses.replace(recipe, num_envs=4, demos=8, sft_steps=20, eval_episodes=8,
-                                     rl=dataclasses.replace(recipe.rl, iterations=2, chunks_per_rollout=2))
+                                     rl=dataclasses.replace(recipe.rl, iterations=2, chunks_per_rollout=2, critic_warmup=1))
     progress = not args.no_progress
     facts = info.collect()
     print("== vlafast " + facts["vlafast"] + f" | torch {facts['torch']} | _C {facts['_C'].split(' ')[0]}")
@@ -189,7 +189,8 @@ def main(args: argparse.Namespace) -> int:
 Task: {recipe.env}, {recipe.num_envs} parallel MuJoCo arms, {recipe.image_size} px camera, instructions with
 colour and speed words. Policy: tiny pi0 ({n_params / 1e6:.2f} M parameters, real structure). SFT on
 {demos.episodes} scripted episodes (few-shot on purpose), then PPO on {recipe.rl.method} log-probs
-(K={recipe.rl.num_steps}), evaluated on fixed seeds with deterministic ODE sampling
+(K={recipe.rl.num_steps}; {recipe.rl.critic_warmup} critic-only updates first, BC anchor weight
+{recipe.rl.bc_coef:g} on the demonstrations), evaluated on fixed seeds with deterministic ODE sampling
 and with the training sampler (SDE).
 
 ![training](training.png)

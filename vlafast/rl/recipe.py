@@ -36,23 +36,26 @@ class Recipe:
     num_envs: int = 16
     image_size: int = 32
     slot_jitter: float | None = 0.04
+    # 7 cm leaves room above few-shot SFT: at 5 cm even 400 demonstrations imitate to only
+    # ~55% (the tiny policy's precision), at 7 cm 400 reach ~82% against ~60% for 24.
+    reach_radius: float | None = 0.07
     pi05: bool = False
     width: int = 64                 # VLM and expert width (the tiny pi0)
     depth: int = 2
     patch_size: int = 8
     horizon: int = 8                # model chunk length T
     exec_horizon: int = 5           # actions executed per chunk
-    demos: int = 48                 # scripted episodes for SFT (few-shot on purpose)
+    demos: int = 24                 # scripted episodes for SFT (few-shot on purpose)
     sft_steps: int = 200
     sft_batch: int = 32
     sft_lr: float = 2e-3
-    eval_episodes: int = 64
+    eval_episodes: int = 128
     seed: int = 0
-    # Flow-SDE (one stochastic step per chunk, pi_RL's cheapest update). At this CPU budget no
-    # setting tried raised success over SFT (README, "The demo"); lr 3e-5 is the one that
-    # leaves the SFT policy within noise.
-    rl: RLConfig = RLConfig(method="flow_sde", iterations=20, chunks_per_rollout=8,
-                            ppo=PPOConfig(actor_lr=3e-5, critic_lr=1e-3, minibatch=64, epochs=2))
+    # Flow-SDE (one stochastic step per chunk, pi_RL's cheapest update), a critic warm-up and a
+    # BC anchor on the demonstrations. At this CPU budget no setting tried raises success over
+    # SFT by more than the noise (README, "The demo"); this one keeps the SFT policy within it.
+    rl: RLConfig = RLConfig(method="flow_sde", iterations=40, chunks_per_rollout=16, critic_warmup=5, bc_coef=1.0,
+                            ppo=PPOConfig(actor_lr=3e-5, critic_lr=1e-3, minibatch=128, epochs=2))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +82,8 @@ def build_env(recipe: Recipe, num_envs: int | None = None, seed: int | None = No
     overrides: dict[str, Any] = {"image_size": recipe.image_size}
     if recipe.env.startswith("ur5e-"):
         overrides["slot_jitter"] = recipe.slot_jitter
+        if recipe.reach_radius is not None:
+            overrides["reach_radius"] = recipe.reach_radius
     return make_env(recipe.env, num_envs or recipe.num_envs, seed=recipe.seed if seed is None else seed, **overrides)
 
 
