@@ -19,6 +19,7 @@ from PIL import Image
 
 from helpers_ckpt import random_policy, stats_for, write_lerobot
 from vlafast.envs.base import EnvSpec
+from vlafast.envs.maniskill import renderer_unavailable
 from vlafast.models import Pi0Config
 from vlafast.models.pi0 import preprocess_images
 from vlafast.models.pi0_load import load_pi0
@@ -284,26 +285,11 @@ def test_tiny_lerobot_pi0_on_real_libero(tmp_path, tokenizer_path, capsys):
 
 # -- for real: ManiSkill (SAPIEN needs a Vulkan device: lavapipe here via `make maniskill`) ------------
 
-def _sapien_error() -> str | None:
-    try:
-        from vlafast.envs.maniskill import _use_vulkan_icd
-
-        _use_vulkan_icd()
-        import mani_skill.envs  # noqa: F401
-        import sapien.render
-
-        sapien.render.get_device_summary()
-    except ImportError as exc:
-        return f"mani-skill is not installed ({exc}); `make maniskill`"
-    except RuntimeError as exc:
-        return f"SAPIEN has no Vulkan device here: {exc}"
-    return None
-
 
 @pytest.mark.vulkan
 @pytest.mark.slow
 def test_tiny_lerobot_pi0_on_real_maniskill(tmp_path, tokenizer_path):
-    err = _sapien_error()
+    err = renderer_unavailable()
     if err:
         pytest.skip(err)
     state_dim = 29  # PickCube-v1 rgb: agent qpos 9 + qvel 9, tcp pose 7, goal 3, is_grasped 1

@@ -14,29 +14,14 @@ import numpy as np
 import pytest
 
 from vlafast.envs import VecEnv, make_env
+from vlafast.envs.maniskill import renderer_unavailable
 
 TASK = "PickCube-v1"
 
 
-def _sapien_error() -> str | None:
-    try:
-        from vlafast.envs.maniskill import _use_vulkan_icd
-
-        _use_vulkan_icd()
-        import mani_skill.envs  # noqa: F401
-        import sapien.render
-
-        sapien.render.get_device_summary()
-    except ImportError as exc:
-        return f"mani-skill is not installed ({exc}); `make maniskill`"
-    except RuntimeError as exc:
-        return f"SAPIEN has no Vulkan device here: {exc}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def sapien_ok():
-    err = _sapien_error()
+    err = renderer_unavailable()
     if err:
         pytest.skip(err)
 

@@ -76,6 +76,22 @@ def _use_vulkan_icd() -> None:
         os.environ["VK_ICD_FILENAMES"] = icd
 
 
+def renderer_unavailable() -> str | None:
+    """Why ManiSkill cannot render here (not installed, or SAPIEN finds no Vulkan device), as a
+    message to act on; None when it can."""
+    try:
+        _use_vulkan_icd()
+        import mani_skill.envs  # noqa: F401
+        import sapien.render
+
+        sapien.render.get_device_summary()
+    except ImportError as exc:
+        return f"mani-skill is not installed ({exc}); `make maniskill`"
+    except RuntimeError as exc:
+        return f"SAPIEN has no Vulkan device here: {exc}"
+    return None
+
+
 def install_lavapipe(dest: str | os.PathLike[str] | None = None) -> str:
     """Unpack Mesa's software Vulkan driver (lavapipe) from the Debian release's backports into
     ``dest`` (default ``<sys.prefix>/vulkan-cpu``) without installing it system-wide, and write
