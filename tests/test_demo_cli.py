@@ -23,6 +23,11 @@ def test_train_sft_ppo_resume_eval(tmp_path, capsys):
     assert [h["iteration"] for h in history] == [1, 2]
     assert main(["eval", "--checkpoint", str(run2 / "policy.pt"), "--episodes", "4", "--no-progress"]) == 0
     assert "success" in capsys.readouterr().out
+    run3 = tmp_path / "grpo"
+    assert main(["train", "grpo", "--init", str(run1 / "policy.pt"), "--out", str(run3), "--groups", "state",
+                 "--iterations", "1", "--no-progress"]) == 0
+    recipe = json.loads((run3 / "recipe.json").read_text())
+    assert recipe["rl"]["algo"] == "grpo" and recipe["rl"]["grpo_groups"] == "state"
 
 
 def test_train_errors(tmp_path):
@@ -47,7 +52,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
         assert (run / png).stat().st_size > 5000
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["sft"]["success_rate"] <= 1.0 and len(summary["history"]) == 2
-    assert "success SFT + PPO (ODE / SDE)" in capsys.readouterr().out
+    assert "success SFT + GRPO over states (ODE / SDE)" in capsys.readouterr().out
     assert 0.0 <= summary["rl_sde"]["success_rate"] <= 1.0
 
 

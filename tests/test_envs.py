@@ -144,10 +144,10 @@ def test_crashed_sub_env_is_isolated(monkeypatch):
     env.reset(seed=6)
     real = UR5eReach._run_chunk
 
-    def flaky(self, i, chunk):
-        if i == 1:
+    def flaky(self, ep, d, chunk):
+        if d is self.datas[1]:
             raise RuntimeError("injected fault")
-        return real(self, i, chunk)
+        return real(self, ep, d, chunk)
 
     monkeypatch.setattr(UR5eReach, "_run_chunk", flaky)
     obs, r, term, trunc, info = env.step(np.zeros((3, 2, 3)))
@@ -181,3 +181,24 @@ def test_bad_config_raises():
         make_env("ur5e-fly", 1)
     with pytest.raises(ValueError, match="one seed per environment"):
         make_env("ur5e-reach", 2, render=False).reset(seed=[1, 2, 3])
+
+
+def test_rehearse_is_counterfactual_and_exact():
+    # A rehearsed chunk earns exactly what step() then pays for it, and changes nothing.
+    env = make_env("ur5e-reach", 3, seed=2, render=False)
+    env.reset(seed=2)
+    env.step(env.expert_chunk(3))
+    chunk = np.clip(env.expert_chunk(4) + np.random.default_rng(0).normal(0, 0.3, (3, 4, 3)), -1, 1)
+    qpos = [d.qpos.copy() for d in env.datas]
+    rows = [2, 0, 0, 1]
+    group = np.stack([chunk[2], chunk[0], np.zeros_like(chunk[0]), chunk[1]])
+    r, n = env.rehearse(group, rows)
+    assert all(np.array_equal(q, d.qpos) for q, d in zip(qpos, env.datas))  # untouched
+    _, r_step, _, _, info = env.step(chunk)
+    assert r[0] == np.float32(r_step[2]) and r[1] == np.float32(r_step[0]) and r[3] == np.float32(r_step[1])
+    assert list(n[[0, 1, 3]]) == list(info["steps"][[2, 0, 1]]) and n[2] == 4
+    assert r[2] != r[1]  # standing still is worth something else than moving
+    with pytest.raises(ValueError, match="one chunk per row"):
+        env.rehearse(group, rows[:2])
+    with pytest.raises(ValueError, match="rows must index"):
+        env.rehearse(group, [0, 1, 2, 3])

@@ -181,3 +181,30 @@ def test_bc_anchor_pulls_towards_demos(env, tmp_path):
         T.train_rl(pol, env, cfg, seed=0, progress=False)
     with pytest.raises(ValueError, match="bc_coef and critic_warmup must be >= 0"):
         T.RLConfig(bc_coef=-1.0)
+
+
+def test_grpo_over_states(env):
+    # Groups of chunks from one simulator state: B * G samples per step, advantages normalised
+    # within each group (the chunk reward's ranking), the envs advance with each group's first chunk.
+    pol = tiny_policy(env)
+    cfg = pol.sampler_config("flow_sde", 2)
+    stats = {"success": [], "return": [], "env_steps": []}
+    gen = torch.Generator().manual_seed(0)
+    ro, _, adv = T.collect_state_groups(pol, env, env.reset(seed=4), 2, 3, cfg, gen, stats)
+    assert len(ro) == 2 and ro.traces[0].log_prob.shape == (12,) and adv.shape == (2, 12)
+    rewards = torch.stack(ro.rewards).view(2, 4, 3)
+    a = adv.view(2, 4, 3)
+    torch.testing.assert_close(a.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    assert (torch.argsort(a, -1) == torch.argsort(rewards, -1))[rewards.std(-1) > 0].all()
+    hist = T.train_rl(pol, env, T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=1,
+                                           chunks_per_rollout=2, num_steps=2, ppo=PPOConfig(minibatch=8)),
+                      seed=0, progress=False)
+    assert hist[0]["chunks_per_s"] > 0 and "value_loss" not in hist[0]
+    with pytest.raises(ValueError, match="grpo_groups must be"):
+        T.RLConfig(grpo_groups="chunk")
+
+    class NoRehearsal:
+        spec = env.spec
+
+    with pytest.raises(ValueError, match="needs an env with rehearse"):
+        T.collect_state_groups(pol, NoRehearsal(), env.reset(seed=4), 1, 2, cfg, gen, stats)

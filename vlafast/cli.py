@@ -57,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides: dict = json.loads(Path(args.config).read_text()) if args.config else {}
         rl = dict(overrides.pop("rl", {}))
         rl["algo"] = args.phase
-        for key in ("method", "iterations"):
+        for key in ("method", "iterations", "grpo_groups"):
             if getattr(args, key) is not None:
                 rl[key] = getattr(args, key)
         overrides["rl"] = rl
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="ppo/grpo: policy.pt to start from")
     p.add_argument("--method", choices=["flow_sde", "flow_noise"], default=None, help="ppo/grpo sampler")
     p.add_argument("--iterations", type=int, default=None, help="ppo/grpo updates")
+    p.add_argument("--groups", dest="grpo_groups", choices=["episode", "state"], default=None,
+                   help="grpo: groups of whole episodes from one seed, or of chunks from one simulator state")
     p.add_argument("--resume", action="store_true", help="ppo/grpo: continue from <out>/checkpoint.pt")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")

@@ -3,7 +3,8 @@
 1. The real-time core: jitter of the 500 Hz servo timing loop.
 2. A tiny pi0 (the real architecture, ~0.3 M parameters) learns the built-in UR5e reach task
    from a few scripted demonstrations (flow-matching SFT), is evaluated on fixed seeds, then
-   fine-tuned online with PPO on Flow-SDE log-probs (pi_RL) and evaluated again.
+   fine-tuned online on Flow-SDE log-probs (pi_RL: GRPO with groups of chunks from one simulator
+   state, the PPO-clip objective, a BC anchor on the demonstrations) and evaluated again.
 3. The neuron dictionary of the trained policy, and clamped keyword clusters against the
    unsteered policy and a direction baseline: end-effector speed on the same episodes.
 
@@ -28,7 +29,15 @@ from vlafast._io import atomic_path, atomic_write_text
 from vlafast.bench import servo_timing
 
 
-def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], evals: dict[str, dict]) -> list[str]:
+def _rl_name(rl) -> str:
+    """The RL phase's label: PPO, GRPO (episode groups) or GRPO over states."""
+    if rl.algo == "ppo":
+        return "PPO"
+    return "GRPO" + (" over states" if rl.grpo_groups == "state" else "")
+
+
+def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], evals: dict[str, dict],
+           algo: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,12 +52,12 @@ def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], ev
     it = [h["iteration"] for h in history]
     axes[1].plot(it, [h["success_rate"] for h in history], marker="o", ms=3, label="rollout success (SDE)")
     for key, style, colour in (("sft", "--", "k"), ("rl", "-", "k"), ("sft_sde", "--", "tab:orange"), ("rl_sde", "-", "tab:orange")):
-        name = ("SFT" if key.startswith("sft") else "+PPO") + (" SDE" if key.endswith("sde") else " ODE")
+        name = ("SFT" if key.startswith("sft") else f"+{algo}") + (" SDE" if key.endswith("sde") else " ODE")
         axes[1].axhline(evals[key]["success_rate"], ls=style, c=colour, lw=1, label=f"eval {name}")
-    axes[1].set(title="success rate vs update", xlabel="PPO update", ylim=(-0.02, 1.02))
+    axes[1].set(title="success rate vs update", xlabel=f"{algo} update", ylim=(-0.02, 1.02))
     axes[1].legend(fontsize=7)
     axes[2].plot(it, [h["return"] for h in history], marker="o", ms=3)
-    axes[2].set(title="episode return vs update", xlabel="PPO update")
+    axes[2].set(title="episode return vs update", xlabel=f"{algo} update")
     fig.tight_layout()
     for name in ("training.png",):
         with atomic_path(out / name) as tmp:
@@ -110,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
     recipe = Recipe()
     if args.quick:  # the smoke-test budget (tests use it); results mean little
         recipe = dataclasses.replace(recipe, num_envs=4, demos=8, sft_steps=20, eval_episodes=8,
-                                     rl=dataclasses.replace(recipe.rl, iterations=2, chunks_per_rollout=2, critic_warmup=1))
+                                     rl=dataclasses.replace(recipe.rl, iterations=2, chunks_per_rollout=2))
     progress = not args.no_progress
     facts = info.collect()
     print("== vlafast " + facts["vlafast"] + f" | torch {facts['torch']} | _C {facts['_C'].split(' ')[0]}")
@@ -146,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress, demos=demos)
     t_rl = time.perf_counter() - t0
-    ev_rl, ev_rl_sde = evaluate("+PPO")
+    ev_rl, ev_rl_sde = evaluate("+" + _rl_name(recipe.rl).split()[0])
     save_policy(policy, recipe, out / "policy.pt")
 
     print("\n== 3/3 steering: neuron dictionary of the trained policy, keyword clusters, clamped")
@@ -155,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
     env.close()
 
     evals = {"sft": ev_sft, "rl": ev_rl, "sft_sde": ev_sft_sde, "rl_sde": ev_rl_sde}
-    plots = _plots(out, losses, history, evals)
+    algo = _rl_name(recipe.rl)
+    plots = _plots(out, losses, history, evals, algo)
     s_sft, s_rl = summarise_eval(ev_sft), summarise_eval(ev_rl)
     s_sft_sde, s_rl_sde = summarise_eval(ev_sft_sde), summarise_eval(ev_rl_sde)
 
@@ -167,15 +177,15 @@ def main(args: argparse.Namespace) -> int:
         ("demos", f"{demos.episodes} scripted episodes, {len(demos)} chunks"),
         ("SFT", f"{recipe.sft_steps} steps in {t_sft:.0f} s"),
         ("success SFT (ODE / SDE)", f"{pct(s_sft)} / {pct(s_sft_sde)} ({s_sft['episodes']} episodes each)"),
-        ("success SFT + PPO (ODE / SDE)", f"{pct(s_rl)} / {pct(s_rl_sde)} ({s_rl['episodes']} episodes each)"),
-        ("PPO", f"{len(history)} updates ({recipe.rl.method}, K={recipe.rl.num_steps}) in {t_rl:.0f} s, "
+        (f"success SFT + {algo} (ODE / SDE)", f"{pct(s_rl)} / {pct(s_rl_sde)} ({s_rl['episodes']} episodes each)"),
+        (algo, f"{len(history)} updates ({recipe.rl.method}, K={recipe.rl.num_steps}) in {t_rl:.0f} s, "
                 f"{np.mean([h['chunks_per_s'] for h in history]):.0f} chunks/s"),
         ("total", f"{time.perf_counter() - t_start:.0f} s"),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     speed_md = "| phase | slowly | (none) | quickly |\n|---|---|---|---|\n" + "\n".join(
         f"| {name} | " + " | ".join(f"{s['speed'][w]:.4f}" for w in ("slowly", "(none)", "quickly")) + " |"
-        for name, s in (("SFT", s_sft), ("SFT + PPO", s_rl)))
+        for name, s in (("SFT", s_sft), (f"SFT + {algo}", s_rl)))
     report = f"""# vlafast demo report ({out.name})
 
 {table}
@@ -188,9 +198,9 @@ def main(args: argparse.Namespace) -> int:
 
 Task: {recipe.env}, {recipe.num_envs} parallel MuJoCo arms, {recipe.image_size} px camera, instructions with
 colour and speed words. Policy: tiny pi0 ({n_params / 1e6:.2f} M parameters, real structure). SFT on
-{demos.episodes} scripted episodes (few-shot on purpose), then PPO on {recipe.rl.method} log-probs
-(K={recipe.rl.num_steps}; {recipe.rl.critic_warmup} critic-only updates first, BC anchor weight
-{recipe.rl.bc_coef:g} on the demonstrations), evaluated on fixed seeds with deterministic ODE sampling
+{demos.episodes} scripted episodes (few-shot on purpose), then {algo} on {recipe.rl.method} log-probs
+(K={recipe.rl.num_steps}, PPO-clip objective, BC anchor weight {recipe.rl.bc_coef:g} on the
+demonstrations), evaluated on fixed seeds with deterministic ODE sampling
 and with the training sampler (SDE).
 
 ![training](training.png)

@@ -12,6 +12,7 @@ Axes: B envs, T actions per chunk, A = 3 (end-effector delta, default) or 6 (joi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -120,6 +121,7 @@ class UR5eReach:
         self._seed_rng = np.random.default_rng(seed)
         self._episodes = [_Episode(rng=np.random.default_rng(s)) for s in env_seeds(seed, num_envs, self._seed_rng)]
         self._jac = np.zeros((3, self.model.nv))
+        self._scratch: list[mujoco.MjData] = []  # sim states for ``rehearse``
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -139,7 +141,7 @@ class UR5eReach:
         )
         for i in range(B):
             try:
-                r, term, trunc, n = self._run_chunk(i, actions[i])
+                r, term, trunc, n = self._run_chunk(self._episodes[i], self.datas[i], actions[i])
             except Exception as exc:  # isolate a failing sub-env: report, reset, go on
                 log.warning("env %d failed and is reset: %s: %s", i, type(exc).__name__, exc)
                 info["errors"][i] = f"{type(exc).__name__}: {exc}"
@@ -162,6 +164,31 @@ class UR5eReach:
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+
+    def rehearse(self, actions: np.ndarray, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Counterfactual chunks -> (reward [M], steps run [M]): what chunk ``actions[m]`` [T, A]
+        would earn if env ``rows[m]`` ran it from its current state. No env changes: each runs on a copy of the
+        simulator state and episode bookkeeping (so a group of chunks from one state can be
+        compared, GRPO over states in ``rl.train``). Deterministic: the same chunk gives what
+        ``step`` would."""
+        rows = [int(i) for i in rows]
+        actions = np.asarray(actions)
+        if actions.ndim != 3 or actions.shape[0] != len(rows) or actions.shape[2] != self.spec.action_dim:
+            raise ValueError(f"rehearse needs actions [M={len(rows)}, T, A={self.spec.action_dim}] (one chunk per row), "
+                             f"got {list(actions.shape)}")
+        if any(not 0 <= i < self.spec.num_envs for i in rows):
+            raise ValueError(f"rows must index the {self.spec.num_envs} envs, got {rows}")
+        if not np.isfinite(actions).all():
+            raise ValueError("actions hold NaN/inf")
+        while len(self._scratch) < len(rows):
+            self._scratch.append(mujoco.MjData(self.model))
+        reward, steps = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.int64)
+        for m, i in enumerate(rows):
+            d = self._scratch[m]
+            mujoco.mj_copyData(d, self.model, self.datas[i])
+            r, _, _, n = self._run_chunk(copy.deepcopy(self._episodes[i]), d, actions[m].astype(np.float64))
+            reward[m], steps[m] = r, n
+        return reward, steps
 
     # -- expert -----------------------------------------------------------------------------
 
@@ -216,10 +243,9 @@ class UR5eReach:
         goal = " then the ".join(f"{c} ball" for c in ep.targets)
         ep.instruction = f"{verb} the {goal}" + (f" {ep.speed_word}" if ep.speed_word else "")
         ep.steps, ep.next_target, ep.reached_at, ep.path_length, ep.ret = 0, 0, -1, 0.0, 0.0
-        ep.prev_dist = self._dist_to_target(i)
+        ep.prev_dist = self._dist_to_target(ep, d)
 
-    def _dist_to_target(self, i: int) -> float:
-        ep, d = self._episodes[i], self.datas[i]
+    def _dist_to_target(self, ep: _Episode, d: mujoco.MjData) -> float:
         goal = d.mocap_pos[self._mocap[ep.targets[ep.next_target]]]
         return float(np.linalg.norm(d.site_xpos[self._site] - goal))
 
@@ -229,9 +255,9 @@ class UR5eReach:
         J = self._jac[:, :NUM_JOINTS]
         return J.T @ np.linalg.solve(J @ J.T + 1e-4 * np.eye(3), move)
 
-    def _run_chunk(self, i: int, chunk: np.ndarray) -> tuple[float, bool, bool, int]:
-        """Execute one chunk [T, A] in env i; stops at the end of the episode."""
-        ep, d, cfg = self._episodes[i], self.datas[i], self.cfg
+    def _run_chunk(self, ep: _Episode, d: mujoco.MjData, chunk: np.ndarray) -> tuple[float, bool, bool, int]:
+        """Execute one chunk [T, A] on (episode, sim state); stops at the end of the episode."""
+        cfg = self.cfg
         total = 0.0
         for t, a in enumerate(np.clip(chunk, -1.0, 1.0)):
             if cfg.action_mode == "ee_delta":
@@ -248,7 +274,7 @@ class UR5eReach:
             ep.steps += 1
             moved = float(np.linalg.norm(d.site_xpos[self._site] - before))
             ep.path_length += moved
-            dist = self._dist_to_target(i)
+            dist = self._dist_to_target(ep, d)
             r = cfg.progress_reward * (ep.prev_dist - dist)  # progress shaping
             if ep.speed_word == "slowly":  # the dense side of the slow cap, so shaping never pays for speeding
                 r -= cfg.speed_penalty * max(0.0, moved - cfg.slow_cap * cfg.max_ee_step)
@@ -261,7 +287,7 @@ class UR5eReach:
                     done = True
                     r += 1.0 if self._speed_ok(ep) else 0.0
                 else:
-                    ep.prev_dist = self._dist_to_target(i)
+                    ep.prev_dist = self._dist_to_target(ep, d)
             ep.ret += r
             total += r
             if done:

@@ -41,6 +41,8 @@ class RLConfig:
     chunks_per_rollout: int = 10       # N chunk steps per env per PPO update
     iterations: int = 20
     group_size: int = 8                # GRPO
+    grpo_groups: Literal["episode", "state"] = "episode"  # GRPO groups: whole episodes from one seed, or
+                                       # chunks from one simulator state (env.rehearse), compared on their reward
     critic_warmup: int = 0             # PPO: first updates train the critic only (the actor waits for useful advantages)
     bc_coef: float = 0.0               # weight of an auxiliary flow-matching loss on the SFT demos (DAPG-style anchor)
     bc_batch: int = 32
@@ -51,6 +53,8 @@ class RLConfig:
             raise ValueError(f"algo must be 'ppo' or 'grpo', got {self.algo!r}")
         if self.method not in ("flow_sde", "flow_noise"):
             raise ValueError(f"RL needs a stochastic sampler: method must be flow_sde or flow_noise, got {self.method!r}")
+        if self.grpo_groups not in ("episode", "state"):
+            raise ValueError(f"grpo_groups must be 'episode' or 'state', got {self.grpo_groups!r}")
         if self.bc_coef < 0 or self.critic_warmup < 0:
             raise ValueError(f"bc_coef and critic_warmup must be >= 0, got {self.bc_coef}, {self.critic_warmup}")
         if self.chunks_per_rollout < 1 or self.iterations < 0:
@@ -222,6 +226,33 @@ def collect_groups(policy: VLAPolicy, env, seed: int, group_size: int, sampler_c
     return ro, torch.from_numpy(returns)
 
 
+def collect_state_groups(policy: VLAPolicy, env, obs: Obs, n_chunks: int, group_size: int, sampler_cfg,
+                         gen: torch.Generator, stats: dict[str, list]) -> tuple[Rollout, Obs, Tensor]:
+    """GRPO over states: at each of n_chunks chunk steps, ``group_size`` chunks are sampled from
+    every env's current observation and each is rehearsed from that env's simulator state
+    (``env.rehearse``); advantages are their chunk rewards normalised within the group. The
+    envs then go on with the group's first chunk. -> (rollout of B * G samples per step, last
+    obs, advantages [N, B * G]). Comparing chunks from one state removes the between-state
+    variance that episode-level advantages carry."""
+    if not callable(getattr(env, "rehearse", None)):
+        raise ValueError("grpo_groups='state' needs an env with rehearse(actions, rows) (the built-in ur5e tasks)")
+    B, G = env.spec.num_envs, group_size
+    rows = torch.arange(B).repeat_interleave(G)
+    ro, advs = Rollout(), []
+    valid = torch.ones(B * G, dtype=torch.bool)
+    for _ in range(n_chunks):
+        batch = policy.observe(obs).index(rows.to(policy.device))
+        actions, trace, value = policy.act(batch, sampler_cfg, gen)
+        reward, steps = env.rehearse(actions, rows.tolist())
+        reward_t = torch.from_numpy(reward)
+        advs.append(group_advantages(reward_t, G))
+        obs, _, term, trunc, info = env.step(actions[::G])
+        ro.add(batch, trace, value.cpu(), reward_t, torch.zeros(B * G), valid)
+        _record_episodes(stats, term | trunc, info)
+        stats["env_steps"].append(int(info["steps"].sum() + steps.sum()))
+    return ro, obs, torch.stack(advs)
+
+
 def _record_episodes(stats: dict[str, list], done: np.ndarray, info: dict[str, Any]) -> None:
     for i in np.where(done)[0]:
         stats["success"].append(bool(info["success"][i]))
@@ -338,6 +369,10 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
                 ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats)
                 st = ro.stacked()
                 adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, cfg.ppo.gamma, cfg.ppo.lam)
+            elif cfg.grpo_groups == "state":
+                ro, obs, adv = collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size, sampler_cfg,
+                                                    gen, stats)
+                ret = None
             else:
                 ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats)
                 adv = group_advantages(ep_returns, cfg.group_size)[None].expand(len(ro), -1)
