@@ -5,8 +5,9 @@
    from a few scripted demonstrations (flow-matching SFT), is evaluated on fixed seeds, then
    fine-tuned online on Flow-SDE log-probs (pi_RL: GRPO with groups of chunks from one simulator
    state, the PPO-clip objective, a BC anchor on the demonstrations) and evaluated again.
-3. The neuron dictionary of the trained policy, and clamped keyword clusters against the
-   unsteered policy and a direction baseline: end-effector speed on the same episodes.
+3. The neuron dictionary of the SFT policy (whose speed still follows the speed words: RL
+   rewards reaching and drives every episode towards top speed), and clamped keyword clusters
+   against the unsteered policy and a direction baseline: end-effector speed on the same episodes.
 
 Writes ``runs/<date>/report.md`` with PNG plots and prints a summary table.
 """
@@ -14,6 +15,7 @@ Writes ``runs/<date>/report.md`` with PNG plots and prints a summary table.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -90,7 +92,7 @@ def _servo_section(seconds: float) -> tuple[str, dict]:
 
 
 def _steering_section(policy, env, episodes: int, seed: int) -> tuple[str, dict]:
-    """The trained policy's neuron dictionary, the fast / slow keyword clusters clamped at
+    """The policy's neuron dictionary, the fast / slow keyword clusters clamped at
     alpha = 4 and the speed-word direction baseline, each against the unsteered policy on the
     same fixed episodes (what `vlafast steer` runs)."""
     from vlafast.interp import KEYWORDS, NeuronDictionary
@@ -152,14 +154,15 @@ def main(args: argparse.Namespace) -> int:
 
     ev_sft, ev_sft_sde = evaluate("SFT")
     save_policy(policy, recipe, out / "policy_sft.pt")
+    sft_policy = copy.deepcopy(policy)  # steered in part 3
     t0 = time.perf_counter()
     history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress, demos=demos)
     t_rl = time.perf_counter() - t0
     ev_rl, ev_rl_sde = evaluate("+" + _rl_name(recipe.rl).split()[0])
     save_policy(policy, recipe, out / "policy.pt")
 
-    print("\n== 3/3 steering: neuron dictionary of the trained policy, keyword clusters, clamped")
-    steer_md, steer = _steering_section(policy, env, episodes=recipe.eval_episodes // 2, seed=eval_seed)
+    print("\n== 3/3 steering: neuron dictionary of the SFT policy, keyword clusters, clamped")
+    steer_md, steer = _steering_section(sft_policy, env, episodes=recipe.eval_episodes // 2, seed=eval_seed)
     print(steer_md)
     env.close()
 
@@ -212,6 +215,9 @@ Mean end-effector displacement per step (m), by instruction speed word:
 ![speed](speed.png)
 
 ## Steering
+
+On the SFT policy, whose speed still follows the speed words (RL drives every episode towards
+top speed, leaving the "fast" plans no room).
 
 {steer_md}
 
