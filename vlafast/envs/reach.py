@@ -172,21 +172,19 @@ class UR5eReach:
         compared, GRPO over states in ``rl.train``). Deterministic: the same chunk gives what
         ``step`` would."""
         rows = [int(i) for i in rows]
-        actions = np.asarray(actions)
-        if actions.ndim != 3 or actions.shape[0] != len(rows) or actions.shape[2] != self.spec.action_dim:
+        if np.ndim(actions) < 1 or len(actions) != len(rows):
             raise ValueError(f"rehearse needs actions [M={len(rows)}, T, A={self.spec.action_dim}] (one chunk per row), "
-                             f"got {list(actions.shape)}")
+                             f"got {list(np.shape(actions))}")
+        actions = check_actions(actions, dataclasses.replace(self.spec, num_envs=len(rows)))  # M chunks, as step checks B
         if any(not 0 <= i < self.spec.num_envs for i in rows):
             raise ValueError(f"rows must index the {self.spec.num_envs} envs, got {rows}")
-        if not np.isfinite(actions).all():
-            raise ValueError("actions hold NaN/inf")
         while len(self._scratch) < len(rows):
             self._scratch.append(mujoco.MjData(self.model))
         reward, steps = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.int64)
         for m, i in enumerate(rows):
             d = self._scratch[m]
             mujoco.mj_copyData(d, self.model, self.datas[i])
-            r, _, _, n = self._run_chunk(copy.deepcopy(self._episodes[i]), d, actions[m].astype(np.float64))
+            r, _, _, n = self._run_chunk(copy.deepcopy(self._episodes[i]), d, actions[m])
             reward[m], steps[m] = r, n
         return reward, steps
 
