@@ -98,6 +98,11 @@ def test_auto_reset_and_episode_info():
     assert np.isfinite(info["episode_return"]).all()
     assert info["final_state"].shape == (2, env.spec.state_dim)
     assert not np.allclose(info["final_state"], obs["state"])  # obs is the new episode's first
+    # final_obs: the ended episodes' last observations (what a critic bootstraps a truncation from)
+    np.testing.assert_array_equal(info["final_obs"]["state"], info["final_state"])
+    assert info["final_obs"]["instruction"] == info["instruction"]
+    obs, *_, info = env.step(np.zeros((2, 2, 3)))  # nothing ends: final_obs is the returned obs
+    np.testing.assert_array_equal(info["final_obs"]["state"], obs["state"])
 
 
 def test_progress_reward_scales_shaping():
@@ -184,18 +189,26 @@ def test_bad_config_raises():
 
 
 def test_rehearse_is_counterfactual_and_exact():
-    # A rehearsed chunk earns exactly what step() then pays for it, and changes nothing.
-    env = make_env("ur5e-reach", 3, seed=2, render=False)
+    # A rehearsed chunk earns exactly what step() then pays for it, ends in the observation
+    # step() then returns, and changes nothing.
+    env = make_env("ur5e-reach", 3, seed=2, image_size=16)
     env.reset(seed=2)
     env.step(env.expert_chunk(3))
     chunk = np.clip(env.expert_chunk(4) + np.random.default_rng(0).normal(0, 0.3, (3, 4, 3)), -1, 1)
     qpos = [d.qpos.copy() for d in env.datas]
     rows = [2, 0, 0, 1]
     group = np.stack([chunk[2], chunk[0], np.zeros_like(chunk[0]), chunk[1]])
-    r, n = env.rehearse(group, rows)
+    out = env.rehearse(group, rows, observe=True)
+    r, n = out.reward, out.steps
     assert all(np.array_equal(q, d.qpos) for q, d in zip(qpos, env.datas))  # untouched
-    _, r_step, _, _, info = env.step(chunk)
+    obs, r_step, term, trunc, info = env.step(chunk)
     assert r[0] == np.float32(r_step[2]) and r[1] == np.float32(r_step[0]) and r[3] == np.float32(r_step[1])
+    for m, i in ((0, 2), (1, 0), (3, 1)):  # final_obs: the step's end observation, before any reset
+        assert out.terminated[m] == term[i] and out.truncated[m] == trunc[i]
+        assert np.array_equal(out.obs["images"]["base"][m], info["final_obs"]["images"]["base"][i])
+        assert np.array_equal(out.obs["state"][m], info["final_obs"]["state"][i])
+    assert not np.array_equal(out.obs["state"][2], out.obs["state"][1])  # standing still ends elsewhere
+    assert env.rehearse(group, rows).obs is None
     assert list(n[[0, 1, 3]]) == list(info["steps"][[2, 0, 1]]) and n[2] == 4
     assert r[2] != r[1]  # standing still is worth something else than moving
     with pytest.raises(ValueError, match="one chunk per row"):

@@ -101,12 +101,49 @@ def test_ppo_value_args_together():
 
 
 def test_group_advantages():
+    # Sample std (RLinf): group [1, 0, 1, 0] has mean 0.5 and std sqrt(1/3); a group of equal
+    # returns is degenerate: zero advantages, marked uninformative so the update drops it.
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 5.0, 5.0, 5.0, 5.0])
-    a = group_advantages(r, 4)
-    torch.testing.assert_close(a[:4], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-5, rtol=0)
+    a, informative = group_advantages(r, 4)
+    s = 0.5 / math.sqrt(1 / 3)
+    torch.testing.assert_close(a[:4], torch.tensor([s, -s, s, -s]), atol=1e-5, rtol=0)
     torch.testing.assert_close(a[4:], torch.zeros(4))
+    assert informative.tolist() == [True] * 4 + [False] * 4
     with pytest.raises(ValueError, match="multiple of group_size=8"):
         group_advantages(torch.zeros(12), 8)
+    with pytest.raises(ValueError, match=">= 2"):
+        group_advantages(torch.zeros(4), 1)
+
+
+def test_ppo_element_ratio_against_formula():
+    # Per-element (token-level) ratio: each element is clipped on its own, the chunk's
+    # advantage is broadcast, means run over the masked elements only.
+    g = torch.Generator().manual_seed(3)
+    M, N = 5, 7
+    old = torch.randn(M, N, generator=g)
+    new = old + 0.4 * torch.randn(M, N, generator=g)
+    adv = torch.randn(M, generator=g)
+    mask = (torch.rand(N, generator=g) > 0.4).float()
+    _, t = ppo_loss(new, old, adv, PPOConfig(), element_mask=mask)
+    num = kl = cf = 0.0
+    new, old, adv, mask = new.tolist(), old.tolist(), adv.tolist(), mask.tolist()
+    for m in range(M):
+        for n in range(N):
+            if mask[n]:
+                r = math.exp(new[m][n] - old[m][n])
+                num += min(r * adv[m], max(min(r, 1.2), 0.8) * adv[m])
+                kl += (r - 1) - math.log(r)
+                cf += abs(r - 1) > 0.2
+    count = M * sum(mask)
+    assert t["policy_loss"].item() == pytest.approx(-num / count, rel=1e-5)
+    assert t["approx_kl"].item() == pytest.approx(kl / count, rel=1e-4)
+    assert t["clipfrac"].item() == pytest.approx(cf / count)
+    # Summing the elements into one chunk ratio is a different objective.
+    new_t, old_t, mask_t = torch.tensor(new), torch.tensor(old), torch.tensor(mask)
+    _, chunk = ppo_loss((new_t * mask_t).sum(1), (old_t * mask_t).sum(1), torch.tensor(adv), PPOConfig())
+    assert chunk["policy_loss"].item() != pytest.approx(t["policy_loss"].item(), rel=1e-3)
+    with pytest.raises(ValueError, match="both be"):
+        ppo_loss(new_t, old_t[:, 0], torch.tensor(adv), PPOConfig())
 
 
 def test_explained_variance():
@@ -121,3 +158,9 @@ def test_config_validation():
         PPOConfig(clip=0)
     with pytest.raises(ValueError, match="gamma"):
         PPOConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="ratio must be"):
+        PPOConfig(ratio="token")
+    with pytest.raises(ValueError, match="target_kl"):
+        PPOConfig(target_kl=0.0)
+    with pytest.raises(ValueError, match="micro_batch"):
+        PPOConfig(micro_batch=0)

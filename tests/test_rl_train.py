@@ -15,7 +15,8 @@ from vlafast.models.gemma import GemmaConfig
 from vlafast.models.pi0 import Pi0Config, Pi0Policy
 from vlafast.models.siglip import SiglipConfig
 from vlafast.rl import train as T
-from vlafast.rl.losses import PPOConfig, gae
+from vlafast import flow
+from vlafast.rl.losses import PPOConfig, gae, group_advantages
 from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
 
 WORDS = words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS)])
@@ -43,7 +44,7 @@ def test_update_log_probs_equal_rollout(env, method):
     pol = tiny_policy(env, noise_head=method == "flow_noise")
     cfg = pol.sampler_config(method, 3)
     gen = torch.Generator().manual_seed(1)
-    stats = {"success": [], "return": [], "env_steps": []}
+    stats = T.new_stats()
     ro, _, last_value = T.collect(pol, env, env.reset(seed=3), 3, cfg, gen, stats)
     assert len(ro) == 3 and last_value.shape == (4,)
     pol.train()
@@ -188,18 +189,20 @@ def test_grpo_over_states(env):
     # within each group (the chunk reward's ranking), the envs advance with each group's first chunk.
     pol = tiny_policy(env)
     cfg = pol.sampler_config("flow_sde", 2)
-    stats = {"success": [], "return": [], "env_steps": []}
+    stats = T.new_stats()
     gen = torch.Generator().manual_seed(0)
-    ro, _, adv = T.collect_state_groups(pol, env, env.reset(seed=4), 2, 3, cfg, gen, stats)
-    assert len(ro) == 2 and ro.traces[0].log_prob.shape == (12,) and adv.shape == (2, 12)
+    ro, _, adv, ret = T.collect_state_groups(pol, env, env.reset(seed=4), 2, 3, cfg, gen, stats, bootstrap=False)
+    assert len(ro) == 2 and ro.traces[0].log_prob.shape == (12,) and adv.shape == (2, 12) and ret is None
     rewards = torch.stack(ro.rewards).view(2, 4, 3)
     a = adv.view(2, 4, 3)
     torch.testing.assert_close(a.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
     assert (torch.argsort(a, -1) == torch.argsort(rewards, -1))[rewards.std(-1) > 0].all()
     hist = T.train_rl(pol, env, T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=1,
-                                           chunks_per_rollout=2, num_steps=2, ppo=PPOConfig(minibatch=8)),
+                                           chunks_per_rollout=2, num_steps=2, rehearsal_bootstrap=False,
+                                           ppo=PPOConfig(minibatch=8)),
                       seed=0, progress=False)
     assert hist[0]["chunks_per_s"] > 0 and "value_loss" not in hist[0]
+    assert hist[0]["env_steps"] > 0
     with pytest.raises(ValueError, match="grpo_groups must be"):
         T.RLConfig(grpo_groups="chunk")
 
@@ -208,3 +211,113 @@ def test_grpo_over_states(env):
 
     with pytest.raises(ValueError, match="needs an env with rehearse"):
         T.collect_state_groups(pol, NoRehearsal(), env.reset(seed=4), 1, 2, cfg, gen, stats)
+
+
+def _constant_critic(pol, value):
+    """Make V(s) == value for every observation (the critic's last layer: zero weights, bias)."""
+    with torch.no_grad():
+        pol.critic[-1].weight.zero_()
+        pol.critic[-1].bias.fill_(value)
+
+
+def test_truncation_bootstraps_from_final_observation():
+    # A chunk that hits the time limit earns gamma * V(final obs) on top of its reward; a chunk
+    # that ends by success or goes on earns its reward only. Same rollout, critics V = 0 and 5.
+    env = make_env("ur5e-reach", 3, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=5)
+    pol = tiny_policy(env)
+    cfg = pol.sampler_config("flow_sde", 2)
+    rewards, dones = [], None
+    for v in (0.0, 5.0):
+        _constant_critic(pol, v)
+        ro, _, _ = T.collect(pol, env, env.reset(seed=1), 4, cfg, torch.Generator().manual_seed(2), T.new_stats(), 0.9)
+        rewards.append(torch.stack(ro.rewards))
+        dones = torch.stack(ro.dones)
+    diff = rewards[1] - rewards[0]
+    assert dones.any()  # 3-step chunks against a 5-step limit: truncations happen
+    torch.testing.assert_close(diff[dones.bool() & (diff != 0)], torch.full_like(diff[dones.bool() & (diff != 0)], 4.5))
+    assert (diff[~dones.bool()] == 0).all() and (diff == 4.5).any()
+    env.close()
+
+
+def test_state_groups_bootstrap_from_rehearsed_end_state(env):
+    # Horizon-correct GRPO over states: a chunk's score is r + gamma * V(its rehearsed end
+    # state) (unless it reached the goal), normalised within its group; the critic's targets
+    # are the executed path's GAE returns, shared by the G samples of a state.
+    pol = tiny_policy(env)
+    with torch.no_grad():  # a critic that reads the proprio state only, so V differs between end states
+        pol.critic[0].weight.zero_()
+        pol.critic[0].weight[:, -env.spec.state_dim:] = torch.randn(64, env.spec.state_dim)
+    cfg = pol.sampler_config("flow_sde", 2)
+    obs = env.reset(seed=6)
+    G, rows = 3, torch.arange(4).repeat_interleave(3)
+    batch = pol.observe(obs).index(rows)
+    actions, _, _ = pol.act(batch, cfg, torch.Generator().manual_seed(9))
+    rh = env.rehearse(actions, rows.tolist(), observe=True)
+    end = pol.observe(rh.obs)
+    with torch.no_grad():
+        v_end = pol.value(pol.context(end), end.state)
+    score = torch.from_numpy(rh.reward) + 0.9 * torch.from_numpy(~rh.terminated).float() * v_end
+    expected, _ = group_advantages(score, G)
+    ro, _, adv, ret = T.collect_state_groups(pol, env, obs, 2, G, cfg, torch.Generator().manual_seed(9), T.new_stats(),
+                                             gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv[0], expected)  # measured max error 0
+    myopic, _ = group_advantages(torch.from_numpy(rh.reward), G)
+    assert not torch.allclose(adv[0], myopic, atol=1e-3)
+    assert ret.shape == (2, 12) and (ret.view(2, 4, 3) == ret.view(2, 4, 3)[..., :1]).all()
+
+
+def test_update_regime_accumulation_early_stop_health(env):
+    # The whole-rollout optimiser step accumulated over micro-batches equals one big batch
+    # (to fp32 rounding); a tiny target_kl stops once the policy has moved; grad_cosine is logged.
+    def run(micro, target_kl, ratio="chunk"):
+        pol = tiny_policy(env)
+        cfg = T.RLConfig(iterations=2, chunks_per_rollout=2, num_steps=2, critic_warmup=1,
+                         ppo=PPOConfig(actor_lr=1e-3, minibatch=None, micro_batch=micro, epochs=3, target_kl=target_kl,
+                                       ratio=ratio))
+        hist = T.train_rl(pol, env, cfg, seed=0, progress=False)
+        return pol, hist
+
+    a, ha = run(3, None)
+    b, hb = run(64, None)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)  # measured max ~1e-7
+    assert ha[-1]["epochs"] == 3 and -1 <= ha[-1]["grad_cosine"] <= 1 and "grad_cosine" not in ha[0]  # warm-up
+    _, hc = run(64, 1e-9)
+    # One optimiser step per epoch: epoch 1 measures the KL before its step (0), epoch 2 sees
+    # the moved policy and stops the update. The warm-up's actor never moves: KL stays 0.
+    assert hc[-1]["epochs"] == 2 and hc[0]["epochs"] == 3
+    _, he = run(64, None, ratio="element")
+    assert he[-1]["approx_kl"] > 0 and he[-1]["policy_loss"] != ha[-1]["policy_loss"]
+
+
+def test_element_log_probs_equal_at_rollout(env):
+    # The per-element log-probs recomputed in the update equal the rollout's (ratio 1 at epoch 1).
+    for method in ("flow_sde", "flow_noise"):
+        pol = tiny_policy(env, noise_head=method == "flow_noise")
+        cfg = pol.sampler_config(method, 3)
+        batch = pol.observe(env.reset(seed=3))
+        _, trace, _ = pol.act(batch, cfg, torch.Generator().manual_seed(0))
+        ev = flow.evaluate(pol.velocity_fn, pol.context(batch), trace, elements=True)
+        old = flow.element_log_probs(trace)
+        torch.testing.assert_close(ev.element_log_prob, old, rtol=0, atol=1e-6)  # measured max 0
+        mask = trace.action_mask.reshape(-1)
+        torch.testing.assert_close((old * mask).sum(1), trace.log_prob, rtol=1e-5, atol=1e-4)
+
+
+def test_critic_runs_need_warmup_and_old_checkpoints_resume(env, tmp_path, caplog):
+    with pytest.raises(ValueError, match="critic_warmup >= 1"):
+        T.RLConfig(critic_warmup=0)
+    with pytest.raises(ValueError, match="critic_warmup >= 1"):
+        T.RLConfig(algo="grpo", grpo_groups="state", critic_warmup=0)
+    T.RLConfig(algo="grpo", grpo_groups="state", rehearsal_bootstrap=False, critic_warmup=0)  # no critic: fine
+    cfg = T.RLConfig(iterations=1, chunks_per_rollout=2, num_steps=2, critic_warmup=1, ppo=PPOConfig(micro_batch=4))
+    pol = tiny_policy(env)
+    T.train_rl(pol, env, cfg, seed=0, run_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del state["bc_rng"], state["bc_generator"]  # as written before the BC anchor existed
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with caplog.at_level("WARNING"):
+        hist = T.train_rl(pol, env, dataclasses.replace(cfg, iterations=2), seed=0, run_dir=tmp_path, resume=True,
+                          progress=False)
+    assert [h["iteration"] for h in hist] == [1, 2]
+    assert "no 'bc_rng'" in caplog.text and "older vlafast" in caplog.text

@@ -86,7 +86,7 @@ def _cpu_rows(args: argparse.Namespace) -> list[Row]:
     rows = [Row(bench="rollout", op=f"act tiny pi0 (Flow-SDE K={args.steps} + log-prob + value)", shape=f"B={B}",
                 dtype="fp32", backend="torch-cpu", median_ms=ms_sde, baseline="ODE sampling", baseline_ms=ms_ode,
                 achieved=B / (ms_sde / 1e3), unit="chunks/s")]
-    stats: dict[str, list] = {"success": [], "return": [], "env_steps": []}
+    stats = T.new_stats()
     t0 = time.perf_counter()
     n_chunks = 6
     T.collect(policy, env, obs, n_chunks, sde, gen, stats)

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import numpy as np
 
@@ -31,6 +31,28 @@ log = logging.getLogger(__name__)
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.9)}
 SPEEDS = {"slowly": 0.35, "": 0.65, "quickly": 1.0}  # fraction of the maximum step displacement
 VERBS = ("touch", "reach", "go to", "move to")
+
+class Rehearsal(NamedTuple):
+    """What ``UR5eReach.rehearse`` returns: per rehearsed chunk [M]."""
+
+    reward: np.ndarray       # float32, what ``step`` would pay
+    steps: np.ndarray        # int64, control steps run (fewer when the episode ends)
+    terminated: np.ndarray   # bool, reached the goal
+    truncated: np.ndarray    # bool, hit the time limit
+    obs: Obs | None = None   # the observation each rehearsal ends in (``observe=True``)
+
+
+def _with_rows(obs: Obs, rows: dict[int, Obs]) -> Obs:
+    """A copy of the batched ``obs`` with row i replaced by the one-row ``rows[i]``."""
+    out = Obs(images={c: v.copy() for c, v in obs["images"].items()}, state=obs["state"].copy(),
+              instruction=list(obs["instruction"]))
+    for i, o in rows.items():
+        for c in out["images"]:
+            out["images"][c][i] = o["images"][c][0]
+        out["state"][i] = o["state"][0]
+        out["instruction"][i] = o["instruction"][0]
+    return out
+
 
 STATE_DIM = NUM_JOINTS + 3  # joint positions, end-effector position
 _SLOTS = (np.array([0.25, 0.45, 0.25]), np.array([0.0, 0.55, 0.3]), np.array([-0.25, 0.45, 0.25]))
@@ -139,6 +161,7 @@ class UR5eReach:
             self.spec, [ep.instruction for ep in self._episodes],
             episode_speed=np.full(B, np.nan, np.float32),  # mean ee displacement per step, m
         )
+        final: dict[int, Obs] = {}  # envs whose episode ended: their last observation
         for i in range(B):
             try:
                 r, term, trunc, n = self._run_chunk(self._episodes[i], self.datas[i], actions[i])
@@ -157,20 +180,24 @@ class UR5eReach:
                 info["episode_length"][i] = ep.steps
                 info["episode_speed"][i] = ep.path_length / max(ep.steps, 1)
                 info["final_state"][i] = self._state(i)
+                final[i] = self._observe([self.datas[i]], [ep])
                 self._reset_one(i)
-        return self._observe(), reward, terminated, truncated, info
+        obs = self._observe()
+        info["final_obs"] = _with_rows(obs, final)
+        return obs, reward, terminated, truncated, info
 
     def close(self) -> None:
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
 
-    def rehearse(self, actions: np.ndarray, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Counterfactual chunks -> (reward [M], steps run [M]): what chunk ``actions[m]`` [T, A]
-        would earn if env ``rows[m]`` ran it from its current state. No env changes: each runs on a copy of the
-        simulator state and episode bookkeeping (so a group of chunks from one state can be
-        compared, GRPO over states in ``rl.train``). Deterministic: the same chunk gives what
-        ``step`` would."""
+    def rehearse(self, actions: np.ndarray, rows: Sequence[int], observe: bool = False) -> "Rehearsal":
+        """Counterfactual chunks: what chunk ``actions[m]`` [T, A] would earn if env ``rows[m]``
+        ran it from its current state -> ``Rehearsal`` (reward, steps, terminated, truncated
+        [M], and with ``observe`` the observation each rehearsal ends in, for a critic to
+        bootstrap from). No env changes: each runs on a copy of the simulator state and episode
+        bookkeeping (so a group of chunks from one state can be compared, GRPO over states in
+        ``rl.train``). Deterministic: the same chunk gives what ``step`` would."""
         rows = [int(i) for i in rows]
         if np.ndim(actions) < 1 or len(actions) != len(rows):
             raise ValueError(f"rehearse needs actions [M={len(rows)}, T, A={self.spec.action_dim}] (one chunk per row), "
@@ -180,13 +207,17 @@ class UR5eReach:
             raise ValueError(f"rows must index the {self.spec.num_envs} envs, got {rows}")
         while len(self._scratch) < len(rows):
             self._scratch.append(mujoco.MjData(self.model))
-        reward, steps = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.int64)
+        M = len(rows)
+        out = Rehearsal(np.zeros(M, np.float32), np.zeros(M, np.int64), np.zeros(M, bool), np.zeros(M, bool))
+        episodes = []
         for m, i in enumerate(rows):
             d = self._scratch[m]
             mujoco.mj_copyData(d, self.model, self.datas[i])
-            r, _, _, n = self._run_chunk(copy.deepcopy(self._episodes[i]), d, actions[m])
-            reward[m], steps[m] = r, n
-        return reward, steps
+            episodes.append(copy.deepcopy(self._episodes[i]))
+            out.reward[m], out.terminated[m], out.truncated[m], out.steps[m] = self._run_chunk(episodes[m], d, actions[m])
+        if observe:
+            out = out._replace(obs=self._observe(self._scratch[:M], episodes))
+        return out
 
     # -- expert -----------------------------------------------------------------------------
 
@@ -304,25 +335,30 @@ class UR5eReach:
         return True
 
     def _state(self, i: int) -> np.ndarray:
-        d = self.datas[i]
+        return self._state_of(self.datas[i])
+
+    def _state_of(self, d: mujoco.MjData) -> np.ndarray:
         return np.concatenate([d.qpos[:NUM_JOINTS], d.site_xpos[self._site]]).astype(np.float32)
 
-    def _observe(self) -> Obs:
-        B, (H, W) = self.spec.num_envs, self.spec.image_size
+    def _observe(self, datas: Sequence[mujoco.MjData] | None = None, episodes: Sequence[_Episode] | None = None) -> Obs:
+        """Observation of the envs (default) or of given (sim state, episode) pairs."""
+        datas = self.datas if datas is None else datas
+        episodes = self._episodes if episodes is None else episodes
+        (H, W) = self.spec.image_size
         images: dict[str, np.ndarray] = {}
         if self.cfg.render:
             if self._renderer is None:
                 self._renderer = mujoco.Renderer(self.model, H, W)
             for cam in self.cfg.cameras:
-                frames = np.empty((B, H, W, 3), np.uint8)
-                for i, d in enumerate(self.datas):
+                frames = np.empty((len(datas), H, W, 3), np.uint8)
+                for i, d in enumerate(datas):
                     self._renderer.update_scene(d, camera=cam)
                     frames[i] = self._renderer.render()
                 images[cam] = frames
         return Obs(
             images=images,
-            state=np.stack([self._state(i) for i in range(B)]),
-            instruction=[ep.instruction for ep in self._episodes],
+            state=np.stack([self._state_of(d) for d in datas]),
+            instruction=[ep.instruction for ep in episodes],
         )
 
 

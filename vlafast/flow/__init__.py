@@ -15,6 +15,7 @@ from vlafast.flow.sampler import (
     FlowSDEConfig,
     ODEConfig,
     SamplerConfig,
+    element_log_probs,
     evaluate,
     flow_noise,
     flow_sde,
@@ -27,6 +28,6 @@ from vlafast.flow.sampler import (
 
 __all__ = [
     "DEFAULT_LOGVAR_BOUNDS", "DenoiseTrace", "FlowLogProb", "FlowNoiseConfig", "FlowSDEConfig",
-    "GraphedSampler", "NoiseHead", "ODEConfig", "SamplerConfig", "evaluate", "flow_noise",
+    "GraphedSampler", "NoiseHead", "ODEConfig", "SamplerConfig", "element_log_probs", "evaluate", "flow_noise",
     "flow_sde", "log_prob", "ode", "sample", "sde_sigmas", "time_grid",
 ]

@@ -48,7 +48,7 @@ from typing import Any, Callable, Union
 import torch
 
 from vlafast.flow.noise_head import NoiseHead
-from vlafast.ops.gaussian_step import gaussian_step
+from vlafast.ops.gaussian_step import gaussian_step, gaussian_terms_ref
 
 VelocityOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], VelocityOut]
@@ -243,12 +243,46 @@ class DenoiseTrace:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FlowLogProb:
-    """log_prob, entropy: [B]; step_log_probs, step_entropy: [B, K+1] (see DenoiseTrace)."""
+    """log_prob, entropy: [B]; step_log_probs, step_entropy: [B, K+1] (see DenoiseTrace);
+    element_log_prob: [B, T*A] or None (``evaluate(..., elements=True)``, see
+    ``element_log_probs``)."""
 
     log_prob: torch.Tensor
     entropy: torch.Tensor
     step_log_probs: torch.Tensor
     step_entropy: torch.Tensor
+    element_log_prob: torch.Tensor | None = None
+
+
+def _element_terms(config: SamplerConfig, chain: torch.Tensor, means, sigmas, index: torch.Tensor | None) -> torch.Tensor:
+    """[B, T*A] per-element chunk log-prob from the chain and per-transition means / sigmas:
+    step j's (hybrid) or the mean over the K+1 terms (initial noise + K transitions, joint).
+    Hybrid: ``means`` / ``sigmas`` are step j's ([B, T, A], [B, 1 | T*A]); joint: lists of K."""
+    B = chain.shape[0]
+    flat = lambda x: x.reshape(B, -1)  # noqa: E731
+    if _is_hybrid(config):
+        rows = torch.arange(B, device=chain.device)
+        return gaussian_terms_ref(flat(chain[rows, index + 1]), flat(means), flat(sigmas))[0]
+    x0 = flat(chain[:, 0])
+    terms = [gaussian_terms_ref(x0, torch.zeros_like(x0), torch.ones_like(x0[:, :1]))[0]]
+    for k, (mean, sigma) in enumerate(zip(means, sigmas)):
+        terms.append(gaussian_terms_ref(flat(chain[:, k + 1]), flat(mean), flat(sigma))[0])
+    return torch.stack(terms).mean(dim=0)
+
+
+def element_log_probs(trace: DenoiseTrace) -> torch.Tensor:
+    """[B, T*A] the chunk's log-prob per action element, as sampled (from the stored means and
+    sigmas, no model call): what a per-element (token-level) PPO ratio compares against
+    ``evaluate(..., elements=True).element_log_prob``. Unmasked; summed under the trace's
+    action mask it is ``trace.log_prob`` up to rounding (the fused op's summation order)."""
+    config = trace.config
+    if isinstance(config, ODEConfig):
+        raise ValueError("an ODE trace has no log-prob: sample with flow_sde(...) or flow_noise(...) for RL")
+    if _is_hybrid(config):
+        rows = torch.arange(trace.chain.shape[0], device=trace.chain.device)
+        return _element_terms(config, trace.chain, trace.means[rows, trace.index], trace.sigmas[rows, trace.index],
+                              trace.index)
+    return _element_terms(config, trace.chain, list(trace.means.unbind(1)), list(trace.sigmas.unbind(1)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,11 +547,13 @@ def evaluate(
     trace: DenoiseTrace,
     *,
     action_mask: torch.Tensor | None = None,
+    elements: bool = False,
 ) -> FlowLogProb:
     """Recompute the trace's log-probs and entropies with the current parameters (differentiable).
 
     ``action_mask`` defaults to the mask used when sampling. Flow-SDE hybrid re-runs only
-    step j (one velocity call); the joint methods re-run all K steps.
+    step j (one velocity call); the joint methods re-run all K steps. ``elements`` also
+    returns the per-element log-prob [B, T*A] (``element_log_probs`` is its rollout twin).
     """
     config = trace.config
     if isinstance(config, ODEConfig):
@@ -540,22 +576,27 @@ def evaluate(
         col = (j + 1)[:, None]
         step_lp = zeros.scatter(1, col, lp[:, None])
         step_h = zeros.scatter(1, col, h[:, None])
+        elem = _element_terms(config, chain, mean, sigma, j) if elements else None
     else:
         t_rows = _t_rows(grid, B)
         lp0, h0 = _initial_term(chain[:, 0].reshape(B, -1), mask)
-        lps, hs = [lp0], [h0]
+        lps, hs, means, sigmas = [lp0], [h0], [], []
         for k in range(K):
             rows = _sde_rows(grid, k, None) if isinstance(config, FlowSDEConfig) else None
             mean, sigma = _transition(config, velocity_fn, ctx, chain[:, k], t_rows[k], rows, grid)
             _, lp, h = _step_term(mean, sigma, mask, x_next=chain[:, k + 1])
             lps.append(lp)
             hs.append(h)
+            means.append(mean)
+            sigmas.append(sigma)
         step_lp, step_h = torch.stack(lps, dim=1), torch.stack(hs, dim=1)
+        elem = _element_terms(config, chain, means, sigmas, None) if elements else None
     return FlowLogProb(
         log_prob=_reduce(config, step_lp, trace.index),
         entropy=_reduce(config, step_h, trace.index),
         step_log_probs=step_lp,
         step_entropy=step_h,
+        element_log_prob=elem,
     )
 
 

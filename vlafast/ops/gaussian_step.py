@@ -49,6 +49,23 @@ except Exception:  # pragma: no cover - exercised only on broken installs
 # reference (oracle and CPU fallback)
 
 
+def gaussian_terms_ref(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element (log N(x; mean, sigma^2), entropy), both [B, N], unmasked; 0 where sigma == 0.
+
+    x, mean: [B, N]; sigma: [B, N] | [B, 1]. Math in fp32 for half-precision inputs (fp64 for
+    fp64). The fused op's row sums are these summed under the mask; the per-element PPO ratio
+    (``rl.losses``, ``ratio="element"``) reads them directly.
+    """
+    work = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    mu, sd = mean.to(work), sigma.to(work)
+    zero = sd == 0
+    safe = torch.where(zero, torch.ones_like(sd), sd)
+    z = (x.to(work) - mu) / safe
+    logp = torch.where(zero, torch.zeros_like(z), -torch.log(safe) - HALF_LOG_2PI - 0.5 * z * z)
+    ent = torch.where(zero, torch.zeros_like(safe), torch.log(safe) + HALF_LOG_2PI_E).expand_as(logp)
+    return logp, ent
+
+
 def gaussian_step_ref(
     mean: torch.Tensor,
     sigma: torch.Tensor,
@@ -64,21 +81,14 @@ def gaussian_step_ref(
     entropy [B]).
     """
     work = torch.float64 if mean.dtype == torch.float64 else torch.float32
-    mu = mean.to(work)
-    sd = sigma.to(work)
     if eps is not None:
-        x_out = (mu + sd * eps.to(work)).to(mean.dtype)
+        x_out = (mean.to(work) + sigma.to(work) * eps.to(work)).to(mean.dtype)
     else:
         x_out = x_next
-    zero = sd == 0
-    safe = torch.where(zero, torch.ones_like(sd), sd)
-    z = (x_out.to(work) - mu) / safe
-    logp = -torch.log(safe) - HALF_LOG_2PI - 0.5 * z * z
-    logp = torch.where(zero, torch.zeros_like(logp), logp)
-    ent = torch.where(zero, torch.zeros_like(safe), torch.log(safe) + HALF_LOG_2PI_E).expand_as(logp)
+    logp, ent = gaussian_terms_ref(x_out, mean, sigma)
     if mask is not None:
-        logp = logp * mask.to(work)
-        ent = ent * mask.to(work)
+        logp = logp * mask.to(logp.dtype)
+        ent = ent * mask.to(ent.dtype)
     return x_out, logp.sum(dim=-1), ent.sum(dim=-1)
 
 

@@ -44,8 +44,13 @@ class Rollout:
     rewards: list[Tensor] = dataclasses.field(default_factory=list)       # N x [B]
     dones: list[Tensor] = dataclasses.field(default_factory=list)         # N x [B]
     valid: list[Tensor] = dataclasses.field(default_factory=list)         # N x [B] bool (GRPO: env still in its episode)
+    envs: list[Tensor] = dataclasses.field(default_factory=list)          # N x [B] long: which env each sample came from
 
-    def add(self, batch: Batch, trace: DenoiseTrace, value: Tensor, reward: Tensor, done: Tensor, valid: Tensor) -> None:
+    def add(self, batch: Batch, trace: DenoiseTrace, value: Tensor, reward: Tensor, done: Tensor, valid: Tensor,
+            envs: Tensor | None = None) -> None:
+        """One chunk step; ``envs`` (default 0..B-1) names each sample's env (GRPO over states
+        holds G samples per env)."""
+        self.envs.append(torch.arange(len(valid)) if envs is None else envs.long())
         self.batches.append(batch)
         self.traces.append(trace)
         self.values.append(value.detach().float())
@@ -57,8 +62,8 @@ class Rollout:
         return len(self.traces)
 
     def stacked(self) -> dict[str, Tensor]:
-        """values, rewards, dones, valid: [N, B]."""
-        return {k: torch.stack(getattr(self, k)) for k in ("values", "rewards", "dones", "valid")}
+        """values, rewards, dones, valid, envs: [N, B]."""
+        return {k: torch.stack(getattr(self, k)) for k in ("values", "rewards", "dones", "valid", "envs")}
 
     def flat(self) -> tuple[Batch, DenoiseTrace]:
         """All samples, chunk-major: sample n * B + b."""

@@ -8,6 +8,7 @@ steps in a rollout, B environments, G group size (GRPO).
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +16,25 @@ import torch.nn.functional as F
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
+    """PPO as RLinf runs it for pi_RL: optimiser batches of thousands of chunks (here the whole
+    rollout, accumulated over micro-batches), a small actor lr, several epochs stopped early
+    when approx_kl passes ``target_kl``."""
+
     clip: float = 0.2               # ratio clip
     value_clip: float = 0.2         # value-function clip around the rollout's values
     huber_delta: float = 10.0       # Huber value loss
     value_coef: float = 0.5
-    entropy_coef: float = 0.005     # Flow-Noise entropy bonus (0 for Flow-SDE)
+    entropy_coef: float = 0.005     # Flow-Noise entropy bonus, on the per-element mean entropy (0 for Flow-SDE)
     gamma: float = 0.99
     lam: float = 0.95
-    actor_lr: float = 5e-6
+    actor_lr: float = 1e-5          # RLinf: 5e-6..1e-5 at optimiser batches of 2048-5120 chunks
     critic_lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
-    epochs: int = 1
-    minibatch: int = 64
+    epochs: int = 4
+    minibatch: int | None = None    # samples per optimiser step; None: the whole rollout (one step per epoch)
+    micro_batch: int = 64           # samples per forward/backward (gradients accumulate up to ``minibatch``)
+    target_kl: float | None = 0.05  # stop the epochs once an epoch's mean approx_kl exceeds it; None: never
+    ratio: Literal["chunk", "element"] = "chunk"  # one ratio per chunk, or one per action element (token-level)
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
@@ -35,6 +43,13 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)}")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got {self.gamma}, {self.lam}")
+        if self.epochs < 1 or self.micro_batch < 1 or (self.minibatch is not None and self.minibatch < 1):
+            raise ValueError(f"epochs, micro_batch and minibatch (or None) must be >= 1, got "
+                             f"{self.epochs}, {self.micro_batch}, {self.minibatch}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+        if self.ratio not in ("chunk", "element"):
+            raise ValueError(f"ratio must be 'chunk' or 'element', got {self.ratio!r}")
 
 
 def gae(
@@ -48,8 +63,9 @@ def gae(
     """Generalised advantage estimation over chunks -> (advantages [N, B], returns [N, B]).
 
     An episode that ends inside chunk n does not bootstrap from the next observation (it is the
-    first of a new episode under auto-reset). Truncations are treated as terminal, as the
-    built-in and LIBERO envs return no final observation to bootstrap from.
+    first of a new episode under auto-reset). A truncated episode's value goes on past the time
+    limit: the collector adds gamma * V(final observation) to that chunk's reward
+    (``rl.train.collect``), so here every end is terminal.
     """
     if rewards.shape != values.shape or rewards.shape != dones.shape or rewards.ndim != 2:
         raise ValueError(
@@ -70,22 +86,28 @@ def gae(
     return adv, adv + values.float()
 
 
-def group_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: normalise episode returns [B] within consecutive groups of ``group_size`` (same
-    task and seed) -> advantages [B]. A group whose returns are all equal gets zeros."""
-    if returns.ndim != 1 or returns.numel() % group_size != 0:
-        raise ValueError(f"returns must be [B] with B a multiple of group_size={group_size}, got {list(returns.shape)}")
+def group_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: normalise returns [B] within consecutive groups of ``group_size`` (same task and
+    seed, or same simulator state) by the group's mean and sample std -> (advantages [B],
+    informative [B] bool). A degenerate group (all returns equal, e.g. all failed or all
+    succeeded) carries no signal: its advantages are 0 and it is marked uninformative, so the
+    update drops it rather than diluting the batch."""
+    if group_size < 2 or returns.ndim != 1 or returns.numel() % group_size != 0:
+        raise ValueError(f"returns must be [B] with B a multiple of group_size={group_size} >= 2, got {list(returns.shape)}")
     g = returns.float().view(-1, group_size)
-    adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True, unbiased=False) + eps)
-    return adv.view(-1)
+    std = g.std(dim=1, keepdim=True, unbiased=True)
+    informative = (g.max(dim=1, keepdim=True).values > g.min(dim=1, keepdim=True).values).expand_as(g)
+    adv = torch.where(informative, (g - g.mean(dim=1, keepdim=True)) / (std + eps), torch.zeros_like(g))
+    return adv.reshape(-1), informative.reshape(-1)
 
 
 def ppo_loss(
-    logp: torch.Tensor,        # [M] log-prob of the stored chunk under the current policy
-    old_logp: torch.Tensor,    # [M] log-prob recorded at rollout
+    logp: torch.Tensor,        # [M] chunk log-prob under the current policy, or [M, N] per element
+    old_logp: torch.Tensor,    # same shape: recorded at rollout
     advantages: torch.Tensor,  # [M]
     cfg: PPOConfig,
     *,
+    element_mask: torch.Tensor | None = None,  # [N] or [M, N]: elements that count (per-element ratio)
     values: torch.Tensor | None = None,      # [M] current critic
     old_values: torch.Tensor | None = None,  # [M] critic at rollout
     returns: torch.Tensor | None = None,     # [M]
@@ -94,13 +116,26 @@ def ppo_loss(
     """Clipped PPO objective -> (total loss, named terms for logging).
 
     Terms: policy_loss, value_loss (clipped Huber, when a critic is given), entropy,
-    approx_kl (the k3 estimator, E[(r - 1) - log r]), clipfrac.
+    approx_kl (the k3 estimator, E[(r - 1) - log r]), clipfrac. With [M, N] log-probs each
+    element has its own ratio, the chunk's advantage is broadcast over its elements and every
+    mean runs over the elements of ``element_mask`` (RLinf's token-level ratio).
     """
+    if logp.shape != old_logp.shape or logp.shape[0] != advantages.shape[0] or logp.ndim not in (1, 2):
+        raise ValueError(f"logp and old_logp must both be [M] or [M, N] with M = len(advantages) = "
+                         f"{advantages.shape[0]}, got {list(logp.shape)}, {list(old_logp.shape)}")
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip) * advantages
-    policy_loss = -torch.minimum(unclipped, clipped).mean()
+    adv = advantages if logp.ndim == 1 else advantages[:, None]
+    weight = None
+    if logp.ndim == 2:
+        weight = torch.ones_like(logp) if element_mask is None else element_mask.to(logp.dtype).expand_as(logp)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean() if weight is None else (x * weight).sum() / weight.sum().clamp_min(1.0)
+
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip) * adv
+    policy_loss = -mean(torch.minimum(unclipped, clipped))
     total = policy_loss
     terms: dict[str, torch.Tensor] = {"policy_loss": policy_loss.detach()}
     if values is not None:
@@ -117,9 +152,9 @@ def ppo_loss(
         total = total - cfg.entropy_coef * ent
         terms["entropy"] = ent.detach()
     with torch.no_grad():
-        terms["approx_kl"] = ((ratio - 1.0) - log_ratio).mean()
-        terms["clipfrac"] = ((ratio - 1.0).abs() > cfg.clip).float().mean()
-        terms["ratio_mean"] = ratio.mean()
+        terms["approx_kl"] = mean((ratio - 1.0) - log_ratio)
+        terms["clipfrac"] = mean(((ratio - 1.0).abs() > cfg.clip).to(ratio.dtype))
+        terms["ratio_mean"] = mean(ratio)
     return total, terms
 
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from vlafast._io import atomic_path, atomic_write_text
 from vlafast.envs.base import Obs
-from vlafast.flow.sampler import FlowNoiseConfig
+from vlafast.flow import sampler as flow
+from vlafast.flow.sampler import FlowNoiseConfig, element_log_probs
 from vlafast.rl.buffer import Rollout
 from vlafast.rl.losses import PPOConfig, explained_variance, gae, group_advantages, ppo_loss
 from vlafast.rl.policy import Batch, VLAPolicy
@@ -43,10 +44,18 @@ class RLConfig:
     group_size: int = 8                # GRPO
     grpo_groups: Literal["episode", "state"] = "episode"  # GRPO groups: whole episodes from one seed, or
                                        # chunks from one simulator state (env.rehearse), compared on their reward
-    critic_warmup: int = 0             # PPO: first updates train the critic only (the actor waits for useful advantages)
+    rehearsal_bootstrap: bool = True   # GRPO over states: score a rehearsed chunk by r + gamma * V(end state), not r alone
+    critic_warmup: int = 3             # runs with a critic: first updates train the critic only (an untrained
+                                       # critic's advantages are noise); must be >= 1 when a critic is used
     bc_coef: float = 0.0               # weight of an auxiliary flow-matching loss on the SFT demos (DAPG-style anchor)
     bc_batch: int = 32
+    grad_cosine: bool = True           # log the cosine between the policy gradients of two env halves (health)
     ppo: PPOConfig = PPOConfig()
+
+    @property
+    def uses_critic(self) -> bool:
+        """PPO (GAE) and horizon-correct GRPO over states learn a value function."""
+        return self.algo == "ppo" or (self.grpo_groups == "state" and self.rehearsal_bootstrap)
 
     def __post_init__(self):
         if self.algo not in ("ppo", "grpo"):
@@ -59,6 +68,9 @@ class RLConfig:
             raise ValueError(f"bc_coef and critic_warmup must be >= 0, got {self.bc_coef}, {self.critic_warmup}")
         if self.chunks_per_rollout < 1 or self.iterations < 0:
             raise ValueError("chunks_per_rollout must be >= 1 and iterations >= 0")
+        if self.uses_critic and self.critic_warmup < 1:
+            raise ValueError(f"{self.algo} with a critic needs critic_warmup >= 1 (got 0): advantages from an untrained "
+                             "critic are noise that the first actor updates would follow")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +193,30 @@ def evaluate(policy: VLAPolicy, env, *, episodes: int, seed: int, num_steps: int
 # RL
 
 
+def new_stats() -> dict[str, list]:
+    """What the collectors append to: finished episodes' success / return, env steps and
+    chunks sampled per chunk step."""
+    return {"success": [], "return": [], "env_steps": [], "chunks": []}
+
+
+def truncation_values(policy: VLAPolicy, terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any]) -> Tensor:
+    """[B] V(final observation) where an episode hit its time limit (0 elsewhere): the return
+    a time limit cuts off, which the collectors add as gamma * V to the last chunk's reward.
+    Envs without ``info["final_obs"]`` (LIBERO, ManiSkill adapters) treat truncation as terminal."""
+    rows = np.where(truncated & ~terminated & np.array([e is None for e in info["errors"]]))[0]
+    out = torch.zeros(len(truncated))
+    if len(rows) and "final_obs" in info:
+        with torch.no_grad():
+            b = policy.observe(info["final_obs"]).index(torch.from_numpy(rows).to(policy.device))
+            out[torch.from_numpy(rows)] = policy.value(policy.context(b), b.state).float().cpu()
+    return out
+
+
 def collect(policy: VLAPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: torch.Generator,
-            stats: dict[str, list]) -> tuple[Rollout, Obs, Tensor]:
+            stats: dict[str, list], gamma: float = 0.99) -> tuple[Rollout, Obs, Tensor]:
     """PPO rollout: n_chunks chunk steps of every env with auto-reset -> (rollout, last obs,
-    last value [B]). Finished episodes are appended to ``stats``."""
+    last value [B]). Truncated chunks earn gamma * V(final obs) on top of their reward.
+    Finished episodes are appended to ``stats``."""
     ro = Rollout()
     B = env.spec.num_envs
     all_valid = torch.ones(B, dtype=torch.bool)
@@ -192,10 +224,11 @@ def collect(policy: VLAPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: t
         batch = policy.observe(obs)
         actions, trace, value = policy.act(batch, sampler_cfg, gen)
         obs, reward, term, trunc, info = env.step(actions)
-        done = torch.from_numpy(term | trunc)
-        ro.add(batch, trace, value.cpu(), torch.from_numpy(reward), done, all_valid)
+        reward_t = torch.from_numpy(reward) + gamma * truncation_values(policy, term, trunc, info)
+        ro.add(batch, trace, value.cpu(), reward_t, torch.from_numpy(term | trunc), all_valid)
         _record_episodes(stats, term | trunc, info)
         stats["env_steps"].append(int(info["steps"].sum()))
+        stats["chunks"].append(B)
     with torch.no_grad():
         last_batch = policy.observe(obs)
         last_value = policy.value(policy.context(last_batch), last_batch.state).cpu()
@@ -222,35 +255,61 @@ def collect_groups(policy: VLAPolicy, env, seed: int, group_size: int, sampler_c
         returns[alive] += reward[alive]
         _record_episodes(stats, done & alive, info)
         stats["env_steps"].append(int(info["steps"][alive].sum()))
+        stats["chunks"].append(int(alive.sum()))
         alive &= ~done
     return ro, torch.from_numpy(returns)
 
 
 def collect_state_groups(policy: VLAPolicy, env, obs: Obs, n_chunks: int, group_size: int, sampler_cfg,
-                         gen: torch.Generator, stats: dict[str, list]) -> tuple[Rollout, Obs, Tensor]:
-    """GRPO over states: at each of n_chunks chunk steps, ``group_size`` chunks are sampled from
-    every env's current observation and each is rehearsed from that env's simulator state
-    (``env.rehearse``); advantages are their chunk rewards normalised within the group. The
-    envs then go on with the group's first chunk. -> (rollout of B * G samples per step, last
-    obs, advantages [N, B * G]). Comparing chunks from one state removes the between-state
-    variance that episode-level advantages carry."""
+                         gen: torch.Generator, stats: dict[str, list], *, gamma: float = 0.99, lam: float = 0.95,
+                         bootstrap: bool = True) -> tuple[Rollout, Obs, Tensor, Tensor | None]:
+    """GRPO over states (simulators only: it needs ``env.rehearse``): at each of n_chunks chunk
+    steps, ``group_size`` chunks are sampled from every env's observation and each is rehearsed
+    from that env's simulator state. A chunk's score is its reward plus, with ``bootstrap``,
+    gamma * V(the state it ends in) unless it ended the episode by success, so what a chunk
+    sets up for later chunks counts (horizon-correct; without it the score is myopic). Scores
+    normalised within the group are the advantages. The envs then go on with each group's
+    first chunk. -> (rollout of B * G samples per step, last obs, advantages [N, B * G],
+    critic targets [N, B * G] or None): the critic learns GAE returns of the executed path,
+    shared by the G samples of a state. Comparing chunks from one state removes the
+    between-state variance that episode-level advantages carry. Degenerate groups (all
+    scores equal) are marked invalid."""
     if not callable(getattr(env, "rehearse", None)):
         raise ValueError("grpo_groups='state' needs an env with rehearse(actions, rows) (the built-in ur5e tasks)")
     B, G = env.spec.num_envs, group_size
     rows = torch.arange(B).repeat_interleave(G)
     ro, advs = Rollout(), []
-    valid = torch.ones(B * G, dtype=torch.bool)
+    executed: dict[str, list[Tensor]] = {"rewards": [], "values": [], "dones": []}
     for _ in range(n_chunks):
         batch = policy.observe(obs).index(rows.to(policy.device))
         actions, trace, value = policy.act(batch, sampler_cfg, gen)
-        reward, steps = env.rehearse(actions, rows.tolist())
-        reward_t = torch.from_numpy(reward)
-        advs.append(group_advantages(reward_t, G))
-        obs, _, term, trunc, info = env.step(actions[::G])
-        ro.add(batch, trace, value.cpu(), reward_t, torch.zeros(B * G), valid)
+        rh = env.rehearse(actions, rows.tolist(), observe=bootstrap)
+        score = torch.from_numpy(rh.reward)
+        if bootstrap:
+            with torch.no_grad():
+                end = policy.observe(rh.obs)
+                v_end = policy.value(policy.context(end), end.state).float().cpu()
+            score = score + gamma * torch.from_numpy(~rh.terminated).float() * v_end
+        adv, informative = group_advantages(score, G)
+        advs.append(adv)
+        obs, reward, term, trunc, info = env.step(actions[::G])
+        ro.add(batch, trace, value.cpu(), torch.from_numpy(rh.reward), torch.zeros(B * G), informative, envs=rows)
+        if bootstrap:  # the executed path, for the critic (its chunk g = 0 ended as rehearsed: bit-exact)
+            executed["rewards"].append(torch.from_numpy(reward) + gamma * truncation_values(policy, term, trunc, info))
+            executed["values"].append(value[::G].float().cpu())
+            executed["dones"].append(torch.from_numpy(term | trunc).float())
         _record_episodes(stats, term | trunc, info)
-        stats["env_steps"].append(int(info["steps"].sum() + steps.sum()))
-    return ro, obs, torch.stack(advs)
+        stats["env_steps"].append(int(info["steps"].sum() + rh.steps.sum()))
+        stats["chunks"].append(B * G)
+    returns = None
+    if bootstrap:
+        with torch.no_grad():
+            last = policy.observe(obs)
+            last_value = policy.value(policy.context(last), last.state).float().cpu()
+        st = {k: torch.stack(v) for k, v in executed.items()}
+        _, ret = gae(st["rewards"], st["values"], st["dones"], last_value, gamma, lam)
+        returns = ret.repeat_interleave(G, dim=1)
+    return ro, obs, torch.stack(advs), returns
 
 
 def _record_episodes(stats: dict[str, list], done: np.ndarray, info: dict[str, Any]) -> None:
@@ -259,60 +318,128 @@ def _record_episodes(stats: dict[str, list], done: np.ndarray, info: dict[str, A
         stats["return"].append(float(info["episode_return"][i]))
 
 
+def _element_mask(trace) -> Tensor | None:
+    """[N] or [M, N] float: the elements the log-probs count (the trace's action mask, flat)."""
+    m = trace.action_mask
+    return None if m is None else m.reshape(*m.shape[:-2], -1)
+
+
+def _elements_per_chunk(trace) -> Tensor | float:
+    """Elements each chunk's log-prob sums over: a float, or [M] for per-sample masks."""
+    m = _element_mask(trace)
+    if m is None:
+        return float(trace.chain[0, 0].numel())
+    return float(m.sum().clamp_min(1.0)) if m.ndim == 1 else m.sum(-1).clamp_min(1.0)
+
+
+def policy_gradient_cosine(policy: VLAPolicy, batch: Batch, trace, adv: Tensor, idx: Tensor, envs: Tensor,
+                           params: list[Tensor], micro_batch: int) -> float:
+    """Cosine between the policy gradients (of -mean(A * log pi)) of the samples of even and of
+    odd envs: two independent rollouts of the same policy. Near 0, the update follows noise
+    (the signal-to-noise health metric); GRPO over states reaches ~0.6 on the built-in task."""
+    grads = []
+    for half in (idx[envs[idx] % 2 == 0], idx[envs[idx] % 2 == 1]):
+        total = [torch.zeros_like(p) for p in params]
+        for mb in half.split(micro_batch):
+            logp, _, _ = policy.evaluate(batch.index(mb.to(policy.device)), trace.select(mb))
+            g = torch.autograd.grad(-(adv[mb].to(logp.device) * logp).sum() / max(len(half), 1), params,
+                                    allow_unused=True)
+            total = [t + gi if gi is not None else t for t, gi in zip(total, g)]
+        grads.append(torch.cat([t.reshape(-1) for t in total]))
+    denom = grads[0].norm() * grads[1].norm()
+    return float(grads[0] @ grads[1] / denom) if denom > 0 else float("nan")
+
+
 def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
            actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None,
            shuffle: torch.Generator, train_actor: bool = True,
-           bc: tuple[float, Callable[[], Tensor]] | None = None) -> dict[str, float]:
-    """PPO epochs over minibatches of the rollout's valid samples; returns mean loss terms.
-    ``returns`` None means GRPO (no critic). ``bc`` = (coef, loss_fn) adds coef * loss_fn()
-    (a demonstration flow-matching loss) to every actor minibatch."""
+           bc: tuple[float, Callable[[], Tensor]] | None = None, grad_cosine: bool = False) -> dict[str, float]:
+    """PPO epochs over the rollout's valid samples; returns sample-weighted mean loss terms.
+    Each optimiser step sees ``cfg.minibatch`` samples (None: all of them), accumulated over
+    micro-batches; the epochs stop early once an epoch's approx_kl exceeds ``cfg.target_kl``.
+    ``returns`` None means no critic (GRPO). ``bc`` = (coef, loss_fn) adds coef * loss_fn()
+    (a demonstration flow-matching loss) to every actor step."""
     policy.train()
     batch, trace = ro.flat()
     st = ro.stacked()
     valid = st["valid"].reshape(-1)
-    old_logp = trace.log_prob.float()
-    old_values = st["values"].reshape(-1)
-    adv = advantages.reshape(-1)
     idx_all = torch.nonzero(valid).squeeze(1)
+    old_values = st["values"].reshape(-1)
+    adv = advantages.reshape(-1).float()
     adv_valid = adv[idx_all]
     adv = (adv - adv_valid.mean()) / (adv_valid.std(unbiased=False) + 1e-8)  # per-rollout normalisation
-    terms: dict[str, list[float]] = {}
+    element = cfg.ratio == "element"
+    old_logp = element_log_probs(trace) if element else trace.log_prob.float()
+    elem_mask, per_chunk = _element_mask(trace), _elements_per_chunk(trace)
     actor_params = [p for g in actor_opt.param_groups for p in g["params"]]
+    out: dict[str, float] = {}
+    if grad_cosine and train_actor and len(idx_all) > 1:
+        out["grad_cosine"] = policy_gradient_cosine(policy, batch, trace, adv, idx_all, st["envs"].reshape(-1),
+                                                    actor_params, cfg.micro_batch)
+    opt_batch = cfg.minibatch or len(idx_all)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def record(t: dict[str, Tensor], n: int) -> None:
+        for k, v in t.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+            counts[k] = counts.get(k, 0) + n
+
+    epochs = 0
     for _ in range(cfg.epochs):
+        epochs += 1
+        kl_sum = 0.0
         perm = idx_all[torch.randperm(len(idx_all), generator=shuffle)]
-        for start in range(0, len(perm), cfg.minibatch):
-            mb = perm[start:start + cfg.minibatch]
-            logp, entropy, value = policy.evaluate(batch.index(mb.to(policy.device)), trace.select(mb))
-            mb_dev = mb.to(logp.device)
-            kwargs: dict[str, Tensor] = {}
-            if returns is not None:
-                kwargs = dict(values=value, old_values=old_values.to(logp.device)[mb_dev],
-                              returns=returns.reshape(-1).to(logp.device)[mb_dev])
-            if isinstance(trace.config, FlowNoiseConfig):
-                kwargs["entropy"] = entropy
-            loss, t = ppo_loss(logp, old_logp.to(logp.device)[mb_dev], adv.to(logp.device)[mb_dev], cfg, **kwargs)
-            if bc is not None and train_actor:
-                bc_loss = bc[1]()
-                loss = loss + bc[0] * bc_loss
-                t["bc_loss"] = bc_loss.detach()
+        for mb in perm.split(opt_batch):
             actor_opt.zero_grad(set_to_none=True)
             if critic_opt is not None:
                 critic_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in mb.split(cfg.micro_batch):
+                dev = policy.device
+                ctx_batch, sub = batch.index(micro.to(dev)), trace.select(micro)
+                ctx = policy.context(ctx_batch)
+                ev = flow.evaluate(policy.velocity_fn, ctx, sub, elements=element)
+                m = micro.to(ev.log_prob.device)
+                kwargs: dict[str, Tensor] = {}
+                if returns is not None:
+                    kwargs = dict(values=policy.value(ctx, ctx_batch.state), old_values=old_values.to(dev)[m],
+                                  returns=returns.reshape(-1).to(dev)[m])
+                if isinstance(trace.config, FlowNoiseConfig):  # per-element mean entropy (RLinf's scale)
+                    kwargs["entropy"] = ev.entropy / (per_chunk if isinstance(per_chunk, float) else per_chunk.to(dev)[m])
+                mask = elem_mask if elem_mask is None or elem_mask.ndim == 1 else elem_mask[micro]
+                loss, t = ppo_loss(ev.element_log_prob if element else ev.log_prob, old_logp.to(dev)[m],
+                                   adv.to(dev)[m], cfg, element_mask=mask, **kwargs)
+                (loss * (len(micro) / len(mb))).backward()
+                record(t, len(micro))
+                kl_sum += float(t["approx_kl"]) * len(micro)
+            if bc is not None and train_actor:
+                bc_loss = bc[1]()
+                (bc[0] * bc_loss).backward()
+                record({"bc_loss": bc_loss.detach()}, len(mb))
             torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             if train_actor:
                 actor_opt.step()
             if critic_opt is not None:
                 critic_opt.step()
-            for k, v in t.items():
-                terms.setdefault(k, []).append(float(v))
-    out = {k: float(np.mean(v)) for k, v in terms.items()}
+        if cfg.target_kl is not None and kl_sum / max(len(perm), 1) > cfg.target_kl:
+            break
+    out.update({k: sums[k] / counts[k] for k in sums})
+    out["epochs"] = float(epochs)
     if returns is not None:
         out["explained_variance"] = explained_variance(old_values[valid], returns.reshape(-1)[valid])
     sig = trace.sigmas[trace.stochastic] if trace.stochastic.any() else trace.sigmas.new_zeros(1)
     out["sigma_mean"] = float(sig.float().mean())
     out["sigma_max"] = float(sig.float().max())
     return out
+
+
+def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]) -> None:
+    """Restore one RNG state from a checkpoint; checkpoints older than the key keep the fresh
+    seed-derived state, with a warning (their resumed run is then not bit-reproducible)."""
+    if key in state:
+        restore(state[key])
+    else:
+        log.warning("checkpoint has no %r (written by an older vlafast): it starts from its seed", key)
 
 
 def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str | Path | None = None,
@@ -326,7 +453,7 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
     actor, critic = policy.rl_parameters()
     betas = cfg.ppo.betas
     actor_opt = torch.optim.AdamW(actor, lr=cfg.ppo.actor_lr, betas=betas)
-    critic_opt = torch.optim.AdamW(critic, lr=cfg.ppo.critic_lr, betas=betas) if cfg.algo == "ppo" else None
+    critic_opt = torch.optim.AdamW(critic, lr=cfg.ppo.critic_lr, betas=betas) if cfg.uses_critic else None
     sampler_cfg = policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 1)  # minibatch order, CPU
@@ -346,12 +473,14 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
         state = torch.load(ckpt, map_location=policy.device, weights_only=False)
         policy.load_state_dict(state["policy"])
         actor_opt.load_state_dict(state["actor_opt"])
-        if critic_opt is not None:
+        if critic_opt is not None and state.get("critic_opt") is not None:
             critic_opt.load_state_dict(state["critic_opt"])
+        elif critic_opt is not None:
+            log.warning("checkpoint has no critic optimiser state (written by a run without a critic): it starts fresh")
         gen.set_state(state["generator"])
         shuffle.set_state(state["shuffle"])
-        bc_rng.bit_generator.state = state["bc_rng"]
-        bc_gen.set_state(state["bc_generator"])
+        _restore_rng(state, "bc_rng", lambda s: setattr(bc_rng.bit_generator, "state", s))
+        _restore_rng(state, "bc_generator", bc_gen.set_state)
         history, start = state["history"], state["iteration"]
     obs = env.reset(seed=seed + 10_000 * start)
     # Only the actor and critic learn: the frozen VLM gets no gradients (the BC loss runs the
@@ -363,29 +492,32 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
     try:
         bar = tqdm(range(start, cfg.iterations), desc=cfg.algo, disable=not progress, initial=start, total=cfg.iterations)
         for it in bar:
-            stats: dict[str, list] = {"success": [], "return": [], "env_steps": []}
+            stats = new_stats()
             t0 = time.perf_counter()
+            gamma, lam = cfg.ppo.gamma, cfg.ppo.lam
             if cfg.algo == "ppo":
-                ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats)
+                ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, gamma)
                 st = ro.stacked()
-                adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, cfg.ppo.gamma, cfg.ppo.lam)
+                adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, gamma, lam)
             elif cfg.grpo_groups == "state":
-                ro, obs, adv = collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size, sampler_cfg,
-                                                    gen, stats)
-                ret = None
+                ro, obs, adv, ret = collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size,
+                                                         sampler_cfg, gen, stats, gamma=gamma, lam=lam,
+                                                         bootstrap=cfg.rehearsal_bootstrap)
             else:
                 ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats)
-                adv = group_advantages(ep_returns, cfg.group_size)[None].expand(len(ro), -1)
-                ret = None
+                ep_adv, informative = group_advantages(ep_returns, cfg.group_size)
+                adv, ret = ep_adv[None].expand(len(ro), -1), None
+                ro.valid = [v & informative for v in ro.valid]
             t_roll = time.perf_counter() - t0
             terms = update(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle,
-                           train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc)
-            chunks = int(torch.stack(ro.valid).sum())
+                           train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc, grad_cosine=cfg.grad_cosine)
+            chunks = sum(stats["chunks"])
             row = {
                 "iteration": it + 1,
                 "success_rate": float(np.mean(stats["success"])) if stats["success"] else float("nan"),
                 "return": float(np.mean(stats["return"])) if stats["return"] else float("nan"),
                 "episodes": len(stats["success"]),
+                "env_steps": float(sum(stats["env_steps"])),  # simulated control steps, rehearsals included
                 "env_steps_per_s": sum(stats["env_steps"]) / t_roll,
                 "chunks_per_s": chunks / t_roll,
                 "update_s": time.perf_counter() - t0 - t_roll,
