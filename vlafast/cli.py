@@ -57,6 +57,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides: dict = json.loads(Path(args.config).read_text()) if args.config else {}
         rl = dict(overrides.pop("rl", {}))
         rl["algo"] = args.phase
+        if args.phase == "ppo":  # PPO in RLinf's regime (PPOConfig's defaults), not the demo's GRPO tuning
+            from dataclasses import asdict
+
+            from vlafast.rl.losses import PPOConfig
+            from vlafast.rl.train import RLConfig
+
+            rl["ppo"] = {**asdict(PPOConfig()), **rl.get("ppo", {})}
+            rl.setdefault("critic_warmup", RLConfig.critic_warmup)
         for key in ("method", "iterations", "grpo_groups"):
             if getattr(args, key) is not None:
                 rl[key] = getattr(args, key)

@@ -55,8 +55,10 @@ class Recipe:
     # 8 chunks sampled from each env's current state are rehearsed from a copy of it and
     # compared on their reward, then the env goes on with the first. Episode-level advantages
     # (PPO with GAE, episode GRPO) did not beat the noise at this budget (README, "The demo").
+    # The demo keeps the myopic score (the chunk's own reward, no critic) that its README figures
+    # were measured with; `python -m vlafast.rl.compare` runs the horizon-correct variant.
     rl: RLConfig = RLConfig(algo="grpo", grpo_groups="state", group_size=8, method="flow_sde", iterations=200,
-                            chunks_per_rollout=4, bc_coef=1.0,
+                            chunks_per_rollout=4, bc_coef=1.0, rehearsal_bootstrap=False, critic_warmup=0,
                             ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=128, epochs=2))
 
     def to_json(self) -> dict[str, Any]:
