@@ -86,6 +86,33 @@ def test_budget_truncates_and_auto_resets(cpu_env):
 
 @pytest.mark.vulkan
 @pytest.mark.slow
+def test_rehearse_restores_state_and_replays_step(cpu_env):
+    # A rehearsed chunk earns what step() then pays and ends in the observation step() returns;
+    # the state (sim, controller, elapsed steps) is restored after it: the time limit still
+    # counts from before the rehearsals, and a second rehearsal of a chunk repeats the first.
+    cpu_env.reset(seed=4)
+    cpu_env.step(np.zeros((2, 2, 7)))
+    chunk = np.random.default_rng(1).uniform(-1, 1, size=(2, 3, 7))
+    rows = [1, 0, 1, 0]
+    group = np.stack([chunk[1], chunk[0], chunk[1], np.zeros_like(chunk[0])])
+    rh = cpu_env.rehearse(group, rows, observe=True)
+    np.testing.assert_array_equal(rh.reward[0], rh.reward[2])  # same chunk from the restored state
+    np.testing.assert_array_equal(rh.obs["state"][0], rh.obs["state"][2])
+    assert rh.reward[3] != rh.reward[1]
+    obs, reward, term, trunc, info = cpu_env.step(chunk)
+    for m, i in ((0, 1), (1, 0)):
+        assert rh.reward[m] == np.float32(reward[i]) and rh.steps[m] == info["steps"][i] == 3
+        np.testing.assert_array_equal(rh.obs["state"][m], obs["state"][i])  # measured max 0
+    # 2 + 3 of the 8-step budget are spent (rehearsals spent none): 3 more steps end it.
+    assert cpu_env.rehearse(np.zeros((1, 5, 7)), [0]).truncated[0]
+    _, _, _, trunc, info = cpu_env.step(np.zeros((2, 5, 7)))
+    assert trunc.all() and info["steps"].tolist() == [3, 3]
+    with pytest.raises(ValueError, match="one chunk per row"):
+        cpu_env.rehearse(group, rows[:2])
+
+
+@pytest.mark.vulkan
+@pytest.mark.slow
 def test_killed_worker_is_restarted_and_reported(cpu_env):
     cpu_env.reset(seed=1)
     restarts = cpu_env.restarts

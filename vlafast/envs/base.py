@@ -13,7 +13,7 @@ raises is reset and reported in ``info["errors"]`` (truncated, zero reward); the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Sequence, TypedDict, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,30 @@ class Obs(TypedDict):
     images: dict[str, np.ndarray]   # camera name -> uint8 [B, H, W, 3]
     state: np.ndarray               # float32 [B, S]
     instruction: list[str]          # B strings
+
+
+class Rehearsal(NamedTuple):
+    """What a simulator's ``rehearse(actions [M, T, A], rows, observe)`` returns, per rehearsed
+    chunk [M]: chunk m run from a snapshot of env ``rows[m]``'s current state, which is then
+    restored (GRPO over states). Only simulators can do this: it is not part of ``VecEnv``."""
+
+    reward: np.ndarray       # float32, what ``step`` would pay
+    steps: np.ndarray        # int64, control steps run (fewer when the episode ends)
+    terminated: np.ndarray   # bool, the episode ended by success / failure
+    truncated: np.ndarray    # bool, hit the time limit
+    obs: "Obs | None" = None  # the observation each rehearsal ends in (``observe=True``)
+
+
+def check_rehearsal(actions: np.ndarray, rows: Sequence[int], spec: "EnvSpec") -> tuple[np.ndarray, list[int]]:
+    """Validate ``rehearse`` arguments: one chunk [T, A] per row, rows indexing the envs."""
+    rows = [int(i) for i in rows]
+    if np.ndim(actions) < 1 or len(actions) != len(rows):
+        raise ValueError(f"rehearse needs actions [M={len(rows)}, T, A={spec.action_dim}] (one chunk per row), "
+                         f"got {list(np.shape(actions))}")
+    actions = check_actions(actions, dataclasses.replace(spec, num_envs=len(rows)))  # M chunks, as step checks B
+    if any(not 0 <= i < spec.num_envs for i in rows):
+        raise ValueError(f"rows must index the {spec.num_envs} envs, got {rows}")
+    return actions, rows
 
 
 @dataclasses.dataclass(frozen=True)

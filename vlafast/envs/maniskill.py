@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds, step_outputs
+from vlafast.envs.base import EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, step_outputs
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,35 @@ def _cpu_worker(conn, make_args: tuple, obs_mode: str) -> None:
         images, state = flatten_obs(obs, obs_mode)
         return {"images": {k: v[0] for k, v in images.items()}, "state": state[0]}
 
+    def run_chunk(actions):
+        """Step ``actions`` [T, A] until the episode ends -> (last obs, reply without obs)."""
+        reward, n, term, trunc, success, obs = 0.0, 0, False, False, False, None
+        for a in actions:
+            obs, r, te, tr, info = env.step(a[None].astype(np.float32))
+            reward, n = reward + float(_np(r).reshape(-1)[0]), n + 1
+            term, trunc = bool(_np(te).reshape(-1)[0]), bool(_np(tr).reshape(-1)[0])
+            if "success" in info:
+                success = bool(_np(info["success"]).reshape(-1)[0])
+            if term or trunc:
+                break
+        return obs, {"reward": reward, "steps": n, "terminated": term, "truncated": trunc and not term, "success": success}
+
+    def snapshot():
+        """Everything a chunk changes: sim state (actors, articulations), controller state
+        (ManiSkill's get_state_dict holds it, set_state_dict does not restore it), the time
+        limit's elapsed steps, and the episode's running return / length."""
+        state = base.get_state_dict()
+        clone = lambda x: {k: clone(v) for k, v in x.items()} if isinstance(x, dict) else x.clone()  # noqa: E731
+        return clone(state), base._elapsed_steps.clone(), ret, steps
+
+    def restore(snap):
+        nonlocal ret, steps
+        state, elapsed, ret, steps = snap
+        base.set_state_dict(state)
+        if "controller" in state:
+            base.agent.set_controller_state(state["controller"])
+        base._elapsed_steps[:] = elapsed
+
     while True:
         try:
             command, args = conn.recv()
@@ -205,24 +234,25 @@ def _cpu_worker(conn, make_args: tuple, obs_mode: str) -> None:
                 ret, steps = 0.0, 0
                 reply = observe(obs)
             elif command == "step":
-                reward, n, term, trunc, success = 0.0, 0, False, False, False
-                for a in args["actions"]:
-                    obs, r, te, tr, info = env.step(a[None].astype(np.float32))
-                    r = float(_np(r).reshape(-1)[0])
-                    reward, ret, n, steps = reward + r, ret + r, n + 1, steps + 1
-                    term, trunc = bool(_np(te).reshape(-1)[0]), bool(_np(tr).reshape(-1)[0])
-                    if "success" in info:
-                        success = bool(_np(info["success"]).reshape(-1)[0])
-                    if term or trunc:
-                        break
-                reply = {"reward": reward, "steps": n, "terminated": term, "truncated": trunc and not term,
-                         "success": success}
-                if term or trunc:
+                obs, reply = run_chunk(args["actions"])
+                ret, steps = ret + reply["reward"], steps + reply["steps"]
+                if reply["terminated"] or reply["truncated"]:
                     final = observe(obs)["state"]
                     reply.update(episode_return=ret, episode_length=steps, final_state=final)
                     obs, _ = env.reset(seed=args["next_seed"])
                     ret, steps = 0.0, 0
                 reply.update(observe(obs))
+            elif command == "rehearse":  # each chunk from a snapshot of the current state, then restored
+                snap = snapshot()
+                replies = []
+                for chunk in args["chunks"]:
+                    restore(snap)
+                    obs, reply = run_chunk(chunk)
+                    if args["observe"]:
+                        reply.update(observe(obs))
+                    replies.append(reply)
+                restore(snap)
+                reply = {"rehearsals": replies}
             else:
                 raise ValueError(f"unknown command {command!r}")
         except Exception as exc:  # reported to the parent, which resets or restarts this env
@@ -383,6 +413,39 @@ class ManiSkillVecEnv:
         else:
             self._step_cpu(actions, out, info)
         return self._observe(), out["reward"], out["terminated"], out["truncated"], info
+
+    def rehearse(self, actions: np.ndarray, rows: Sequence[int], observe: bool = False) -> Rehearsal:
+        """Counterfactual chunks (GRPO over states, ``rl.train.collect_state_groups``): chunk m
+        [T, A] run from env ``rows[m]``'s current state, which is then restored (sim state,
+        controller state, elapsed steps, episode bookkeeping) -> ``Rehearsal``. Each env's
+        chunks run in its own worker, the workers in parallel. CPU sim only."""
+        if self._gpu is not None:
+            raise NotImplementedError("rehearse runs on the CPU sim (sim_backend='physx_cpu'); the GPU sim batches "
+                                      "every env in one scene, where a per-env snapshot would stall the others")
+        if self._needs_reset:
+            raise RuntimeError("call reset() before rehearse()")
+        actions, rows = check_rehearsal(actions, rows, self.spec)
+        mine = {i: [m for m, r in enumerate(rows) if r == i] for i in dict.fromkeys(rows)}
+        for i, ms in mine.items():
+            self._workers[i].send("rehearse", chunks=[actions[m].astype(np.float32) for m in ms], observe=observe)
+        M = len(rows)
+        out = Rehearsal(np.zeros(M, np.float32), np.zeros(M, np.int64), np.zeros(M, bool), np.zeros(M, bool))
+        images = {c: np.zeros((M, *v.shape[1:]), np.uint8) for c, v in self._images.items()}
+        state = np.zeros((M, self.spec.state_dim), np.float32)
+        for i, ms in mine.items():
+            reply = self._cpu_recv(i)
+            if "error" in reply:
+                raise RuntimeError(f"ManiSkill env {i} failed to rehearse: {reply['error']}")
+            for m, r in zip(ms, reply["rehearsals"]):
+                out.reward[m], out.steps[m], out.terminated[m], out.truncated[m] = (
+                    r["reward"], r["steps"], r["terminated"], r["truncated"])
+                if observe:
+                    state[m] = r["state"]
+                    for c in images:
+                        images[c][m] = r["images"][c]
+        if observe:
+            out = out._replace(obs=Obs(images=images, state=state, instruction=[self.instruction] * M))
+        return out
 
     def close(self) -> None:
         if self._gpu is not None:

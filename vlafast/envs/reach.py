@@ -16,14 +16,16 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; read when mujoco is imported
 import mujoco  # noqa: E402
 
-from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds, step_outputs  # noqa: E402
+from vlafast.envs.base import (  # noqa: E402
+    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, step_outputs,
+)
 from vlafast.envs.ur5e import EE_SITE, HOME_QPOS, NUM_JOINTS, build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -31,16 +33,6 @@ log = logging.getLogger(__name__)
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.9)}
 SPEEDS = {"slowly": 0.35, "": 0.65, "quickly": 1.0}  # fraction of the maximum step displacement
 VERBS = ("touch", "reach", "go to", "move to")
-
-class Rehearsal(NamedTuple):
-    """What ``UR5eReach.rehearse`` returns: per rehearsed chunk [M]."""
-
-    reward: np.ndarray       # float32, what ``step`` would pay
-    steps: np.ndarray        # int64, control steps run (fewer when the episode ends)
-    terminated: np.ndarray   # bool, reached the goal
-    truncated: np.ndarray    # bool, hit the time limit
-    obs: Obs | None = None   # the observation each rehearsal ends in (``observe=True``)
-
 
 def _with_rows(obs: Obs, rows: dict[int, Obs]) -> Obs:
     """A copy of the batched ``obs`` with row i replaced by the one-row ``rows[i]``."""
@@ -191,20 +183,14 @@ class UR5eReach:
             self._renderer.close()
             self._renderer = None
 
-    def rehearse(self, actions: np.ndarray, rows: Sequence[int], observe: bool = False) -> "Rehearsal":
+    def rehearse(self, actions: np.ndarray, rows: Sequence[int], observe: bool = False) -> Rehearsal:
         """Counterfactual chunks: what chunk ``actions[m]`` [T, A] would earn if env ``rows[m]``
         ran it from its current state -> ``Rehearsal`` (reward, steps, terminated, truncated
         [M], and with ``observe`` the observation each rehearsal ends in, for a critic to
         bootstrap from). No env changes: each runs on a copy of the simulator state and episode
         bookkeeping (so a group of chunks from one state can be compared, GRPO over states in
         ``rl.train``). Deterministic: the same chunk gives what ``step`` would."""
-        rows = [int(i) for i in rows]
-        if np.ndim(actions) < 1 or len(actions) != len(rows):
-            raise ValueError(f"rehearse needs actions [M={len(rows)}, T, A={self.spec.action_dim}] (one chunk per row), "
-                             f"got {list(np.shape(actions))}")
-        actions = check_actions(actions, dataclasses.replace(self.spec, num_envs=len(rows)))  # M chunks, as step checks B
-        if any(not 0 <= i < self.spec.num_envs for i in rows):
-            raise ValueError(f"rows must index the {self.spec.num_envs} envs, got {rows}")
+        actions, rows = check_rehearsal(actions, rows, self.spec)
         while len(self._scratch) < len(rows):
             self._scratch.append(mujoco.MjData(self.model))
         M = len(rows)
