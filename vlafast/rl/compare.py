@@ -94,19 +94,16 @@ def _sft(seed: int, out: Path, episodes: int) -> dict[str, Any]:
 
 
 def _rl(method: str, seed: int, budget: int, out: Path, episodes: int) -> dict[str, Any]:
-    from vlafast.flow.noise_head import NoiseHead
     from vlafast.rl import train as T
-    from vlafast.rl.recipe import build_env, collect_recipe_demos, load_policy
+    from vlafast.rl.recipe import build_env, collect_recipe_demos, ensure_noise_head, load_policy
 
     torch.set_num_threads(1)
     policy, base, _ = load_policy(out / f"sft_seed{seed}.pt")
     recipe = method_recipe(base, method)
     recipe = dataclasses.replace(recipe, rl=dataclasses.replace(
         recipe.rl, iterations=math.ceil(budget / steps_per_update(recipe))))
-    if recipe.rl.method == "flow_noise" and policy.noise_head is None:
-        cfg = policy.model.cfg
-        torch.manual_seed(seed)
-        policy.noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
+    torch.manual_seed(seed)  # the Flow-Noise head's initialisation
+    ensure_noise_head(policy, recipe)
     env = build_env(recipe)
     t0 = time.perf_counter()
     demos = collect_recipe_demos(recipe, env, progress=False) if recipe.rl.bc_coef > 0 else None
@@ -116,7 +113,7 @@ def _rl(method: str, seed: int, budget: int, out: Path, episodes: int) -> dict[s
     row = {"method": method, "seed": seed, "env_steps": steps, "updates": len(history),
            **_evaluate(policy, recipe, episodes), "seconds": time.perf_counter() - t0}
     health = {k: [h[k] for h in history if k in h] for k in ("grad_cosine", "approx_kl", "clipfrac", "explained_variance")}
-    atomic_write_text(out / f"{method}_seed{seed}.txt", repr({k: v for k, v in health.items()}))
+    atomic_write_text(out / f"{method}_seed{seed}.txt", repr(health))
     return row
 
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from vlafast._io import atomic_write_text
 from vlafast.rl import train as T
-from vlafast.rl.recipe import Recipe, build_env, build_policy, collect_recipe_demos, dump, load_policy, save_policy
+from vlafast.rl.recipe import (
+    Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, load_policy, save_policy,
+)
 
 
 def speed_word(instruction: str) -> str:
@@ -62,11 +64,7 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
     policy, recipe, env = load_policy(init)
     if recipe_overrides:
         recipe = Recipe.from_json({**recipe.to_json(), **recipe_overrides})
-        if recipe.rl.method == "flow_noise" and policy.noise_head is None:
-            from vlafast.flow.noise_head import NoiseHead
-
-            cfg = policy.model.cfg
-            policy.noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
+        ensure_noise_head(policy, recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.json", dump(recipe))

@@ -111,6 +111,16 @@ def build_policy(recipe: Recipe, spec) -> VLAPolicy:
     return VLAPolicy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
 
 
+def ensure_noise_head(policy: VLAPolicy, recipe: Recipe) -> None:
+    """Give ``policy`` a fresh Flow-Noise head (drawn from torch's global RNG) when the recipe
+    trains with Flow-Noise and the policy (e.g. an SFT checkpoint) has none."""
+    if recipe.rl.method == "flow_noise" and policy.noise_head is None:
+        from vlafast.flow.noise_head import NoiseHead
+
+        cfg = policy.model.cfg
+        policy.noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
+
+
 def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
     """The recipe's scripted demonstrations (deterministic in its seed): what SFT learns from
     and what the RL phase's BC anchor (``rl.bc_coef``) replays."""
