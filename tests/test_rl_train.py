@@ -343,3 +343,20 @@ def test_compare_budgets_and_table(tmp_path):
     assert lines[0].split(",")[:6] == ["method", "seed", "env_steps", "success", "ci_low", "ci_high"]
     assert lines[1].startswith("sft,0,0,0.5000") and len(lines) == 3
     assert "| ppo_flow_sde | 100 | 75.0% [50, 90] | 75.0% |" in C.summary(rows)
+
+
+def test_ensure_noise_head_adds_one_only_when_flow_noise_needs_it():
+    from vlafast.rl.recipe import Recipe, build_env, build_policy, ensure_noise_head
+
+    recipe = dataclasses.replace(Recipe(), num_envs=1)
+    env = build_env(recipe)
+    pol = build_policy(recipe, env.spec)  # the demo recipe trains Flow-SDE: no head
+    env.close()
+    ensure_noise_head(pol, recipe)
+    assert pol.noise_head is None
+    noise = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, method="flow_noise"))
+    ensure_noise_head(pol, noise)
+    head = pol.noise_head
+    assert head is not None and head.width == pol.model.cfg.expert.width
+    ensure_noise_head(pol, noise)
+    assert pol.noise_head is head  # an existing head is kept
