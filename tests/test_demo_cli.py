@@ -11,6 +11,7 @@ SMALL = {"num_envs": 4, "demos": 6, "sft_steps": 10, "eval_episodes": 4, "image_
 
 
 def test_train_sft_ppo_resume_eval(tmp_path, capsys):
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     cfg = tmp_path / "recipe.json"
     cfg.write_text(json.dumps(SMALL))
     run1, run2 = tmp_path / "sft", tmp_path / "ppo"
@@ -43,6 +44,7 @@ def test_train_errors(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_writes_report(tmp_path, capsys):
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     assert main(["demo", "--quick", "--no-progress", "--seconds", "0.2", "--out", str(tmp_path)]) == 0
     (run,) = tmp_path.iterdir()
     report = (run / "report.md").read_text()
@@ -58,6 +60,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_rollout_bench_rows(tmp_path):
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     out = tmp_path / "r.csv"
     assert main(["bench", "rollout", "--out", str(out)]) == 0
     from vlafast.bench.core import read_rows

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from vlafast.envs import VecEnv, make_env
-from vlafast.envs.reach import SPEEDS, ReachConfig, UR5eReach
+pytest.importorskip("mujoco", reason="the built-in UR5e tasks simulate in MuJoCo")
+
+from vlafast.envs import VecEnv, make_env  # noqa: E402
+from vlafast.envs.reach import SPEEDS, ReachConfig, UR5eReach  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ RECIPE = Recipe(num_envs=8, demos=16, sft_steps=60, sft_batch=16)  # mechanisms 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     torch.manual_seed(0)
     policy, env = bh.train_tiny_policy(RECIPE)
     path = tmp_path_factory.mktemp("policy") / "policy.pt"

@@ -99,11 +99,18 @@ def hf_dinov2(vit, cfg: ViTConfig):
         "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
         "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
     }
+    # transformers >= 5.2x: attention.{q,k,v,o}_proj; older (e.g. 5.17, the GPU image's):
+    # attention.attention.{query,key,value} and attention.output.dense.
+    legacy = "encoder.layer.0.attention.attention.query.weight" in ref.state_dict()
+    qkv = {"q_proj": "attention.query", "k_proj": "attention.key", "v_proj": "attention.value"} if legacy else {}
+    out_proj = "attention.output.dense" if legacy else "attention.o_proj"
     for i in range(cfg.depth - 1):
         p, q = f"blocks.{i}.", f"encoder.layer.{i}."
-        new.update({q + "attention." + k: v for k, v in _split_qkv(sd, p).items()})
+        for k, v in _split_qkv(sd, p).items():
+            name, param = k.split(".")
+            new[f"{q}attention.{qkv.get(name, name)}.{param}"] = v
         for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"),
-                             ("attn.proj", "attention.o_proj")):
+                             ("attn.proj", out_proj)):
             new[q + theirs + ".weight"], new[q + theirs + ".bias"] = sd[p + ours + ".weight"], sd[p + ours + ".bias"]
         new[q + "layer_scale1.lambda1"], new[q + "layer_scale2.lambda1"] = sd[p + "ls1.scale_factor"], sd[p + "ls2.scale_factor"]
     missing, unexpected = ref.load_state_dict(new, strict=False)

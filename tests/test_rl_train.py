@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlafast.envs import make_env
-from vlafast.envs.reach import COLOURS, SPEEDS, VERBS
+from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.flow.noise_head import NoiseHead
 from vlafast.models.gemma import GemmaConfig
 from vlafast.models.pi0 import Pi0Config, Pi0Policy
@@ -34,6 +34,7 @@ def tiny_policy(env, pi05=False, noise_head=False, seed=0):
 
 @pytest.fixture(scope="module")
 def env():
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     e = make_env("ur5e-reach", 4, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=12)
     yield e
     e.close()
@@ -221,6 +222,7 @@ def _constant_critic(pol, value):
 
 
 def test_truncation_bootstraps_from_final_observation():
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     # A chunk that hits the time limit earns gamma * V(final obs) on top of its reward; a chunk
     # that ends by success or goes on earns its reward only. Same rollout, critics V = 0 and 5.
     env = make_env("ur5e-reach", 3, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=5)
@@ -346,6 +348,7 @@ def test_compare_budgets_and_table(tmp_path):
 
 
 def test_ensure_noise_head_adds_one_only_when_flow_noise_needs_it():
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     from vlafast.rl.recipe import Recipe, build_env, build_policy, ensure_noise_head
 
     recipe = dataclasses.replace(Recipe(), num_envs=1)

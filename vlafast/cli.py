@@ -154,7 +154,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_import(rest: list[str]) -> int:
+    from vlafast.bench.harvest import import_run
+
+    q = argparse.ArgumentParser(prog="vlafast bench import",
+                                description="file a `make gpu-check OUT=DIR` run into bench/results and the README")
+    q.add_argument("dir", help="the OUT folder of gpu-check")
+    q.add_argument("--results-dir", default="bench/results")
+    q.add_argument("--readme", default="README.md", help="README whose bench-table is rewritten ('' for none)")
+    q.add_argument("--no-plots", action="store_true")
+    a = q.parse_args(rest)
+    for path in import_run(a.dir, a.results_dir, a.readme or None, plots=not a.no_plots):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_bench_entry(args: argparse.Namespace) -> int:
+    if args.bench_cmd == "import":
+        return _cmd_bench_import(args.rest)
     if args.bench_cmd == "plot":
         q = argparse.ArgumentParser(prog="vlafast bench plot", description="turn a results CSV into PNGs")
         q.add_argument("csv")
@@ -226,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench", help="run benchmarks; results go to bench/results/<device>.csv",
-        description="vlafast bench list | plot CSV | all | <name> [options]  (see `vlafast bench <name> -h`)",
+        description="vlafast bench list | plot CSV | import DIR | all | <name> [options]  (see `vlafast bench <name> -h`)",
     )
-    p.add_argument("bench_cmd", choices=["list", "plot", "all", *BENCHMARKS], metavar="{list,plot,all,<name>}")
+    p.add_argument("bench_cmd", choices=["list", "plot", "import", "all", *BENCHMARKS],
+                   metavar="{list,plot,import,all,<name>}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=_cmd_bench_entry)
     return parser

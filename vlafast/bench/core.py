@@ -67,6 +67,10 @@ class Row:
             return None
         return 100.0 * self.achieved / self.peak
 
+    def _extra(self) -> dict[str, Any]:
+        scale = time_scale()
+        return self.extra | {"time_scale": scale} if scale != 1 else self.extra
+
     def as_record(self) -> dict[str, str]:
         def num(x: float | None) -> str:
             return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
@@ -81,7 +85,7 @@ class Row:
             "baseline_ms": num(self.baseline_ms), "ratio": num(self.ratio),
             "achieved": num(self.achieved), "unit": self.unit, "peak": num(self.peak),
             "pct_peak": num(self.pct_peak),
-            "extra": json.dumps(self.extra, sort_keys=True) if self.extra else "",
+            "extra": json.dumps(self._extra(), sort_keys=True) if self._extra() else "",
         }
 
 
@@ -151,6 +155,18 @@ def git_commit() -> str:
 # timing
 
 
+def time_scale() -> float:
+    """The factor in (0, 1] from ``VLAFAST_BENCH_TIME_SCALE`` (default 1: full repetitions)."""
+    raw = os.environ.get("VLAFAST_BENCH_TIME_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise ValueError(f"VLAFAST_BENCH_TIME_SCALE must be a number in (0, 1], got {raw!r}") from None
+    if not 0 < scale <= 1:
+        raise ValueError(f"VLAFAST_BENCH_TIME_SCALE must be in (0, 1], got {scale}")
+    return scale
+
+
 def time_ms(
     fn: Callable[[], Any],
     *,
@@ -163,7 +179,11 @@ def time_ms(
     """Median wall time of ``fn()`` in ms: CUDA events on a GPU, perf_counter_ns on the CPU.
 
     With ``iters=None`` the count adapts so the timed part lasts about ``min_time_s``.
+    ``VLAFAST_BENCH_TIME_SCALE`` (``time_scale()``) shrinks the timing window and the iteration
+    cap for budgeted runs (``make gpu-check``); such rows say so in ``extra``.
     """
+    scale = time_scale()
+    min_time_s, max_iters = min_time_s * scale, max(5, int(max_iters * scale))
     device = torch.device(device) if device is not None else torch.device("cpu")
     cuda = device.type == "cuda"
     for _ in range(warmup):

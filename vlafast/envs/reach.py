@@ -26,13 +26,11 @@ import mujoco  # noqa: E402
 from vlafast.envs.base import (  # noqa: E402
     EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, step_outputs,
 )
+from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS  # noqa: E402,F401 (re-exported)
 from vlafast.envs.ur5e import EE_SITE, HOME_QPOS, NUM_JOINTS, build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.9)}
-SPEEDS = {"slowly": 0.35, "": 0.65, "quickly": 1.0}  # fraction of the maximum step displacement
-VERBS = ("touch", "reach", "go to", "move to")
 
 def _with_rows(obs: Obs, rows: dict[int, Obs]) -> Obs:
     """A copy of the batched ``obs`` with row i replaced by the one-row ``rows[i]``."""

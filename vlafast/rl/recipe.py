@@ -16,7 +16,7 @@ import torch
 
 from vlafast._io import atomic_path
 from vlafast.envs import make_env
-from vlafast.envs.reach import COLOURS, SPEEDS, VERBS
+from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.models.gemma import GemmaConfig
 from vlafast.models.pi0 import Pi0Config, Pi0Policy
 from vlafast.models.siglip import SiglipConfig
