@@ -1,5 +1,6 @@
 """Test set-up. TRITON_INTERPRET must be set before any @triton.jit function is defined, i.e.
-before vlafast is imported, or Triton reports "0 active drivers" on CPU-only machines."""
+before vlafast is imported, or Triton reports "0 active drivers" on CPU-only machines; MUJOCO_GL
+before mujoco is imported."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Headless MuJoCo rendering; read when mujoco is first imported, which a test's
+# `pytest.importorskip("mujoco")` may do before vlafast.envs.reach sets the same default.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 @pytest.fixture(autouse=True)
