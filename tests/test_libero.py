@@ -172,6 +172,71 @@ def test_hung_worker_times_out_and_is_restarted(env):
     assert info["errors"] == [None, None]
 
 
+def test_rehearse_restores_state_and_replays_step(env):
+    # A rehearsed chunk earns what step() then pays and ends in the observation step() returns,
+    # images included, bit for bit; the state (MuJoCo + robosuite's controller, gripper,
+    # observable timers, step count) is restored after it, so the budget counts from before.
+    env.reset(seed=4)
+    env.step(np.tile([0.0] * 6 + [-1.0], (2, 2, 1)))
+    chunk = np.random.default_rng(1).uniform(-1, 1, size=(2, 3, 7))
+    rows = [1, 0, 1, 0]
+    group = np.stack([chunk[1], chunk[0], chunk[1], np.zeros_like(chunk[0])])
+    rh = env.rehearse(group, rows, observe=True)
+    np.testing.assert_array_equal(rh.obs["state"][0], rh.obs["state"][2])  # same chunk, same start
+    assert np.abs(rh.obs["state"][3] - rh.obs["state"][1]).max() > 1e-3   # another chunk, elsewhere
+    assert rh.obs["instruction"] == [SPATIAL_1, SPATIAL_0, SPATIAL_1, SPATIAL_0]
+    obs, reward, term, trunc, info = env.step(chunk)
+    for m, i in ((0, 1), (1, 0)):
+        assert rh.reward[m] == np.float32(reward[i]) and rh.steps[m] == info["steps"][i] == 3
+        np.testing.assert_array_equal(rh.obs["state"][m], obs["state"][i])  # measured max 0
+        for cam in env.cfg.cameras:
+            np.testing.assert_array_equal(rh.obs["images"][cam][m], obs["images"][cam][i])
+    # 2 + 3 of the 7-step budget are spent (rehearsals spent none): 2 more steps end it, and a
+    # rehearsal that ends the episode does not reset it.
+    noop = np.tile([0.0] * 6 + [-1.0], (1, 5, 1))
+    ends = env.rehearse(noop, [0], observe=True)
+    assert ends.truncated[0] and not ends.terminated[0] and ends.steps[0] == 2
+    assert ends.obs["images"]["image"][0].std() > 10  # rendered although the chunk stopped early
+    _, _, _, trunc, info = env.step(np.concatenate([noop, noop]))
+    assert trunc.all() and info["steps"].tolist() == [2, 2]
+    with pytest.raises(ValueError, match="one chunk per row"):
+        env.rehearse(group, rows[:2])
+
+
+@pytest.mark.slow
+def test_grpo_over_states_runs_on_libero():
+    # End to end on one LIBERO task: a tiny pi0 on 32 px images, horizon-correct GRPO over states
+    # (rehearsals from worker snapshots, critic on their end observations), two updates.
+    import torch
+
+    from vlafast.models.gemma import GemmaConfig
+    from vlafast.models.pi0 import Pi0Config, Pi0Policy
+    from vlafast.models.siglip import SiglipConfig
+    from vlafast.rl import train as T
+    from vlafast.rl.losses import PPOConfig
+    from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
+
+    cfg = LiberoConfig(render_size=64, image_size=32, max_episode_steps=8, cameras=("image",))
+    env = LiberoVecEnv("libero_spatial", [0], 2, cfg, seed=3)
+    try:
+        torch.manual_seed(0)
+        tok = build_word_tokenizer(words_of(env.instructions))
+        g = GemmaConfig(width=32, depth=1, mlp_dim=48, num_heads=2, num_kv_heads=1, head_dim=16)
+        pc = Pi0Config.tiny(vision=SiglipConfig(image_size=32, patch_size=16, width=24, depth=1, mlp_dim=32, num_heads=2),
+                            vlm=g, expert=g, vocab_size=tok.get_vocab_size(), action_dim=8,
+                            state_dim=env.spec.state_dim, horizon=4, num_steps=2)
+        pol = VLAPolicy(Pi0Policy(pc), tok, env.spec, exec_horizon=2, max_tokens=24)
+        before = [p.detach().clone() for p in pol.rl_parameters()[0]]
+        rl = T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=2, chunks_per_rollout=2, num_steps=2,
+                        critic_warmup=1, ppo=PPOConfig(actor_lr=1e-3, micro_batch=8))
+        hist = T.train_rl(pol, env, rl, seed=0, progress=False)
+        assert [h["iteration"] for h in hist] == [1, 2] and hist[-1]["env_steps"] > 0
+        assert np.isfinite(hist[-1]["value_loss"]) and np.isfinite(hist[-1]["policy_loss"])
+        assert not all(torch.equal(a, b) for a, b in zip(before, pol.rl_parameters()[0]))  # the actor learned
+    finally:
+        env.close()
+
+
 def test_init_states_interleave_across_envs_on_one_task():
     slots = [_Slot(task_id=0, rank=r, peers=3, seed=5, num_init_states=50) for r in range(3)]
     seen = []

@@ -202,14 +202,16 @@ def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     q, t0, dt_ns = smooth_chunk(C.monotonic_ns() + 200_000_000)
     obs_ns = C.monotonic_ns() - 5_000_000  # an observation taken 5 ms before the push
     assert loop.push(q, t0, dt_ns, obs_ns) == "accepted"
+    pushed_ns = C.monotonic_ns()
     s = run_until_stopped(loop)
     t, qc, vc = rec.records()
     assert "watchdog" in s["stop_reason"] and rec.stops == 1
     tracking = (t >= t0 - PERIOD_NS) & (t + PERIOD_NS <= t0 + (q.shape[0] - 1) * dt_ns)
     assert tracking.sum() > 100
     # A missed cycle (busy VM) skips deadlines and the arm catches up under the acceleration
-    # limit; commands within 150 ms of a skip are left out of the exact comparison.
-    check = tracking & steady(t, period_ns=PERIOD_NS)
+    # limit; commands within 150 ms of a skip, or of a push that a stall delayed past the
+    # chunk's start, are left out of the exact comparison (what the test cannot control).
+    check = tracking & steady(t, period_ns=PERIOD_NS) & (t >= pushed_ns + 150_000_000 * (pushed_ns > t0 - PERIOD_NS))
     assert check.sum() > 30
     want, _ = C.interpolate(q, dt_ns * 1e-9, (t[check] + PERIOD_NS - t0) * 1e-9, interp)
     if interp == "cubic":

@@ -48,6 +48,35 @@ def check_rehearsal(actions: np.ndarray, rows: Sequence[int], spec: "EnvSpec") -
     return actions, rows
 
 
+def rows_by_env(rows: Sequence[int]) -> dict[int, list[int]]:
+    """{env: the rehearsal indices m whose rows[m] is that env}, envs in first-seen order."""
+    return {i: [m for m, r in enumerate(rows) if r == i] for i in dict.fromkeys(rows)}
+
+
+def gather_rehearsals(spec: "EnvSpec", mine: dict[int, list[int]], replies: dict[int, list[dict]],
+                      instructions: Sequence[str], observe: bool) -> Rehearsal:
+    """One ``Rehearsal`` from per-env worker replies: ``replies[i][j]`` is the j-th chunk env i ran
+    (rehearsal ``mine[i][j]``), a dict with reward, steps, terminated, truncated and, when
+    ``observe``, ``state`` [S] and ``images`` {camera: [H, W, 3] uint8}."""
+    M = sum(len(ms) for ms in mine.values())
+    out = Rehearsal(np.zeros(M, np.float32), np.zeros(M, np.int64), np.zeros(M, bool), np.zeros(M, bool))
+    images = {c: np.zeros((M, *spec.image_size, 3), np.uint8) for c in spec.cameras}
+    state = np.zeros((M, spec.state_dim), np.float32)
+    instruction = [""] * M
+    for i, ms in mine.items():
+        for m, r in zip(ms, replies[i]):
+            out.reward[m], out.steps[m], out.terminated[m], out.truncated[m] = (
+                r["reward"], r["steps"], r["terminated"], r["truncated"])
+            instruction[m] = instructions[i]
+            if observe:
+                state[m] = r["state"]
+                for c in images:
+                    images[c][m] = r["images"][c]
+    if observe:
+        out = out._replace(obs=Obs(images=images, state=state, instruction=instruction))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
     """What a policy needs to know about an environment."""

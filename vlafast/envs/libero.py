@@ -33,7 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlafast.envs import libero_worker as _wire
-from vlafast.envs.base import EnvSpec, Obs, check_actions, env_seeds, step_outputs
+from vlafast.envs.base import (
+    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, gather_rehearsals, rows_by_env, step_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +303,38 @@ class LiberoVecEnv:
                 if e:
                     raise RuntimeError(f"LIBERO env {i} could not be reset after a failure: {e}")
         return self._observe(), reward, terminated, truncated, info
+
+    def rehearse(self, actions: np.ndarray, rows: Sequence[int], observe: bool = False) -> Rehearsal:
+        """Counterfactual chunks (GRPO over states, ``rl.train.collect_state_groups``): chunk m
+        [T, A] run from env ``rows[m]``'s current state, which is then restored (MuJoCo state and
+        robosuite's controller, gripper, observable timers and step count; see
+        ``libero_worker.Worker._snapshot``) -> ``Rehearsal``. Each env's chunks run in its own
+        worker, the workers in parallel. An episode that ends inside a rehearsal is not reset."""
+        if self._needs_reset:
+            raise RuntimeError("call reset() before rehearse()")
+        actions, rows = check_rehearsal(actions, rows, self.spec)
+        mine = rows_by_env(rows)
+        for i, ms in mine.items():
+            self._procs[i].send("rehearse", chunks=[actions[m].astype(np.float64).tobytes() for m in ms],
+                                observe=observe)
+        replies, failed = {}, []
+        for i in mine:  # every reply read, so no worker is left mid-protocol
+            try:
+                reply = self._procs[i].recv()
+            except WorkerError as exc:
+                reply = {"error": str(exc)}
+            if "error" in reply:
+                failed.append(f"env {i}: {reply['error']}")
+            else:
+                replies[i] = reply["rehearsals"]
+        if failed:
+            raise RuntimeError("LIBERO rehearse failed: " + "; ".join(failed))
+        H, W = self.spec.image_size
+        for chunks in replies.values():
+            for r in chunks:
+                if "images" in r:
+                    r["images"] = {c: np.frombuffer(b, np.uint8).reshape(H, W, 3) for c, b in r["images"].items()}
+        return gather_rehearsals(self.spec, mine, replies, self.instructions, observe)
 
     def close(self) -> None:
         for i, p in enumerate(self._procs):

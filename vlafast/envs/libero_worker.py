@@ -19,6 +19,11 @@ Requests (``(command, args)``) and replies (a dict; ``{"error": "..."}`` if the 
          -> {reward, success, truncated, steps, episode_return, episode_length, final_state, state}
          The chunk stops early at success or at the step budget; the env is then reset at once
          (same-step auto-reset) to ``next_init_index`` and the new episode's first obs returned.
+  rehearse {chunks: [float64 bytes [T, 7]], observe}
+         -> {rehearsals: [{reward, success, terminated, truncated, steps[, state, images]}]}
+         Each chunk from a snapshot of the current state (MuJoCo integration state + the Python
+         fields of the env, robot, controller, gripper and observables), which is then restored;
+         no auto-reset; images {camera: bytes [image_size, image_size, 3]}.
   close  {} -> {} and exit
 
 Observation conventions (openpi's LIBERO example, also OpenVLA's): images rendered at
@@ -129,11 +134,46 @@ class Worker:
         return {"state": self._observe(obs)}
 
     def step(self, actions: bytes, next_init_index: int, next_seed: int) -> dict:
-        chunk = self.np.frombuffer(actions, dtype=self.np.float64).reshape(-1, 7)
-        reward, success, truncated, n = 0.0, False, False, 0
+        obs, out = self._run_chunk(self._chunk(actions), render_last=True)
+        if out["success"] or out["truncated"]:
+            out.update(episode_return=self.ret, episode_length=self.steps, final_state=self._proprio(obs))
+            out.update(self.reset(next_init_index, next_seed))
+        else:
+            out["state"] = self._observe(obs)
+        return out
+
+    def rehearse(self, chunks: list, observe: bool) -> dict:
+        """Each chunk run from a snapshot of the current state, which is then restored; with
+        ``observe``, the state and camera frames each ends in (frames as bytes in the reply: the
+        shared image file keeps the current observation)."""
+        snap = self._snapshot()
+        replies = []
+        try:
+            for actions in chunks:
+                self._restore(snap)
+                obs, out = self._run_chunk(self._chunk(actions), render_last=observe)
+                out["terminated"], out["truncated"] = out["success"], out["truncated"] and not out["success"]
+                if observe:
+                    if any(CAMERA_KEYS[c] not in obs for c in self.cameras):  # ended before its last action
+                        obs = self._render_now()
+                    out["state"], out["images"] = self._proprio(obs), self._frames(obs)
+                replies.append(out)
+        finally:
+            self._restore(snap)
+        return {"rehearsals": replies}
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _chunk(self, actions: bytes):
+        return self.np.frombuffer(actions, dtype=self.np.float64).reshape(-1, 7)
+
+    def _run_chunk(self, chunk, render_last: bool):
+        """Step ``chunk`` [T, 7] until it ends, succeeds or hits the step budget -> (last obs,
+        {reward, success, truncated, steps}). Cameras render after the last action only."""
+        reward, success, truncated, n, obs = 0.0, False, False, 0, None
         for t, a in enumerate(chunk):
             # images are needed only after the chunk's last action, if the episode goes on
-            render = t == len(chunk) - 1 and self.steps + 1 < self.max_steps
+            render = render_last and t == len(chunk) - 1 and self.steps + 1 < self.max_steps
             obs, r, done = self._step(a.tolist(), render=render)
             n += 1
             self.steps += 1
@@ -145,15 +185,60 @@ class Worker:
             if self.steps >= self.max_steps:
                 truncated = True
                 break
-        out = {"reward": reward, "success": success, "truncated": truncated, "steps": n}
-        if success or truncated:
-            out.update(episode_return=self.ret, episode_length=self.steps, final_state=self._proprio(obs))
-            out.update(self.reset(next_init_index, next_seed))
-        else:
-            out["state"] = self._observe(obs)
-        return out
+        return obs, {"reward": reward, "success": success, "truncated": truncated, "steps": n}
 
-    # -- internals --------------------------------------------------------------------------
+    def _state_holders(self) -> list:
+        """The Python objects whose fields a step changes besides MuJoCo's state: the env
+        (timestep, cur_time, done), each robot (its recent-value buffers), its arm controller
+        (goal pose, reference orientation) and gripper (current action), every observable
+        (sampling timers, last values)."""
+        env = self.env.env
+        holders = [env]
+        for robot in env.robots:
+            grippers = robot.gripper.values() if isinstance(robot.gripper, dict) else [robot.gripper]
+            holders += [robot, robot.controller, *grippers]
+        return holders + list(env._observables.values())
+
+    def _snapshot(self):
+        """Everything the next chunk depends on. MuJoCo's integration state (time, qpos, qvel,
+        act, warm start, controls, applied forces, mocap) alone does not replay a chunk exactly
+        (0.009 off in the eef pose after 5 steps, measured): the Python-side fields of
+        ``_state_holders`` are copied too. Replay is then bitwise (tests)."""
+        import copy
+
+        import mujoco
+
+        np = self.np
+        sim = self.env.env.sim
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(sim.model._model, spec))
+        mujoco.mj_getState(sim.model._model, sim.data._data, physics, spec)
+        plain = (bool, int, float, str, type(None), np.ndarray, np.generic)
+        fields = [(obj, {k: copy.deepcopy(v) for k, v in vars(obj).items()
+                         if isinstance(v, plain) or type(v).__name__.endswith("Buffer")})
+                  for obj in self._state_holders()]
+        return physics, fields, self.steps, self.ret
+
+    def _restore(self, snap) -> None:
+        import copy
+
+        import mujoco
+
+        physics, fields, self.steps, self.ret = snap
+        sim = self.env.env.sim
+        mujoco.mj_setState(sim.model._model, sim.data._data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
+        mujoco.mj_forward(sim.model._model, sim.data._data)
+        for obj, values in fields:
+            for k, v in values.items():
+                setattr(obj, k, copy.deepcopy(v))
+
+    def _render_now(self):
+        """The observation of the current state with the cameras on (no step taken)."""
+        self._set_cameras(True)
+        try:
+            return self.env.env._get_observations(force_update=True)
+        finally:
+            self._set_cameras(False)
 
     def _step(self, action: list[float], render: bool):
         """One control step. Cameras are rendered only when ``render``: rendering is ~95% of a
@@ -193,16 +278,22 @@ class Worker:
             + [float(v) for v in obs["robot0_gripper_qpos"]]
         )
 
-    def _observe(self, obs) -> list[float]:
-        np = self.np
-        frame = self.image_size * self.image_size * 3
-        for c, name in enumerate(self.cameras):
+    def _frames(self, obs) -> dict[str, bytes]:
+        """Each camera's frame as the policy sees it, [image_size, image_size, 3] uint8 bytes."""
+        np, frames = self.np, {}
+        for name in self.cameras:
             img = np.ascontiguousarray(obs[CAMERA_KEYS[name]][::-1, ::-1])  # rotate 180 degrees
             if self.image_size != self.render_size:
                 from PIL import Image
 
                 img = np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BILINEAR))
-            self.images[c * frame:(c + 1) * frame] = img.tobytes()
+            frames[name] = img.tobytes()
+        return frames
+
+    def _observe(self, obs) -> list[float]:
+        frame, frames = self.image_size * self.image_size * 3, self._frames(obs)
+        for c, name in enumerate(self.cameras):
+            self.images[c * frame:(c + 1) * frame] = frames[name]
         return self._proprio(obs)
 
 
@@ -230,7 +321,7 @@ def main(argv: list[str]) -> int:
             write_msg(fd_out, {})
             return 0
         try:
-            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step") else None
+            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step", "rehearse") else None
             if reply is None:
                 raise ValueError(f"unknown command {command!r}")
         except Exception as exc:  # reported to the parent, which resets or restarts this env

@@ -40,7 +40,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vlafast.envs.base import EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, step_outputs
+from vlafast.envs.base import (
+    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, gather_rehearsals, rows_by_env, step_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -425,27 +427,15 @@ class ManiSkillVecEnv:
         if self._needs_reset:
             raise RuntimeError("call reset() before rehearse()")
         actions, rows = check_rehearsal(actions, rows, self.spec)
-        mine = {i: [m for m, r in enumerate(rows) if r == i] for i in dict.fromkeys(rows)}
+        mine = rows_by_env(rows)
         for i, ms in mine.items():
             self._workers[i].send("rehearse", chunks=[actions[m].astype(np.float32) for m in ms], observe=observe)
-        M = len(rows)
-        out = Rehearsal(np.zeros(M, np.float32), np.zeros(M, np.int64), np.zeros(M, bool), np.zeros(M, bool))
-        images = {c: np.zeros((M, *v.shape[1:]), np.uint8) for c, v in self._images.items()}
-        state = np.zeros((M, self.spec.state_dim), np.float32)
-        for i, ms in mine.items():
-            reply = self._cpu_recv(i)
-            if "error" in reply:
-                raise RuntimeError(f"ManiSkill env {i} failed to rehearse: {reply['error']}")
-            for m, r in zip(ms, reply["rehearsals"]):
-                out.reward[m], out.steps[m], out.terminated[m], out.truncated[m] = (
-                    r["reward"], r["steps"], r["terminated"], r["truncated"])
-                if observe:
-                    state[m] = r["state"]
-                    for c in images:
-                        images[c][m] = r["images"][c]
-        if observe:
-            out = out._replace(obs=Obs(images=images, state=state, instruction=[self.instruction] * M))
-        return out
+        replies = {i: self._cpu_recv(i) for i in mine}  # every reply read, so no worker is left mid-protocol
+        failed = [f"env {i}: {r['error']}" for i, r in replies.items() if "error" in r]
+        if failed:
+            raise RuntimeError("ManiSkill rehearse failed: " + "; ".join(failed))
+        replies = {i: r["rehearsals"] for i, r in replies.items()}
+        return gather_rehearsals(self.spec, mine, replies, [self.instruction] * self.spec.num_envs, observe)
 
     def close(self) -> None:
         if self._gpu is not None:
