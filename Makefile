@@ -88,8 +88,10 @@ test-fast: setup
 bench: setup
 	$(BIN)/vlafast bench all
 
+# The sdist and manylinux wheels built from it for each local CPython 3.10-3.13 (isolated
+# builds, auditwheel repair; report in dist/wheels.json). See tools/wheels.py.
 wheel: setup
-	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
+	$(BIN)/python tools/wheels.py --out dist
 
 # On a lent GPU machine (torch preinstalled, no network, a ~8-minute window): a prioritised,
 # budgeted plan run from the source tree by the image's own python3 (no venv). Each step's log,
