@@ -116,7 +116,7 @@ def _argv(step: Step, out: Path, index: int, python: str, dry: bool) -> list[str
             return [python, "-c", code, name, *options]
         return [python, "-m", "vlafast", "bench", name, *options, "--out", f"{stem}.csv"]
     if dry:
-        return [python, "-c", "import runpy, sys; print('would run:', sys.argv[1:])", *step.args]
+        return [python, "-c", "import sys; print('would run:', sys.argv[1:])", *step.args]
     return [python, *step.args]
 
 
