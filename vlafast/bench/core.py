@@ -67,13 +67,12 @@ class Row:
             return None
         return 100.0 * self.achieved / self.peak
 
-    def _extra(self) -> dict[str, Any]:
-        scale = time_scale()
-        return self.extra | {"time_scale": scale} if scale != 1 else self.extra
-
     def as_record(self) -> dict[str, str]:
         def num(x: float | None) -> str:
             return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
+
+        scale = time_scale()
+        extra = self.extra | {"time_scale": scale} if scale != 1 else self.extra
 
         return {
             "timestamp": self.timestamp or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -85,7 +84,7 @@ class Row:
             "baseline_ms": num(self.baseline_ms), "ratio": num(self.ratio),
             "achieved": num(self.achieved), "unit": self.unit, "peak": num(self.peak),
             "pct_peak": num(self.pct_peak),
-            "extra": json.dumps(self._extra(), sort_keys=True) if self._extra() else "",
+            "extra": json.dumps(extra, sort_keys=True) if extra else "",
         }
 
 
@@ -228,11 +227,20 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
 
 def write_rows(rows: Iterable[Row], path: str | os.PathLike) -> Path:
     """Merge ``rows`` into the CSV at ``path`` (same key -> replaced), written atomically."""
+    return merge_records([row.as_record() for row in rows], path)
+
+
+def merge_records(records: Iterable[dict[str, str]], path: str | os.PathLike, *, newer_only: bool = False) -> Path:
+    """Merge CSV records into ``path`` by KEY, written atomically. A record replaces the one
+    with its key, or with ``newer_only`` only if its timestamp is not older (filing rows of a
+    past run must not undo a later one)."""
     path = Path(path)
     merged = {tuple(r.get(k, "") for k in KEY): r for r in read_rows(path)}
-    for row in rows:
-        rec = row.as_record()
-        merged[tuple(rec[k] for k in KEY)] = rec
+    for rec in records:
+        key = tuple(rec.get(k, "") for k in KEY)
+        old = merged.get(key)
+        if old is None or not newer_only or rec.get("timestamp", "") >= old.get("timestamp", ""):
+            merged[key] = rec
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -10,14 +10,12 @@ file. Every file is written whole or not at all (write-then-rename).
 from __future__ import annotations
 
 import csv
-import io
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
 from vlafast._io import atomic_write_text
-from vlafast.bench.core import COLUMNS, KEY, device_slug, read_rows
+from vlafast.bench.core import KEY, device_slug, merge_records, read_rows
 
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 
@@ -26,23 +24,6 @@ def _is_bench_csv(path: Path) -> bool:
     with open(path, newline="") as fh:
         header = next(csv.reader(fh), [])
     return set(KEY) <= set(header) and "median_ms" in header
-
-
-def merge_records(records: list[dict[str, str]], path: Path) -> Path:
-    """Merge already-made rows (CSV records) into ``path`` by KEY; write atomically."""
-    merged = {tuple(r.get(k, "") for k in KEY): r for r in read_rows(path)}
-    for rec in records:
-        key = tuple(rec.get(k, "") for k in KEY)
-        old = merged.get(key)
-        if old is None or rec.get("timestamp", "") >= old.get("timestamp", ""):
-            merged[key] = rec
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for rec in sorted(merged.values(), key=lambda r: tuple(r.get(k, "") for k in KEY)):
-        writer.writerow({c: rec.get(c, "") for c in COLUMNS})
-    atomic_write_text(path, buf.getvalue())
-    return path
 
 
 def readme_table(results_dir: str | os.PathLike) -> str:
@@ -91,13 +72,12 @@ def import_run(run_dir: str | os.PathLike, results_dir: str | os.PathLike = "ben
     results_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for device, records in sorted(by_device.items()):
-        target = merge_records(records, results_dir / f"{device_slug(device)}.csv")
+        target = merge_records(records, results_dir / f"{device_slug(device)}.csv", newer_only=True)
         written.append(target)
         summary = run_dir / "summary.txt"
         if summary.exists():
             copy = results_dir / f"{device_slug(device)}.gpu-check.txt"
-            shutil.copyfile(summary, str(copy) + ".tmp")
-            os.replace(str(copy) + ".tmp", copy)
+            atomic_write_text(copy, summary.read_text())
             written.append(copy)
         if plots:
             written += plot_results(target, results_dir / "plots")

@@ -53,6 +53,15 @@ def rows_by_env(rows: Sequence[int]) -> dict[int, list[int]]:
     return {i: [m for m, r in enumerate(rows) if r == i] for i in dict.fromkeys(rows)}
 
 
+def rehearsal_replies(replies: dict[int, dict], sim: str) -> dict[int, list[dict]]:
+    """The per-env chunk replies of a ``rehearse`` command, read from every worker first (so
+    none is left mid-protocol); one error naming every failed env if any failed."""
+    failed = [f"env {i}: {r['error']}" for i, r in replies.items() if "error" in r]
+    if failed:
+        raise RuntimeError(f"{sim} rehearse failed: " + "; ".join(failed))
+    return {i: r["rehearsals"] for i, r in replies.items()}
+
+
 def gather_rehearsals(spec: "EnvSpec", mine: dict[int, list[int]], replies: dict[int, list[dict]],
                       instructions: Sequence[str], observe: bool) -> Rehearsal:
     """One ``Rehearsal`` from per-env worker replies: ``replies[i][j]`` is the j-th chunk env i ran

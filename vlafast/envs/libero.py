@@ -34,7 +34,8 @@ import numpy as np
 
 from vlafast.envs import libero_worker as _wire
 from vlafast.envs.base import (
-    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, gather_rehearsals, rows_by_env, step_outputs,
+    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, gather_rehearsals, rehearsal_replies, rows_by_env,
+    step_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -317,18 +318,13 @@ class LiberoVecEnv:
         for i, ms in mine.items():
             self._procs[i].send("rehearse", chunks=[actions[m].astype(np.float64).tobytes() for m in ms],
                                 observe=observe)
-        replies, failed = {}, []
-        for i in mine:  # every reply read, so no worker is left mid-protocol
+        raw = {}
+        for i in mine:
             try:
-                reply = self._procs[i].recv()
+                raw[i] = self._procs[i].recv()
             except WorkerError as exc:
-                reply = {"error": str(exc)}
-            if "error" in reply:
-                failed.append(f"env {i}: {reply['error']}")
-            else:
-                replies[i] = reply["rehearsals"]
-        if failed:
-            raise RuntimeError("LIBERO rehearse failed: " + "; ".join(failed))
+                raw[i] = {"error": str(exc)}
+        replies = rehearsal_replies(raw, "LIBERO")
         H, W = self.spec.image_size
         for chunks in replies.values():
             for r in chunks:

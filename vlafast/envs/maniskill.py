@@ -41,7 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlafast.envs.base import (
-    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, gather_rehearsals, rows_by_env, step_outputs,
+    EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, gather_rehearsals, rehearsal_replies, rows_by_env,
+    step_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -430,11 +431,7 @@ class ManiSkillVecEnv:
         mine = rows_by_env(rows)
         for i, ms in mine.items():
             self._workers[i].send("rehearse", chunks=[actions[m].astype(np.float32) for m in ms], observe=observe)
-        replies = {i: self._cpu_recv(i) for i in mine}  # every reply read, so no worker is left mid-protocol
-        failed = [f"env {i}: {r['error']}" for i, r in replies.items() if "error" in r]
-        if failed:
-            raise RuntimeError("ManiSkill rehearse failed: " + "; ".join(failed))
-        replies = {i: r["rehearsals"] for i, r in replies.items()}
+        replies = rehearsal_replies({i: self._cpu_recv(i) for i in mine}, "ManiSkill")
         return gather_rehearsals(self.spec, mine, replies, [self.instruction] * self.spec.num_envs, observe)
 
     def close(self) -> None:
