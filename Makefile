@@ -8,7 +8,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= dev,sim,parity
+EXTRAS      ?= dev,sim,parity,dist
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin

@@ -47,6 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.phase == "sft":
         if args.init:
             raise SystemExit("vlafast train sft builds a fresh policy: drop --init")
+        if args.workers:
+            raise SystemExit("--workers applies to ppo/grpo (rollouts); sft trains on scripted demos in-process")
         recipe = jobs.recipe_from_file(args.config, env=args.env, seed=args.seed)
         summary = jobs.run_sft(recipe, args.out, progress=progress)
     else:
@@ -70,7 +72,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 rl[key] = getattr(args, key)
         overrides["rl"] = rl
         init = args.init or Path(args.out) / "policy.pt"
-        summary = jobs.run_rl(init, args.out, recipe_overrides=overrides, resume=args.resume, progress=progress)
+        dist = None
+        if args.address and not args.workers:
+            raise SystemExit("--address names a Ray cluster for --workers N: give --workers too")
+        if args.workers:
+            from vlafast.rl.dist import DistConfig
+
+            dist = DistConfig(workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+                              gpus_per_worker=args.gpus_per_worker)
+        summary = jobs.run_rl(init, args.out, recipe_overrides=overrides, resume=args.resume, progress=progress,
+                              dist=dist)
     print(jobs.format_eval(args.phase, summary["eval"]))
     print(f"wrote {Path(args.out) / 'policy.pt'} and {Path(args.out) / 'summary.json'}")
     return 0
@@ -210,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", dest="grpo_groups", choices=["episode", "state"], default=None,
                    help="grpo: groups of whole episodes from one seed, or of chunks from one simulator state")
     p.add_argument("--resume", action="store_true", help="ppo/grpo: continue from <out>/checkpoint.pt")
+    p.add_argument("--workers", type=int, default=0,
+                   help="ppo/grpo: collect rollouts on N Ray actors, each a slice of the envs (needs vlafast[dist])")
+    p.add_argument("--address", default=None,
+                   help="with --workers: a Ray cluster to join ('auto', 'ray://host:10001'); default: a local one")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --workers: CPUs each worker reserves")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="with --workers: GPU share per worker (its policy replica samples there)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)

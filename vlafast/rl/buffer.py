@@ -6,13 +6,24 @@ Axes: N chunk steps, B environments; flattened, M = N * B samples for the update
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
 from vlafast.flow.sampler import DenoiseTrace
 from vlafast.rl.policy import Batch
+
+D = TypeVar("D")
+
+
+def tensors_to(obj: D, device: torch.device | str, **changes: Any) -> D:
+    """A copy of the dataclass ``obj`` (a ``Batch``, a ``DenoiseTrace``) with every tensor field
+    moved to ``device`` and ``changes`` applied."""
+    moved = {f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+             if isinstance(getattr(obj, f.name), Tensor)}
+    return dataclasses.replace(obj, **(moved | changes))
+
 
 # DenoiseTrace fields indexed by sample (dim 0); the rest (config, action_mask unless
 # per-sample) are shared by every chunk of a rollout.
@@ -68,3 +79,29 @@ class Rollout:
     def flat(self) -> tuple[Batch, DenoiseTrace]:
         """All samples, chunk-major: sample n * B + b."""
         return Batch.cat(self.batches), trace_cat(self.traces)
+
+
+Slice = tuple[Rollout, Tensor, "Tensor | None"]
+
+
+def pool_slices(parts: Sequence[Slice], device: torch.device | str, config: Any) -> Slice:
+    """Rollouts of disjoint env slices (Ray workers'), each with its advantages and critic
+    targets [N_i, B_i] (or None), as one rollout of a single step over all their samples: each
+    part chunk-major (sample n * B_i + b), part after part. The update reads samples flat, so
+    N_i (GRPO episodes end at different steps) and B_i may differ; one part gives exactly
+    ``part.flat()``. Batches and traces move to ``device``; each trace's sampler config becomes
+    ``config`` (the learner's: a Flow-Noise config holds the noise head being trained, not a
+    worker's copy)."""
+    if not parts:
+        raise ValueError("no rollout slices to pool")
+    if len({p[2] is None for p in parts}) != 1:
+        raise ValueError("either every slice has critic targets or none has")
+    flats = [p[0].flat() for p in parts]
+    stacked = [p[0].stacked() for p in parts]
+    out = Rollout(batches=[tensors_to(Batch.cat([b for b, _ in flats]), device)],
+                  traces=[tensors_to(trace_cat([dataclasses.replace(t, config=config) for _, t in flats]), device)])
+    for key in ("values", "rewards", "dones", "valid", "envs"):
+        setattr(out, key, [torch.cat([st[key].reshape(-1) for st in stacked])])
+    adv = torch.cat([p[1].reshape(-1) for p in parts])[None]
+    ret = None if parts[0][2] is None else torch.cat([p[2].reshape(-1) for p in parts])[None]
+    return out, adv, ret

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 import torch
@@ -236,13 +236,16 @@ def collect(policy: VLAPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: t
 
 
 def collect_groups(policy: VLAPolicy, env, seed: int, group_size: int, sampler_cfg, gen: torch.Generator,
-                   stats: dict[str, list]) -> tuple[Rollout, Tensor]:
+                   stats: dict[str, list], first_env: int = 0) -> tuple[Rollout, Tensor]:
     """GRPO rollout: envs reset in groups of ``group_size`` sharing a seed (same task), each
-    runs exactly one episode -> (rollout with valid masks, episode returns [B])."""
+    runs exactly one episode -> (rollout with valid masks, episode returns [B]). ``env`` may
+    be a slice of a larger vector env starting at global env ``first_env`` (a Ray worker's):
+    env i gets the seed global env ``first_env + i`` would."""
     B = env.spec.num_envs
-    if B % group_size:
-        raise ValueError(f"GRPO needs num_envs ({B}) to be a multiple of group_size ({group_size})")
-    obs = env.reset(seed=[seed + i // group_size for i in range(B)])
+    if B % group_size or first_env % group_size:
+        raise ValueError(f"GRPO needs num_envs ({B}) to be a multiple of group_size ({group_size}), and so the "
+                         f"start of an env slice ({first_env})")
+    obs = env.reset(seed=[seed + (first_env + i) // group_size for i in range(B)])
     alive = np.ones(B, bool)
     returns = np.zeros(B, np.float32)
     ro = Rollout()
@@ -433,6 +436,79 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
     return out
 
 
+def rl_sampler(policy: VLAPolicy, cfg: RLConfig) -> flow.SamplerConfig:
+    """The stochastic sampler RL collects and updates with."""
+    return policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
+
+
+def reset_seeds(seed: int, iteration: int, first_env: int, num_envs: int) -> list[int]:
+    """Seeds of envs [first_env, first_env + num_envs) of a vector env that a run starting (or
+    resuming, or a worker restarting) at ``iteration`` resets: ``env.reset(seed=s)`` of the
+    whole vector env gives env i the seed s + i, so a slice gets the seeds its envs would."""
+    base = seed + 10_000 * iteration
+    return [base + first_env + i for i in range(num_envs)]
+
+
+def stream_seed(seed: int, worker: int, iteration: int) -> int:
+    """The sampler-noise seed of rollout worker ``worker`` created at ``iteration``: ``seed``
+    itself for worker 0 at 0 (the in-process run), distinct streams otherwise."""
+    return seed + 1_000_003 * worker + 7_919 * iteration
+
+
+def collect_iteration(policy: VLAPolicy, env, obs: Obs | None, cfg: RLConfig, it: int, seed: int,
+                      gen: torch.Generator, stats: dict[str, list], first_env: int = 0
+                      ) -> tuple[Rollout, Obs | None, Tensor, Tensor | None]:
+    """One update's rollout by ``cfg.algo`` -> (rollout [N, B], next obs, advantages [N, B],
+    critic targets [N, B] or None without a critic). Advantages here are per env (GAE, or
+    normalised within groups of envs / of one env's chunks), so slices of a vector env can be
+    collected apart (``first_env``: where this slice starts) and their samples pooled."""
+    sampler_cfg = rl_sampler(policy, cfg)
+    gamma, lam = cfg.ppo.gamma, cfg.ppo.lam
+    if cfg.algo == "ppo":
+        ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, gamma)
+        st = ro.stacked()
+        adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, gamma, lam)
+    elif cfg.grpo_groups == "state":
+        ro, obs, adv, ret = collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size,
+                                                 sampler_cfg, gen, stats, gamma=gamma, lam=lam,
+                                                 bootstrap=cfg.rehearsal_bootstrap)
+    else:
+        ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats,
+                                        first_env=first_env)
+        ep_adv, informative = group_advantages(ep_returns, cfg.group_size)
+        adv, ret = ep_adv[None].expand(len(ro), -1), None
+        ro.valid = [v & informative for v in ro.valid]
+    if first_env:
+        ro.envs = [e + first_env for e in ro.envs]
+    return ro, obs, adv, ret
+
+
+class Collector(Protocol):
+    """Where an update's rollout comes from: ``collect(policy, iteration, stats)`` -> (rollout,
+    advantages, critic targets or None, extra scalars for the metrics row)."""
+
+    def collect(self, policy: VLAPolicy, iteration: int, stats: dict[str, list]
+                ) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]: ...
+
+
+class LocalCollector:
+    """Rollouts in this process: ``policy`` samples, ``env`` steps. ``env`` may be the slice of
+    a larger vector env that starts at global env ``first_env`` (what a Ray worker runs); its
+    envs then get the seeds and ids they have in the whole."""
+
+    def __init__(self, env, cfg: RLConfig, seed: int, gen: torch.Generator, first_env: int = 0):
+        self.env, self.cfg, self.seed, self.gen, self.first_env = env, cfg, seed, gen, first_env
+        self.obs: Obs | None = None
+
+    def collect(self, policy: VLAPolicy, iteration: int, stats: dict[str, list]
+                ) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]:
+        if self.obs is None:
+            self.obs = self.env.reset(seed=reset_seeds(self.seed, iteration, self.first_env, self.env.spec.num_envs))
+        ro, self.obs, adv, ret = collect_iteration(policy, self.env, self.obs, self.cfg, iteration, self.seed,
+                                                   self.gen, stats, self.first_env)
+        return ro, adv, ret, {}
+
+
 def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]) -> None:
     """Restore one RNG state from a checkpoint; checkpoints older than the key keep the fresh
     seed-derived state, with a warning (their resumed run is then not bit-reproducible)."""
@@ -445,16 +521,17 @@ def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]
 def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str | Path | None = None,
              demos: Demos | None = None,
              resume: bool = False, progress: bool = True,
-             on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+             on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+             collector: "Collector | None" = None) -> list[dict[str, float]]:
     """PPO or GRPO for ``cfg.iterations`` updates. Logs per update: success_rate, return,
     approx_kl, clipfrac, explained_variance (PPO), sigma stats, env_steps_per_s, chunks_per_s.
     With ``run_dir``, a checkpoint is written atomically after every update and ``resume``
-    continues from it."""
+    continues from it. Rollouts come from ``collector`` (default: ``LocalCollector`` over
+    ``env`` in this process; ``vlafast.rl.dist.RayCollector`` spreads them over Ray workers)."""
     actor, critic = policy.rl_parameters()
     betas = cfg.ppo.betas
     actor_opt = torch.optim.AdamW(actor, lr=cfg.ppo.actor_lr, betas=betas)
     critic_opt = torch.optim.AdamW(critic, lr=cfg.ppo.critic_lr, betas=betas) if cfg.uses_critic else None
-    sampler_cfg = policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 1)  # minibatch order, CPU
     bc = None
@@ -482,7 +559,8 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
         _restore_rng(state, "bc_rng", lambda s: setattr(bc_rng.bit_generator, "state", s))
         _restore_rng(state, "bc_generator", bc_gen.set_state)
         history, start = state["history"], state["iteration"]
-    obs = env.reset(seed=seed + 10_000 * start)
+    if collector is None:
+        collector = LocalCollector(env, cfg, seed, gen)
     # Only the actor and critic learn: the frozen VLM gets no gradients (the BC loss runs the
     # full forward) and the SFT weights outside RL stay bit-identical.
     trainable = {id(p) for p in actor + critic}
@@ -494,20 +572,7 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
         for it in bar:
             stats = new_stats()
             t0 = time.perf_counter()
-            gamma, lam = cfg.ppo.gamma, cfg.ppo.lam
-            if cfg.algo == "ppo":
-                ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, gamma)
-                st = ro.stacked()
-                adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, gamma, lam)
-            elif cfg.grpo_groups == "state":
-                ro, obs, adv, ret = collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size,
-                                                         sampler_cfg, gen, stats, gamma=gamma, lam=lam,
-                                                         bootstrap=cfg.rehearsal_bootstrap)
-            else:
-                ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats)
-                ep_adv, informative = group_advantages(ep_returns, cfg.group_size)
-                adv, ret = ep_adv[None].expand(len(ro), -1), None
-                ro.valid = [v & informative for v in ro.valid]
+            ro, adv, ret, collector_info = collector.collect(policy, it, stats)
             t_roll = time.perf_counter() - t0
             terms = update(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle,
                            train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc, grad_cosine=cfg.grad_cosine)
@@ -521,6 +586,7 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
                 "env_steps_per_s": sum(stats["env_steps"]) / t_roll,
                 "chunks_per_s": chunks / t_roll,
                 "update_s": time.perf_counter() - t0 - t_roll,
+                **collector_info,
                 **terms,
             }
             history.append(row)

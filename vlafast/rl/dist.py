@@ -1,0 +1,278 @@
+"""Scale-out on Ray: rollout workers own slices of the vector env, one learner updates.
+
+Each ``RolloutWorker`` is a Ray actor holding envs [first, first + count) of the run's vector
+env (built by the same factory as the in-process run) and a replica of the policy. Every
+iteration the learner puts the trainable weights (actor, critic, noise head: the frozen VLM
+never changes, so it is shipped once, at start) into the object store, each worker loads them
+and collects its slice with ``rl.train.LocalCollector`` — the in-process code path, with the
+seeds and env ids its envs have in the whole — and returns its rollout, advantages and critic
+targets (all per env, so slices can be collected apart). ``pool_slices`` joins them into one
+rollout and ``rl.train.update`` runs unchanged. With one worker the run is the in-process run:
+same env seeds, same sampler noise (``stream_seed``), same samples in the same order.
+
+Faults: a worker process that dies is restarted by Ray (``max_restarts``); its call is sent
+again, the new process rebuilds its envs and replica from the start state, loads the current
+weights and starts new episodes. The learner's checkpoint is written atomically after every
+update (``train_rl``), so a learner restart resumes from the last one (``--resume``).
+
+Ray is an optional dependency (``vlafast[dist]``), imported only here and only when used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from vlafast.envs.base import EnvSpec
+from vlafast.rl.buffer import Rollout, pool_slices, tensors_to
+from vlafast.rl.policy import VLAPolicy
+from vlafast.rl.train import LocalCollector, RLConfig, new_stats, rl_sampler, stream_seed
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE_WAIT_S = 300.0  # how long a call waits for a restarting worker before the run fails
+
+EnvFactory = Callable[[int], Any]             # num_envs -> VecEnv
+PolicyFactory = Callable[[EnvSpec], VLAPolicy]  # env spec -> a policy of the run's architecture
+
+
+@dataclasses.dataclass(frozen=True)
+class DistConfig:
+    workers: int = 2
+    address: str | None = None       # None: start a local cluster on loopback (stopped at close);
+                                     # "auto" or "ray://host:10001": join a running one
+    max_restarts: int = 3            # per worker; one more death fails the run
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0     # > 0: the worker's replica samples on its GPU share
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_restarts < 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("max_restarts and gpus_per_worker must be >= 0 and cpus_per_worker > 0, got "
+                             f"{self.max_restarts}, {self.gpus_per_worker}, {self.cpus_per_worker}")
+
+    def actor_options(self) -> dict[str, Any]:
+        """Ray options of a rollout worker: its resources and restart policy (a call in flight
+        when the worker dies is not retried by Ray: ``RayCollector`` re-sends it)."""
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker,
+                "max_restarts": self.max_restarts, "max_task_retries": 0}
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - the [dist] extra is installed by `make test`
+        raise ImportError("the scale-out mode needs Ray: pip install 'vlafast[dist]'") from exc
+    return ray
+
+
+def split_envs(num_envs: int, workers: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """[(first, count)] per worker: ``num_envs`` envs in contiguous slices as even as possible,
+    each a multiple of ``multiple`` (GRPO's episode groups must not straddle workers)."""
+    if num_envs % multiple:
+        raise ValueError(f"num_envs ({num_envs}) must be a multiple of {multiple} (the GRPO group size)")
+    units = num_envs // multiple
+    if not 1 <= workers <= units:
+        raise ValueError(f"{workers} workers cannot share {num_envs} envs"
+                         + (f" in groups of {multiple}" if multiple > 1 else "") + f": use 1..{units} workers")
+    sizes = [units // workers + (w < units % workers) for w in range(workers)]
+    starts = [sum(sizes[:w]) for w in range(workers)]
+    return [(s * multiple, n * multiple) for s, n in zip(starts, sizes)]
+
+
+def trainable_names(policy: VLAPolicy) -> list[str]:
+    """Names of the parameters RL changes (``policy.rl_parameters()``): all that is broadcast."""
+    actor, critic = policy.rl_parameters()
+    ids = {id(p) for p in actor + critic}
+    return [n for n, p in policy.named_parameters() if id(p) in ids]
+
+
+def trainable_state(policy: VLAPolicy, names: Sequence[str]) -> dict[str, Tensor]:
+    params = dict(policy.named_parameters())
+    return {n: params[n].detach().to("cpu", copy=True) for n in names}
+
+
+class RolloutWorker:
+    """A Ray actor (see ``RayCollector``): envs [first_env, first_env + num_envs) and a replica."""
+
+    def __init__(self, make_env: EnvFactory, make_policy: PolicyFactory, state: dict[str, Tensor], cfg: RLConfig,
+                 seed: int, index: int, first_env: int, num_envs: int):
+        ray = import_ray()
+        self.env = make_env(num_envs)
+        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.policy = make_policy(self.env.spec).to(device)
+        self.policy.load_state_dict(state)
+        self.cfg, self.seed, self.index, self.first_env = cfg, seed, index, first_env
+        self.collector: LocalCollector | None = None
+        with warnings.catch_warnings():  # Ray 2.5x deprecates an attribute its own property reads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.fresh_restart = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def load(self, weights: dict[str, Tensor]) -> float:
+        """Copy the learner's trainable weights in; returns the seconds it took."""
+        t0 = time.perf_counter()
+        params = dict(self.policy.named_parameters())
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(w)
+        return time.perf_counter() - t0
+
+    def collect(self, weights: dict[str, Tensor], iteration: int) -> dict[str, Any]:
+        """Load ``weights``, collect this slice's rollout for ``iteration`` (on the CPU for the
+        trip back). A new process starts its envs and noise stream at this iteration."""
+        load_s = self.load(weights)
+        if self.collector is None:
+            gen = torch.Generator(device=self.policy.device).manual_seed(stream_seed(self.seed, self.index, iteration))
+            self.collector = LocalCollector(self.env, self.cfg, self.seed, gen, self.first_env)
+        stats = new_stats()
+        t0 = time.perf_counter()
+        ro, adv, ret, _ = self.collector.collect(self.policy, iteration, stats)
+        ro.batches = [tensors_to(b, "cpu") for b in ro.batches]
+        ro.traces = [tensors_to(t, "cpu") for t in ro.traces]
+        restarted, self.fresh_restart = self.fresh_restart, False
+        return {"rollout": ro, "adv": adv.cpu(), "ret": None if ret is None else ret.cpu(), "stats": stats,
+                "load_s": load_s, "collect_s": time.perf_counter() - t0, "restarted": restarted, "pid": os.getpid()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class RayCollector:
+    """Rollouts from ``dist.workers`` Ray actors (``train_rl(..., collector=...)``).
+
+    ``make_env(num_envs)`` and ``make_policy(spec)`` must be picklable (e.g. ``functools.partial``
+    of the recipe builders): each worker calls them in its own process. ``policy`` is the
+    learner's; its whole state is the workers' start state. ``num_envs`` is the size of the
+    vector env the workers split. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, policy: VLAPolicy, make_env: EnvFactory, make_policy: PolicyFactory, cfg: RLConfig,
+                 dist: DistConfig, *, seed: int, num_envs: int):
+        ray = self._ray = import_ray()
+        self.cfg, self.dist = cfg, dist
+        self._owns_cluster = False
+        if not ray.is_initialized():
+            self._init_cluster(ray, dist)
+            self._owns_cluster = True
+        self._check_resources(ray, dist)
+        group = cfg.group_size if cfg.algo == "grpo" and cfg.grpo_groups == "episode" else 1
+        self.slices = split_envs(num_envs, dist.workers, group)
+        self.names = trainable_names(policy)
+        # Kept alive here: Ray re-runs a worker's constructor from it when the worker restarts.
+        self._state = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
+        actor = ray.remote(RolloutWorker).options(**dist.actor_options())
+        self.workers = [actor.remote(make_env, make_policy, self._state, cfg, seed, i, first, count)
+                        for i, (first, count) in enumerate(self.slices)]
+        self.restarts = [0] * dist.workers
+        ray.get([w.pid.remote() for w in self.workers])  # started (raises here if a constructor fails)
+
+    @staticmethod
+    def _init_cluster(ray, dist: DistConfig) -> None:
+        if dist.address is None:
+            # A private single-node cluster on loopback; CPUs are logical slots, at least one per worker.
+            cpus = max(os.cpu_count() or 1, math.ceil(dist.workers * dist.cpus_per_worker) + 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=512 * 2**20, log_to_driver=True, logging_level=logging.WARNING)
+        else:
+            ray.init(address=dist.address, logging_level=logging.WARNING)
+
+    def _check_resources(self, ray, dist: DistConfig) -> None:
+        have = ray.cluster_resources()
+        need = {"CPU": dist.workers * dist.cpus_per_worker, "GPU": dist.workers * dist.gpus_per_worker}
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+        if short:
+            self.close()
+            raise RuntimeError("the Ray cluster cannot place the rollout workers: "
+                               + ", ".join(f"{k} needed {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+                               + " (fewer --workers, or a bigger cluster)")
+
+    def __enter__(self) -> "RayCollector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def broadcast(self, policy: VLAPolicy):
+        """The trainable weights in the object store (one copy, fetched by every worker)."""
+        return self._ray.put(trainable_state(policy, self.names))
+
+    def sync(self, policy: VLAPolicy) -> float:
+        """Put the weights and have every worker load them; the seconds it took (the per-update
+        weight-sync cost the benchmark reports)."""
+        t0 = time.perf_counter()
+        ref = self.broadcast(policy)
+        self._ray.get([w.load.remote(ref) for w in self.workers])
+        return time.perf_counter() - t0
+
+    def collect(self, policy: VLAPolicy, iteration: int, stats: dict[str, list]
+                ) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]:
+        weights = self.broadcast(policy)
+        replies = self._call_all(lambda w: w.collect.remote(weights, iteration))
+        for i, r in enumerate(replies):
+            if r["restarted"]:
+                self.restarts[i] += 1
+            for key, values in r["stats"].items():
+                stats[key] += values
+        ro, adv, ret = pool_slices([(r["rollout"], r["adv"], r["ret"]) for r in replies], policy.device,
+                                   rl_sampler(policy, self.cfg))
+        info = {"workers": float(len(self.workers)), "worker_restarts": float(sum(self.restarts)),
+                "weight_load_s": max(r["load_s"] for r in replies),
+                "worker_collect_s": max(r["collect_s"] for r in replies)}
+        return ro, adv, ret, info
+
+    def _call_all(self, call: Callable[[Any], Any]) -> list[Any]:
+        """``call(worker)`` on every worker, in parallel. A call lost with its worker is sent
+        again: at once after a death (at most ``max_restarts`` per call), after a short wait
+        while Ray reports the worker restarting (up to ``UNAVAILABLE_WAIT_S``)."""
+        ray = self._ray
+        refs = [call(w) for w in self.workers]
+        out: list[Any] = [None] * len(refs)
+        for i in range(len(refs)):
+            deaths, deadline = 0, time.monotonic() + UNAVAILABLE_WAIT_S
+            while True:
+                try:
+                    out[i] = ray.get(refs[i])
+                    break
+                except ray.exceptions.ActorUnavailableError as exc:  # restarting, or a network blip
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"rollout worker {i} unavailable for {UNAVAILABLE_WAIT_S:.0f} s") from exc
+                    log.info("rollout worker %d unavailable (restarting?): call sent again", i)
+                    time.sleep(0.5)
+                except ray.exceptions.RayActorError as exc:
+                    deaths += 1
+                    if deaths > self.dist.max_restarts:
+                        raise RuntimeError(f"rollout worker {i} (envs {self.slices[i]}) died {deaths} times in one "
+                                           f"call: giving up (max_restarts={self.dist.max_restarts})") from exc
+                    log.warning("rollout worker %d died (%s): Ray restarts it; its envs start new episodes",
+                                i, type(exc).__name__)
+                refs[i] = call(self.workers[i])
+        return out
+
+    def pids(self) -> list[int]:
+        return self._ray.get([w.pid.remote() for w in self.workers])
+
+    def close(self) -> None:
+        """Close the workers' envs, end the workers, and stop the cluster if this started it."""
+        ray = self._ray
+        for w in getattr(self, "workers", []):
+            try:
+                ray.get(w.close.remote(), timeout=30)
+            except Exception as exc:  # a dead worker has no env left to close
+                log.debug("worker close: %s", exc)
+            ray.kill(w, no_restart=True)
+        self.workers = []
+        if self._owns_cluster:
+            ray.shutdown()
+            self._owns_cluster = False
