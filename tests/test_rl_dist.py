@@ -22,7 +22,7 @@ from vlafast.rl import train as T  # noqa: E402
 from vlafast.rl.buffer import pool_slices  # noqa: E402
 from vlafast.rl.dist import DistConfig, RayCollector, split_envs  # noqa: E402
 from vlafast.rl.losses import PPOConfig  # noqa: E402
-from vlafast.rl.recipe import Recipe, build_env, build_policy, save_policy  # noqa: E402
+from vlafast.rl.recipe import Recipe, build_env, build_policy, env_slice, save_policy  # noqa: E402
 
 RECIPE = dataclasses.replace(Recipe(), num_envs=4, image_size=16, width=32, depth=1, horizon=6, exec_horizon=3,
                              demos=2, eval_episodes=4)
@@ -49,7 +49,7 @@ def make(recipe: Recipe, rl: T.RLConfig):
 
 
 def collector(policy, recipe: Recipe, workers: int, seed: int, **dist) -> RayCollector:
-    return RayCollector(policy, functools.partial(build_env, recipe), functools.partial(build_policy, recipe), recipe.rl,
+    return RayCollector(policy, functools.partial(env_slice, recipe), functools.partial(build_policy, recipe), recipe.rl,
                         DistConfig(workers=workers, **dist), seed=seed, num_envs=recipe.num_envs)
 
 
@@ -192,3 +192,44 @@ def test_train_cli_job_with_workers(cluster, tmp_path):
     assert [h["workers"] for h in summary["history"]] == [2.0, 2.0]
     assert summary["eval"]["episodes"] == RECIPE.eval_episodes
     assert (tmp_path / "rl" / "policy.pt").exists() and (tmp_path / "rl" / "checkpoint.pt").exists()
+
+
+SIM_RECIPES = {
+    # one task on both envs: global env 1 walks the task's init states from the second, which a
+    # slice built without its place in the whole would not (it would start at the first)
+    "libero": dataclasses.replace(RECIPE, env="libero:libero_spatial", num_envs=2, image_size=32, patch_size=16,
+                                  horizon=4, exec_horizon=2,
+                                  env_kwargs={"task_ids": [0], "render_size": 64, "max_episode_steps": 8,
+                                              "cameras": ["image"]}),
+    "maniskill": dataclasses.replace(RECIPE, env="maniskill:PickCube-v1", num_envs=2, image_size=16, patch_size=8,
+                                     horizon=4, exec_horizon=2,
+                                     env_kwargs={"obs_mode": "rgb", "sim_backend": "physx_cpu", "max_episode_steps": 6}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["libero", pytest.param("maniskill", marks=pytest.mark.vulkan)])
+def test_workers_on_libero_and_maniskill(cluster, name):
+    """Two workers, one env each, on a real LIBERO / ManiSkill task: each worker's env starts where
+    that env starts in-process (same first observation), and a PPO update runs on their rollouts."""
+    if name == "maniskill":
+        from vlafast.envs.maniskill import renderer_unavailable
+
+        if renderer_unavailable():
+            pytest.skip(renderer_unavailable())
+    rl = dataclasses.replace(PPO, method="flow_sde", iterations=1, chunks_per_rollout=2, num_steps=2)
+    recipe, env, pol = make(SIM_RECIPES[name], rl)
+    try:
+        ro_l, _, _, _ = T.LocalCollector(env, rl, 1, torch.Generator().manual_seed(1)).collect(pol, 0, T.new_stats())
+        with collector(pol, recipe, 2, seed=1) as col:
+            stats = T.new_stats()
+            ro_r, adv, ret, _ = col.collect(pol, 0, stats)
+            hist = T.train_rl(pol, env, rl, seed=1, progress=False, collector=col)
+    finally:
+        env.close()
+    batch_l, batch_r, envs_r = ro_l.flat()[0], ro_r.flat()[0], ro_r.envs[0]
+    for e in range(2):
+        first = int(torch.nonzero(envs_r == e)[0])
+        assert torch.equal(batch_r.state[first], batch_l.state[e]) and torch.equal(batch_r.images[first], batch_l.images[e])
+    assert adv.shape == ret.shape == (1, 4) and sum(stats["env_steps"]) > 0
+    assert hist[0]["workers"] == 2 and np.isfinite(hist[0]["value_loss"])

@@ -187,13 +187,20 @@ class _Slot:
 
 
 class LiberoVecEnv:
-    """``num_envs`` LIBERO environments of one suite; env i runs task ``task_ids[i % len]``.
+    """``num_envs`` LIBERO environments of one suite; env i runs task ``task_ids[i % len]`` (of a
+    slice: global env ``first_env + i``'s).
     Implements ``vlafast.envs.VecEnv``; see the module docstring for the conventions."""
 
     def __init__(self, suite: str, task_ids: Sequence[int], num_envs: int, config: LiberoConfig = LiberoConfig(),
-                 seed: int | None = None, python: str | None = None):
+                 seed: int | None = None, python: str | None = None, first_env: int = 0, total_envs: int | None = None):
+        """``first_env`` / ``total_envs``: these envs are [first_env, first_env + num_envs) of a
+        vector env of ``total_envs`` (a Ray rollout worker's slice): each runs the task and walks
+        the init states that env has in the whole."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        total_envs = num_envs if total_envs is None else total_envs
+        if not 0 <= first_env <= total_envs - num_envs:
+            raise ValueError(f"envs [{first_env}, {first_env + num_envs}) are not a slice of {total_envs} envs")
         task_ids = [int(t) for t in task_ids]
         if not task_ids or min(task_ids) < 0:
             raise ValueError(f"task_ids must be a non-empty list of task indices >= 0, got {task_ids}")
@@ -209,7 +216,8 @@ class LiberoVecEnv:
             num_envs=num_envs, action_dim=ACTION_DIM, state_dim=STATE_DIM, cameras=config.cameras,
             image_size=(config.image_size, config.image_size), max_episode_steps=max_steps, control_hz=CONTROL_HZ,
         )
-        self.task_ids = np.array([task_ids[i % len(task_ids)] for i in range(num_envs)], np.int64)
+        everyone = np.array([task_ids[i % len(task_ids)] for i in range(total_envs)], np.int64)
+        self.task_ids = everyone[first_env:first_env + num_envs]
         self._frame = config.image_size * config.image_size * 3
         self._nbytes = len(config.cameras) * self._frame
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -221,8 +229,8 @@ class LiberoVecEnv:
         seeds = env_seeds(seed, num_envs, self._seed_rng)
         self._slots = []
         for i in range(num_envs):
-            same = np.flatnonzero(self.task_ids == self.task_ids[i])
-            self._slots.append(_Slot(task_id=int(self.task_ids[i]), rank=int(np.searchsorted(same, i)),
+            same = np.flatnonzero(everyone == self.task_ids[i])
+            self._slots.append(_Slot(task_id=int(self.task_ids[i]), rank=int(np.searchsorted(same, first_env + i)),
                                      peers=len(same), seed=seeds[i]))
         self._paths: list[str] = []
         self._maps: list[mmap.mmap] = []
@@ -431,11 +439,14 @@ class LiberoVecEnv:
 
 
 def make_libero(suite: str, num_envs: int, seed: int | None = None, task_ids: Sequence[int] | None = None,
-                python: str | None = None, **config: Any) -> LiberoVecEnv:
+                python: str | None = None, first_env: int = 0, total_envs: int | None = None,
+                **config: Any) -> LiberoVecEnv:
     """``make_env("libero:<suite>", ...)``: every task of the suite unless ``task_ids`` is given;
-    other keyword arguments are ``LiberoConfig`` fields."""
+    ``first_env`` / ``total_envs`` make a slice of a larger vector env; other keyword
+    arguments are ``LiberoConfig`` fields."""
     if task_ids is None:
         if suite not in NUM_TASKS:
             raise ValueError(f"pass task_ids= for LIBERO suite {suite!r} (defaults exist for {', '.join(NUM_TASKS)})")
         task_ids = range(NUM_TASKS[suite])
-    return LiberoVecEnv(suite, task_ids, num_envs, LiberoConfig(**config), seed=seed, python=python)
+    return LiberoVecEnv(suite, task_ids, num_envs, LiberoConfig(**config), seed=seed, python=python,
+                        first_env=first_env, total_envs=total_envs)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE_WAIT_S = 300.0  # how long a call waits for a restarting worker before the run fails
 
-EnvFactory = Callable[[int], Any]             # num_envs -> VecEnv
+EnvFactory = Callable[[int, int], Any]        # (first_env, num_envs) -> that slice of the run's VecEnv
 PolicyFactory = Callable[[EnvSpec], VLAPolicy]  # env spec -> a policy of the run's architecture
 
 
@@ -107,7 +107,7 @@ class RolloutWorker:
     def __init__(self, make_env: EnvFactory, make_policy: PolicyFactory, state: dict[str, Tensor], cfg: RLConfig,
                  seed: int, index: int, first_env: int, num_envs: int):
         ray = import_ray()
-        self.env = make_env(num_envs)
+        self.env = make_env(first_env, num_envs)
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         self.policy = make_policy(self.env.spec).to(device)
         self.policy.load_state_dict(state)
@@ -152,8 +152,9 @@ class RolloutWorker:
 class RayCollector:
     """Rollouts from ``dist.workers`` Ray actors (``train_rl(..., collector=...)``).
 
-    ``make_env(num_envs)`` and ``make_policy(spec)`` must be picklable (e.g. ``functools.partial``
-    of the recipe builders): each worker calls them in its own process. ``policy`` is the
+    ``make_env(first_env, num_envs)`` (envs [first_env, first_env + num_envs) of the run's vector
+    env) and ``make_policy(spec)`` must be picklable (e.g. ``functools.partial`` of the recipe's
+    ``env_slice`` and ``build_policy``): each worker calls them in its own process. ``policy`` is the
     learner's; its whole state is the workers' start state. ``num_envs`` is the size of the
     vector env the workers split. Use as a context manager or call ``close()``.
     """

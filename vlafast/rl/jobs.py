@@ -16,7 +16,8 @@ from vlafast._io import atomic_write_text
 from vlafast.rl import train as T
 from vlafast.rl.dist import DistConfig, RayCollector
 from vlafast.rl.recipe import (
-    Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, load_policy, save_policy,
+    Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, env_slice, load_policy,
+    save_policy,
 )
 
 
@@ -76,7 +77,7 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
     demos = collect_recipe_demos(recipe, env, progress=progress) if recipe.rl.bc_coef > 0 else None
     collector = None
     if dist is not None:
-        collector = RayCollector(policy, functools.partial(build_env, recipe), functools.partial(build_policy, recipe),
+        collector = RayCollector(policy, functools.partial(env_slice, recipe), functools.partial(build_policy, recipe),
                                  recipe.rl, dist, seed=recipe.seed + 7, num_envs=recipe.num_envs)
     try:
         history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out, resume=resume,

@@ -33,6 +33,9 @@ EXTRA_WORDS = ("up down raise lift high low fast quick rapid slow careful gentle
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     env: str = "ur5e-reach"
+    # Further make_env options, e.g. {"obs_mode": "rgb", "sim_backend": "physx_cpu"} for ManiSkill or
+    # {"task_ids": [0, 1], "max_episode_steps": 300} for LIBERO (JSON lists become tuples).
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_envs: int = 16
     image_size: int = 32
     slot_jitter: float | None = 0.04
@@ -83,12 +86,23 @@ class Recipe:
 
 
 def build_env(recipe: Recipe, num_envs: int | None = None, seed: int | None = None):
+    return env_slice(recipe, 0, num_envs or recipe.num_envs, seed=seed)
+
+
+def env_slice(recipe: Recipe, first_env: int, num_envs: int, seed: int | None = None):
+    """Envs [first_env, first_env + num_envs) of the recipe's vector env (a Ray rollout
+    worker's share, ``vlafast.rl.dist``). Envs that differ by index beyond their seed (LIBERO:
+    task and init-state order) are built as they are in the whole; the seeds a slice resets
+    with come from the collector (``rl.train.reset_seeds``)."""
     overrides: dict[str, Any] = {"image_size": recipe.image_size}
+    overrides.update({k: tuple(v) if isinstance(v, list) else v for k, v in recipe.env_kwargs.items()})
+    if recipe.env.startswith("libero:") and (first_env or num_envs != recipe.num_envs):
+        overrides.update(first_env=first_env, total_envs=recipe.num_envs)
     if recipe.env.startswith("ur5e-"):
         overrides["slot_jitter"] = recipe.slot_jitter
         if recipe.reach_radius is not None:
             overrides["reach_radius"] = recipe.reach_radius
-    return make_env(recipe.env, num_envs or recipe.num_envs, seed=recipe.seed if seed is None else seed, **overrides)
+    return make_env(recipe.env, num_envs, seed=recipe.seed if seed is None else seed, **overrides)
 
 
 def build_policy(recipe: Recipe, spec) -> VLAPolicy:
