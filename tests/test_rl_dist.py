@@ -233,3 +233,20 @@ def test_workers_on_libero_and_maniskill(cluster, name):
         assert torch.equal(batch_r.state[first], batch_l.state[e]) and torch.equal(batch_r.images[first], batch_l.images[e])
     assert adv.shape == ret.shape == (1, 4) and sum(stats["env_steps"]) > 0
     assert hist[0]["workers"] == 2 and np.isfinite(hist[0]["value_loss"])
+
+
+def test_scaling_benchmark_rows(cluster):
+    """`vlafast bench rollout --workers ...`: one row per worker count, in the common schema, with
+    the in-process baseline of the same run and the weight-sync cost."""
+    from vlafast.bench import rollout
+    from vlafast.cli import _bench_parser
+
+    args = _bench_parser("rollout").parse_args(["--workers", "1", "2", "--envs", "4", "--chunks", "1", "--repeats", "1"])
+    rows = rollout.run(args)
+    assert [r.backend for r in rows] == ["ray-1w", "ray-2w"]
+    for r, n in zip(rows, (1, 2)):
+        rec = r.as_record()
+        extra = json.loads(rec["extra"])
+        assert extra["workers"] == n and r.median_ms > 0 and r.baseline_ms > 0 and r.unit == "env steps/s"
+        assert extra["speedup"] == pytest.approx(r.baseline_ms / r.median_ms) and extra["weight_sync_ms"] > 0
+        assert extra["weight_bytes"] > 0 and rec["ratio"] != ""

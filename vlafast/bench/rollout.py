@@ -5,11 +5,14 @@ with log-probs through CUDA graphs (``GraphedSampler``) against the same loop ru
 at batch 64 and 256 (DESIGN §7 target: >= 200 chunks/s at batch 64).
 CPU: the demo's tiny pi0 on the built-in UR5e task: Flow-SDE chunks with log-probs against
 plain ODE chunks, and whole rollouts (policy + 16 MuJoCo envs) in env steps/s.
+``--workers 1 2 ...``: the same rollouts spread over Ray workers (``vlafast.rl.dist``) on a local
+cluster started here, against in-process collection in the same run (``_scaling_rows``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -19,6 +22,12 @@ from vlafast.bench.core import Row, time_ms
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="GPU batch sizes (default 64 256)")
     p.add_argument("--steps", type=int, default=4, help="denoise steps K (default 4, pi_RL's training K)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="instead: PPO rollouts of the demo recipe on N Ray workers each (a local cluster started "
+                        "here) vs in-process; env steps/s, chunks/s, scaling, weight-sync cost")
+    p.add_argument("--envs", type=int, default=16, help="with --workers: envs in all (split among the workers)")
+    p.add_argument("--chunks", type=int, default=4, help="with --workers: chunk steps per env per rollout")
+    p.add_argument("--repeats", type=int, default=3, help="with --workers: timed rollouts per configuration")
 
 
 def _gpu_rows(args: argparse.Namespace) -> list[Row]:
@@ -104,5 +113,74 @@ def _cpu_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _scaling_rows(args: argparse.Namespace) -> list[Row]:
+    """The demo recipe's PPO rollouts (collection only: sampling with log-probs, values, env
+    steps) in-process vs on N Ray workers, same env count, same run: a rollout's median wall
+    time, env steps/s, chunks/s; the speed-up over in-process and its efficiency (speed-up / N);
+    the per-update weight sync (put + every worker loads) and its size."""
+    import dataclasses
+    import functools
+    import statistics
+    import time
+
+    import ray
+
+    from vlafast.rl import train as T
+    from vlafast.rl.dist import DistConfig, RayCollector, trainable_names
+    from vlafast.rl.recipe import Recipe, build_policy, env_slice
+
+    rl = dataclasses.replace(Recipe().rl, algo="ppo", chunks_per_rollout=args.chunks, critic_warmup=1)
+    recipe = dataclasses.replace(Recipe(), num_envs=args.envs, rl=rl)
+    env = env_slice(recipe, 0, args.envs)
+    policy = build_policy(recipe, env.spec).eval()
+    gpu = torch.cuda.is_available()
+    if gpu:
+        policy = policy.cuda()
+
+    def timed(collector) -> tuple[float, float, float]:
+        """(median ms per rollout, env steps/s, chunks/s) over args.repeats rollouts after one warm-up."""
+        collector.collect(policy, 0, T.new_stats())
+        times, steps, chunks = [], 0, 0
+        for it in range(1, args.repeats + 1):
+            stats = T.new_stats()
+            t0 = time.perf_counter()
+            collector.collect(policy, it, stats)
+            times.append(time.perf_counter() - t0)
+            steps, chunks = steps + sum(stats["env_steps"]), chunks + sum(stats["chunks"])
+        return statistics.median(times) * 1e3, steps / sum(times), chunks / sum(times)
+
+    gen = torch.Generator(device=policy.device).manual_seed(0)
+    base_ms, base_steps, base_chunks = timed(T.LocalCollector(env, rl, 0, gen))
+    env.close()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
+                       if n in set(trainable_names(policy)))
+    rows = []
+    own = not ray.is_initialized()  # a private cluster on loopback, unless the caller has one
+    if own:
+        ray.init(num_cpus=max(max(args.workers) + 1, os.cpu_count() or 1), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", object_store_memory=512 * 2**20, logging_level="WARNING")
+    try:
+        for n in args.workers:
+            dist = DistConfig(workers=n, gpus_per_worker=1.0 / n if gpu else 0.0)
+            with RayCollector(policy, functools.partial(env_slice, recipe), functools.partial(build_policy, recipe), rl,
+                              dist, seed=0, num_envs=args.envs) as col:
+                ms, steps_s, chunks_s = timed(col)
+                sync_ms = statistics.median(col.sync(policy) for _ in range(5)) * 1e3
+            rows.append(Row(
+                bench="rollout", op=f"PPO rollout on Ray ({recipe.env}, tiny pi0, Flow-SDE K={rl.num_steps})",
+                shape=f"B={args.envs} x {args.chunks} chunks, {n} worker{'s' * (n > 1)}", dtype="fp32",
+                backend=f"ray-{n}w", median_ms=ms, baseline="in-process", baseline_ms=base_ms, achieved=steps_s,
+                unit="env steps/s",
+                extra={"workers": n, "chunks_per_s": chunks_s, "baseline_env_steps_per_s": base_steps,
+                       "baseline_chunks_per_s": base_chunks, "speedup": base_ms / ms, "efficiency": base_ms / ms / n,
+                       "weight_sync_ms": sync_ms, "weight_bytes": weight_bytes, "cpus": os.cpu_count()}))
+    finally:
+        if own:
+            ray.shutdown()
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[Row]:
+    if args.workers:
+        return _scaling_rows(args)
     return _gpu_rows(args) if torch.cuda.is_available() else _cpu_rows(args)
