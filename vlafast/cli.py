@@ -73,13 +73,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["rl"] = rl
         init = args.init or Path(args.out) / "policy.pt"
         dist = None
-        if args.address and not args.workers:
-            raise SystemExit("--address names a Ray cluster for --workers N: give --workers too")
+        if (args.address or args.learners > 1) and not args.workers:
+            raise SystemExit("--address and --learners are options of the Ray mode: give --workers N too")
         if args.workers:
             from vlafast.rl.dist import DistConfig
 
-            dist = DistConfig(workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
-                              gpus_per_worker=args.gpus_per_worker)
+            dist = DistConfig(workers=args.workers, learners=args.learners, address=args.address,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
         summary = jobs.run_rl(init, args.out, recipe_overrides=overrides, resume=args.resume, progress=progress,
                               dist=dist)
     print(jobs.format_eval(args.phase, summary["eval"]))
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="ppo/grpo: continue from <out>/checkpoint.pt")
     p.add_argument("--workers", type=int, default=0,
                    help="ppo/grpo: collect rollouts on N Ray actors, each a slice of the envs (needs vlafast[dist])")
+    p.add_argument("--learners", type=int, default=1,
+                   help="with --workers: data-parallel learner ranks (this process + L-1 Ray actors; gloo on CPU, "
+                        "nccl on GPU)")
     p.add_argument("--address", default=None,
                    help="with --workers: a Ray cluster to join ('auto', 'ray://host:10001'); default: a local one")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --workers: CPUs each worker reserves")

@@ -46,7 +46,8 @@ PolicyFactory = Callable[[EnvSpec], VLAPolicy]  # env spec -> a policy of the ru
 
 @dataclasses.dataclass(frozen=True)
 class DistConfig:
-    workers: int = 2
+    workers: int = 2                 # rollout workers
+    learners: int = 1                # data-parallel learner ranks (this process is rank 0; > 1: LearnerGroup)
     address: str | None = None       # None: start a local cluster on loopback (stopped at close);
                                      # "auto" or "ray://host:10001": join a running one
     max_restarts: int = 3            # per worker; one more death fails the run
@@ -54,8 +55,8 @@ class DistConfig:
     gpus_per_worker: float = 0.0     # > 0: the worker's replica samples on its GPU share
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.workers < 1 or self.learners < 1:
+            raise ValueError(f"workers and learners must be >= 1, got {self.workers}, {self.learners}")
         if self.max_restarts < 0 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ValueError("max_restarts and gpus_per_worker must be >= 0 and cpus_per_worker > 0, got "
                              f"{self.max_restarts}, {self.gpus_per_worker}, {self.cpus_per_worker}")
@@ -99,6 +100,31 @@ def trainable_names(policy: VLAPolicy) -> list[str]:
 def trainable_state(policy: VLAPolicy, names: Sequence[str]) -> dict[str, Tensor]:
     params = dict(policy.named_parameters())
     return {n: params[n].detach().to("cpu", copy=True) for n in names}
+
+
+def ensure_cluster(dist: DistConfig) -> bool:
+    """Connect to Ray unless connected: join ``dist.address``, or start a private single-node
+    cluster on loopback (CPUs are logical slots: at least one per worker). True if started here."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    if dist.address is None:
+        actors = dist.workers + dist.learners - 1
+        cpus = max(os.cpu_count() or 1, math.ceil(actors * dist.cpus_per_worker) + 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=512 * 2**20, logging_level=logging.WARNING)
+        return True
+    ray.init(address=dist.address, logging_level=logging.WARNING)
+    return False
+
+
+def missing_resources(actors: int, cpus_each: float, gpus_each: float) -> str:
+    """'' if the cluster has room left for ``actors`` actors of these sizes, else what is short
+    (an actor that cannot be placed would wait for resources forever)."""
+    have = import_ray().available_resources()
+    need = {"CPU": actors * cpus_each, "GPU": actors * gpus_each}
+    return ", ".join(f"{k} needed {v:g}, {have.get(k, 0.0):g} free"
+                     for k, v in need.items() if v > have.get(k, 0.0) + 1e-9)
 
 
 class RolloutWorker:
@@ -163,11 +189,12 @@ class RayCollector:
                  dist: DistConfig, *, seed: int, num_envs: int):
         ray = self._ray = import_ray()
         self.cfg, self.dist = cfg, dist
-        self._owns_cluster = False
-        if not ray.is_initialized():
-            self._init_cluster(ray, dist)
-            self._owns_cluster = True
-        self._check_resources(ray, dist)
+        self._owns_cluster = ensure_cluster(dist)
+        short = missing_resources(dist.workers, dist.cpus_per_worker, dist.gpus_per_worker)
+        if short:
+            self.close()
+            raise RuntimeError(f"the Ray cluster cannot place the rollout workers: {short} (fewer --workers, or a "
+                               "bigger cluster)")
         group = cfg.group_size if cfg.algo == "grpo" and cfg.grpo_groups == "episode" else 1
         self.slices = split_envs(num_envs, dist.workers, group)
         self.names = trainable_names(policy)
@@ -178,26 +205,6 @@ class RayCollector:
                         for i, (first, count) in enumerate(self.slices)]
         self.restarts = [0] * dist.workers
         ray.get([w.pid.remote() for w in self.workers])  # started (raises here if a constructor fails)
-
-    @staticmethod
-    def _init_cluster(ray, dist: DistConfig) -> None:
-        if dist.address is None:
-            # A private single-node cluster on loopback; CPUs are logical slots, at least one per worker.
-            cpus = max(os.cpu_count() or 1, math.ceil(dist.workers * dist.cpus_per_worker) + 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     object_store_memory=512 * 2**20, log_to_driver=True, logging_level=logging.WARNING)
-        else:
-            ray.init(address=dist.address, logging_level=logging.WARNING)
-
-    def _check_resources(self, ray, dist: DistConfig) -> None:
-        have = ray.cluster_resources()
-        need = {"CPU": dist.workers * dist.cpus_per_worker, "GPU": dist.workers * dist.gpus_per_worker}
-        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-        if short:
-            self.close()
-            raise RuntimeError("the Ray cluster cannot place the rollout workers: "
-                               + ", ".join(f"{k} needed {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
-                               + " (fewer --workers, or a bigger cluster)")
 
     def __enter__(self) -> "RayCollector":
         return self
@@ -274,6 +281,183 @@ class RayCollector:
                 log.debug("worker close: %s", exc)
             ray.kill(w, no_restart=True)
         self.workers = []
+        if self._owns_cluster:
+            ray.shutdown()
+            self._owns_cluster = False
+
+
+# ---------------------------------------------------------------------------------------------
+# data-parallel learners
+
+
+class TorchGradSync:
+    """``rl.train.GradSync`` over the default torch.distributed group (gloo on CPU, nccl on GPU):
+    gradients and logged sums are added up over the ranks."""
+
+    def __init__(self):
+        import torch.distributed as tdist
+
+        self._dist = tdist
+        self.rank, self.world = tdist.get_rank(), tdist.get_world_size()
+
+    def sum_grads(self, params: list[Tensor]) -> None:
+        """grad <- sum over ranks, in one flat all-reduce. A parameter no rank has a gradient for
+        keeps ``grad = None`` (AdamW then skips it, as a single learner would)."""
+        if not params:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=flat.device)
+        self._dist.all_reduce(flat)
+        self._dist.all_reduce(has)
+        offset = 0
+        for p, seen in zip(params, has.tolist()):
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone() if seen else None
+            offset += n
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self._dist.get_backend() == "nccl":
+            t = t.cuda()
+        self._dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_terms(self, sums: dict[str, float], counts: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]:
+        """Logged loss terms (sample-weighted sums and their counts) added up over the ranks;
+        a term some rank did not log (bc_loss, an empty share) counts as 0 there."""
+        every: list[Any] = [None] * self.world
+        self._dist.all_gather_object(every, sorted(sums))
+        names = sorted(set().union(*every))
+        totals = self.sum_floats([sums.get(k, 0.0) for k in names] + [float(counts.get(k, 0)) for k in names])
+        return dict(zip(names, totals[:len(names)])), dict(zip(names, totals[len(names):]))
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _rollout_to_cpu(ro: Rollout) -> Rollout:
+    return dataclasses.replace(ro, batches=[tensors_to(b, "cpu") for b in ro.batches],
+                               traces=[tensors_to(t, "cpu") for t in ro.traces])
+
+
+class LearnerRank:
+    """A Ray actor: learner rank ``rank`` of ``world`` (rank 0 is the driver's ``train_rl``), a
+    policy replica and its optimisers, started from rank 0's state."""
+
+    def __init__(self, make_policy: PolicyFactory, spec: EnvSpec, state: dict[str, Tensor], optim: dict[str, Any],
+                 cfg: RLConfig, rank: int, world: int, init_method: str, backend: str):
+        import torch.distributed as tdist
+
+        from vlafast.rl.train import make_optimizers
+
+        ray = import_ray()
+        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.policy = make_policy(spec).to(device)
+        self.policy.load_state_dict(state)
+        self.cfg = cfg
+        self.actor_opt, self.critic_opt = make_optimizers(self.policy, cfg)
+        self.actor_opt.load_state_dict(optim["actor"])
+        if self.critic_opt is not None:
+            self.critic_opt.load_state_dict(optim["critic"])
+        tdist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        self.sync = TorchGradSync()
+
+    def update(self, data: tuple[Rollout, Tensor, Tensor | None], shuffle_state: Tensor, train_actor: bool) -> None:
+        """Rank ``rank``'s part of rank 0's update: ``data`` = (rollout, advantages, returns)."""
+        from vlafast.rl.train import update
+
+        ro, advantages, returns = data
+        dev = self.policy.device
+        ro = dataclasses.replace(ro, batches=[tensors_to(b, dev) for b in ro.batches],
+                                 traces=[tensors_to(t, dev, config=rl_sampler(self.policy, self.cfg)) for t in ro.traces])
+        shuffle = torch.Generator()
+        shuffle.set_state(shuffle_state)
+        update(self.policy, ro, advantages, returns, self.cfg.ppo, self.actor_opt, self.critic_opt, shuffle,
+               train_actor=train_actor, sync=self.sync)
+
+    def trainable(self, names: list[str]) -> dict[str, Tensor]:
+        return trainable_state(self.policy, names)
+
+    def close(self) -> None:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+class LearnerGroup:
+    """``dist.learners`` data-parallel learner ranks for ``train_rl(..., learners=...)``: this process
+    is rank 0, ranks 1.. are Ray actors (one GPU each on a GPU learner). Every rank holds the
+    whole rollout and takes its share of each minibatch; gradients are summed before the step
+    (``rl.train.update``), so the ranks stay identical and one of them (this one) checkpoints.
+    torch.distributed runs gloo on CPU, nccl on GPU. A rank that dies ends the run; ``--resume``
+    continues from the last checkpoint."""
+
+    def __init__(self, make_policy: PolicyFactory, cfg: RLConfig, dist: DistConfig):
+        if dist.learners < 2:
+            raise ValueError(f"a LearnerGroup has >= 2 learners (1 is the plain in-process update), got {dist.learners}")
+        self.make_policy, self.cfg, self.dist, self.learners = make_policy, cfg, dist, dist.learners
+        self.ranks: list[Any] = []
+        self._owns_cluster = False
+
+    def start(self, policy: VLAPolicy, actor_opt: torch.optim.Optimizer,
+              critic_opt: torch.optim.Optimizer | None) -> None:
+        import torch.distributed as tdist
+
+        ray = import_ray()
+        self._owns_cluster = ensure_cluster(self.dist)
+        if tdist.is_initialized():
+            raise RuntimeError("this process already belongs to a torch.distributed group")
+        gpu = policy.device.type == "cuda"
+        short = missing_resources(self.learners - 1, self.dist.cpus_per_worker, 1.0 if gpu else 0.0)
+        if short:
+            raise RuntimeError(f"the Ray cluster cannot place learner ranks 1..{self.learners - 1}: {short}")
+        host = "127.0.0.1" if self.dist.address is None else ray.util.get_node_ip_address()
+        init_method = f"tcp://{host}:{_free_port(host)}"
+        backend = "nccl" if gpu else "gloo"
+        state = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
+        optim = ray.put({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict() if critic_opt else None})
+        actor = ray.remote(LearnerRank).options(num_cpus=self.dist.cpus_per_worker, num_gpus=1 if gpu else 0)
+        self.ranks = [actor.remote(self.make_policy, policy.spec, state, optim, self.cfg, r, self.learners,
+                                   init_method, backend) for r in range(1, self.learners)]
+        tdist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.learners)
+        self.sync = TorchGradSync()
+
+    def update(self, policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg, actor_opt,
+               critic_opt, shuffle: torch.Generator, train_actor: bool = True, **kwargs: Any) -> dict[str, float]:
+        from vlafast.rl.train import update
+
+        ray = import_ray()
+        shared = ray.put((_rollout_to_cpu(ro), advantages.cpu(), None if returns is None else returns.cpu()))
+        state = shuffle.get_state()
+        refs = [r.update.remote(shared, state, train_actor) for r in self.ranks]
+        out = update(policy, ro, advantages, returns, cfg, actor_opt, critic_opt, shuffle, train_actor=train_actor,
+                     sync=self.sync, **kwargs)
+        ray.get(refs)
+        return out
+
+    def replica_weights(self, rank: int, names: list[str]) -> dict[str, Tensor]:
+        """Rank ``rank``'s trainable weights (tests: the replicas stay identical)."""
+        return import_ray().get(self.ranks[rank - 1].trainable.remote(names))
+
+    def close(self) -> None:
+        import torch.distributed as tdist
+
+        ray = import_ray()
+        for r in self.ranks:
+            try:
+                ray.get(r.close.remote(), timeout=30)
+            except Exception as exc:
+                log.debug("learner close: %s", exc)
+            ray.kill(r, no_restart=True)
+        self.ranks = []
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
         if self._owns_cluster:
             ray.shutdown()
             self._owns_cluster = False

@@ -14,7 +14,7 @@ import numpy as np
 
 from vlafast._io import atomic_write_text
 from vlafast.rl import train as T
-from vlafast.rl.dist import DistConfig, RayCollector
+from vlafast.rl.dist import DistConfig, LearnerGroup, RayCollector
 from vlafast.rl.recipe import (
     Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, env_slice, load_policy,
     save_policy,
@@ -65,7 +65,8 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
            resume: bool = False, progress: bool = True, dist: DistConfig | None = None) -> dict[str, Any]:
     """PPO / GRPO from a policy checkpoint; writes checkpoints, metrics.json, policy.pt, summary.json.
     With ``dist``, rollouts come from ``dist.workers`` Ray actors (``vlafast.rl.dist``), each
-    building its slice of the recipe's env and a replica of the policy."""
+    building its slice of the recipe's env and a replica of the policy, and ``dist.learners`` > 1
+    ranks share each update."""
     policy, recipe, env = load_policy(init)
     if recipe_overrides:
         recipe = Recipe.from_json({**recipe.to_json(), **recipe_overrides})
@@ -75,16 +76,19 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
     atomic_write_text(out / "recipe.json", dump(recipe))
     t0 = time.perf_counter()
     demos = collect_recipe_demos(recipe, env, progress=progress) if recipe.rl.bc_coef > 0 else None
-    collector = None
-    if dist is not None:
-        collector = RayCollector(policy, functools.partial(env_slice, recipe), functools.partial(build_policy, recipe),
-                                 recipe.rl, dist, seed=recipe.seed + 7, num_envs=recipe.num_envs)
+    collector = learners = None
+    make_policy = functools.partial(build_policy, recipe)
     try:
+        if dist is not None:
+            collector = RayCollector(policy, functools.partial(env_slice, recipe), make_policy, recipe.rl, dist,
+                                     seed=recipe.seed + 7, num_envs=recipe.num_envs)
+            learners = LearnerGroup(make_policy, recipe.rl, dist) if dist.learners > 1 else None
         history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out, resume=resume,
-                             progress=progress, demos=demos, collector=collector)
+                             progress=progress, demos=demos, collector=collector, learners=learners)
     finally:
-        if collector is not None:
-            collector.close()
+        for part in (learners, collector):
+            if part is not None:
+                part.close()
     ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
                     progress=progress)
     summary = {"phase": recipe.rl.algo, "method": recipe.rl.method, "history": history, "eval": summarise_eval(ev),

@@ -356,12 +356,19 @@ def policy_gradient_cosine(policy: VLAPolicy, batch: Batch, trace, adv: Tensor, 
 def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
            actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None,
            shuffle: torch.Generator, train_actor: bool = True,
-           bc: tuple[float, Callable[[], Tensor]] | None = None, grad_cosine: bool = False) -> dict[str, float]:
+           bc: tuple[float, Callable[[], Tensor]] | None = None, grad_cosine: bool = False,
+           sync: "GradSync | None" = None) -> dict[str, float]:
     """PPO epochs over the rollout's valid samples; returns sample-weighted mean loss terms.
     Each optimiser step sees ``cfg.minibatch`` samples (None: all of them), accumulated over
     micro-batches; the epochs stop early once an epoch's approx_kl exceeds ``cfg.target_kl``.
     ``returns`` None means no critic (GRPO). ``bc`` = (coef, loss_fn) adds coef * loss_fn()
-    (a demonstration flow-matching loss) to every actor step."""
+    (a demonstration flow-matching loss) to every actor step.
+
+    With ``sync`` (data-parallel learners, ``vlafast.rl.dist``), every rank holds the same
+    rollout, parameters and ``shuffle`` state and takes its share of each minibatch; gradients
+    are summed over ranks before clipping, so every rank takes the same step as one learner
+    would. BC and the gradient-cosine health metric run on rank 0 only."""
+    rank, world = (sync.rank, sync.world) if sync is not None else (0, 1)
     policy.train()
     batch, trace = ro.flat()
     st = ro.stacked()
@@ -375,8 +382,9 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
     old_logp = element_log_probs(trace) if element else trace.log_prob.float()
     elem_mask, per_chunk = _element_mask(trace), _elements_per_chunk(trace)
     actor_params = [p for g in actor_opt.param_groups for p in g["params"]]
+    critic_params = [p for g in critic_opt.param_groups for p in g["params"]] if critic_opt is not None else []
     out: dict[str, float] = {}
-    if grad_cosine and train_actor and len(idx_all) > 1:
+    if grad_cosine and train_actor and len(idx_all) > 1 and rank == 0:
         out["grad_cosine"] = policy_gradient_cosine(policy, batch, trace, adv, idx_all, st["envs"].reshape(-1),
                                                     actor_params, cfg.micro_batch)
     opt_batch = cfg.minibatch or len(idx_all)
@@ -397,7 +405,7 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
             actor_opt.zero_grad(set_to_none=True)
             if critic_opt is not None:
                 critic_opt.zero_grad(set_to_none=True)
-            for micro in mb.split(cfg.micro_batch):
+            for micro in mb.tensor_split(world)[rank].split(cfg.micro_batch):
                 dev = policy.device
                 ctx_batch, sub = batch.index(micro.to(dev)), trace.select(micro)
                 ctx = policy.context(ctx_batch)
@@ -415,17 +423,23 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
                 (loss * (len(micro) / len(mb))).backward()
                 record(t, len(micro))
                 kl_sum += float(t["approx_kl"]) * len(micro)
-            if bc is not None and train_actor:
+            if bc is not None and train_actor and rank == 0:
                 bc_loss = bc[1]()
                 (bc[0] * bc_loss).backward()
                 record({"bc_loss": bc_loss.detach()}, len(mb))
+            if sync is not None:
+                sync.sum_grads(actor_params + critic_params)
             torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             if train_actor:
                 actor_opt.step()
             if critic_opt is not None:
                 critic_opt.step()
+        if sync is not None:
+            kl_sum = sync.sum_floats([kl_sum])[0]
         if cfg.target_kl is not None and kl_sum / max(len(perm), 1) > cfg.target_kl:
             break
+    if sync is not None:  # every rank's terms (bc_loss: rank 0's)
+        sums, counts = sync.sum_terms(sums, counts)
     out.update({k: sums[k] / counts[k] for k in sums})
     out["epochs"] = float(epochs)
     if returns is not None:
@@ -483,6 +497,31 @@ def collect_iteration(policy: VLAPolicy, env, obs: Obs | None, cfg: RLConfig, it
     return ro, obs, adv, ret
 
 
+class GradSync(Protocol):
+    """Data-parallel learners' reductions (``update(..., sync=)``): ``vlafast.rl.dist.TorchGradSync``."""
+
+    rank: int
+    world: int
+
+    def sum_grads(self, params: list[Tensor]) -> None: ...
+
+    def sum_floats(self, values: list[float]) -> list[float]: ...
+
+    def sum_terms(self, sums: dict[str, float], counts: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]: ...
+
+
+class Learners(Protocol):
+    """More learner ranks for the update (``vlafast.rl.dist.LearnerGroup``): ``start`` them with
+    this process's state, then ``update`` has ``update``'s signature."""
+
+    def start(self, policy: VLAPolicy, actor_opt: torch.optim.Optimizer,
+              critic_opt: torch.optim.Optimizer | None) -> None: ...
+
+    def update(self, policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
+               actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None, shuffle: torch.Generator,
+               **kwargs: Any) -> dict[str, float]: ...
+
+
 class Collector(Protocol):
     """Where an update's rollout comes from: ``collect(policy, iteration, stats)`` -> (rollout,
     advantages, critic targets or None, extra scalars for the metrics row)."""
@@ -509,6 +548,15 @@ class LocalCollector:
         return ro, adv, ret, {}
 
 
+def make_optimizers(policy: VLAPolicy, cfg: RLConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """(actor AdamW, critic AdamW or None without a critic) over ``policy.rl_parameters()``."""
+    actor, critic = policy.rl_parameters()
+    betas = cfg.ppo.betas
+    actor_opt = torch.optim.AdamW(actor, lr=cfg.ppo.actor_lr, betas=betas)
+    critic_opt = torch.optim.AdamW(critic, lr=cfg.ppo.critic_lr, betas=betas) if cfg.uses_critic else None
+    return actor_opt, critic_opt
+
+
 def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]) -> None:
     """Restore one RNG state from a checkpoint; checkpoints older than the key keep the fresh
     seed-derived state, with a warning (their resumed run is then not bit-reproducible)."""
@@ -522,16 +570,16 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
              demos: Demos | None = None,
              resume: bool = False, progress: bool = True,
              on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-             collector: "Collector | None" = None) -> list[dict[str, float]]:
+             collector: "Collector | None" = None, learners: "Learners | None" = None) -> list[dict[str, float]]:
     """PPO or GRPO for ``cfg.iterations`` updates. Logs per update: success_rate, return,
     approx_kl, clipfrac, explained_variance (PPO), sigma stats, env_steps_per_s, chunks_per_s.
     With ``run_dir``, a checkpoint is written atomically after every update and ``resume``
     continues from it. Rollouts come from ``collector`` (default: ``LocalCollector`` over
-    ``env`` in this process; ``vlafast.rl.dist.RayCollector`` spreads them over Ray workers)."""
+    ``env`` in this process; ``vlafast.rl.dist.RayCollector`` spreads them over Ray workers).
+    ``learners`` (``vlafast.rl.dist.LearnerGroup``) runs each update data-parallel with more
+    ranks; this process is rank 0 and writes the checkpoints."""
     actor, critic = policy.rl_parameters()
-    betas = cfg.ppo.betas
-    actor_opt = torch.optim.AdamW(actor, lr=cfg.ppo.actor_lr, betas=betas)
-    critic_opt = torch.optim.AdamW(critic, lr=cfg.ppo.critic_lr, betas=betas) if cfg.uses_critic else None
+    actor_opt, critic_opt = make_optimizers(policy, cfg)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed + 1)  # minibatch order, CPU
     bc = None
@@ -563,6 +611,10 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
         collector = LocalCollector(env, cfg, seed, gen)
     # Only the actor and critic learn: the frozen VLM gets no gradients (the BC loss runs the
     # full forward) and the SFT weights outside RL stay bit-identical.
+    step = update
+    if learners is not None:
+        learners.start(policy, actor_opt, critic_opt)
+        step = learners.update
     trainable = {id(p) for p in actor + critic}
     frozen = [p for p in policy.parameters() if p.requires_grad and id(p) not in trainable]
     for p in frozen:
@@ -574,7 +626,7 @@ def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str |
             t0 = time.perf_counter()
             ro, adv, ret, collector_info = collector.collect(policy, it, stats)
             t_roll = time.perf_counter() - t0
-            terms = update(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle,
+            terms = step(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle,
                            train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc, grad_cosine=cfg.grad_cosine)
             chunks = sum(stats["chunks"])
             row = {
