@@ -192,3 +192,60 @@ def test_failed_capture_falls_back_to_eager_with_the_reason(caplog):
     assert any("runs eagerly" in r.message for r in caplog.records)
     assert actions.shape == noise.shape and torch.isfinite(trace.log_prob).all()
     torch.cuda.synchronize()  # the device is still usable
+
+
+def _tiny_vla(dev: torch.device):
+    """A tiny pi0 actor-critic for a made-up 2-camera env, and a batch of observations."""
+    from vlafast.envs.base import EnvSpec
+    from vlafast.models.gemma import GemmaConfig
+    from vlafast.models.pi0 import Pi0Config, Pi0Policy
+    from vlafast.models.siglip import SiglipConfig
+    from vlafast.rl.policy import Batch, VLAPolicy, build_word_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer(["pick", "the", "cube"])
+    g = GemmaConfig(width=32, depth=1, mlp_dim=48, num_heads=2, num_kv_heads=1, head_dim=16)
+    cfg = Pi0Config.tiny(vision=SiglipConfig(image_size=16, patch_size=8, width=24, depth=1, mlp_dim=32, num_heads=2),
+                         vlm=g, expert=g, vocab_size=tok.get_vocab_size(), action_dim=8, state_dim=9, horizon=6,
+                         num_steps=3)
+    spec = EnvSpec(num_envs=5, action_dim=7, state_dim=9, cameras=("a", "b"), image_size=(16, 16), max_episode_steps=10,
+                   control_hz=10.0)
+    pol = VLAPolicy(Pi0Policy(cfg), tok, spec, exec_horizon=4, max_tokens=6).to(dev)
+    B = spec.num_envs
+    batch = Batch(images=torch.rand(B, 2, 3, 16, 16, device=dev) * 2 - 1, image_masks=torch.ones(B, 2, dtype=torch.bool, device=dev),
+                  tokens=torch.randint(2, 5, (B, 6), device=dev), token_masks=torch.ones(B, 6, dtype=torch.bool, device=dev),
+                  state=torch.randn(B, 9, device=dev))
+    return pol, batch
+
+
+def _act_twice(dev: torch.device, graphs: bool):
+    pol, batch = _tiny_vla(dev)
+    pol.use_cuda_graphs(graphs)
+    gen = torch.Generator(device=dev).manual_seed(7)
+    cfg = pol.sampler_config("flow_sde", 3)
+    return pol, batch, [pol.act(batch, cfg, gen) for _ in range(2)]
+
+
+def test_policy_graphs_are_eager_off_cuda():
+    """use_cuda_graphs on a CPU policy changes nothing: the same chunks for the same seed."""
+    _, _, eager = _act_twice(torch.device("cpu"), False)
+    _, _, graphed = _act_twice(torch.device("cpu"), True)
+    for (a, tr, v), (b, tr2, v2) in zip(eager, graphed):
+        assert (a == b).all() and torch.equal(tr.log_prob, tr2.log_prob) and torch.equal(v, v2)
+
+
+@pytest.mark.gpu
+def test_policy_act_through_graphs_matches_eager_and_its_own_update():
+    """A GPU rollout worker's sampling (VLAPolicy.use_cuda_graphs): the graphed chunks equal the
+    eager ones for the same generator seed, draw fresh noise per call, and the update path
+    recomputes their log-probs (ratio 1)."""
+    dev = torch.device("cuda")
+    _, _, eager = _act_twice(dev, False)
+    pol, batch, graphed = _act_twice(dev, True)
+    assert len(pol._graphed) == 1 and not next(iter(pol._graphed.values())).fallbacks
+    for (a, tr, _), (b, tr2, _) in zip(eager, graphed):
+        torch.testing.assert_close(torch.as_tensor(b), torch.as_tensor(a), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tr2.log_prob, tr.log_prob, atol=1e-3, rtol=1e-5)
+    assert not torch.equal(graphed[0][1].chain, graphed[1][1].chain)  # fresh noise each replay
+    logp, _, _ = pol.evaluate(batch, graphed[1][1])
+    torch.testing.assert_close(logp, graphed[1][1].log_prob, atol=1e-3, rtol=1e-5)

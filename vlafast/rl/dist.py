@@ -135,7 +135,7 @@ class RolloutWorker:
         ray = import_ray()
         self.env = make_env(first_env, num_envs)
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.policy = make_policy(self.env.spec).to(device)
+        self.policy = make_policy(self.env.spec).to(device).use_cuda_graphs(device.type == "cuda")
         self.policy.load_state_dict(state)
         self.cfg, self.seed, self.index, self.first_env = cfg, seed, index, first_env
         self.collector: LocalCollector | None = None

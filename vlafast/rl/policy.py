@@ -109,6 +109,7 @@ class VLAPolicy(nn.Module):
         mask = torch.zeros(cfg.horizon, cfg.action_dim)
         mask[:exec_horizon, : spec.action_dim] = 1.0
         self.register_buffer("action_mask", mask, persistent=False)  # [T, A] executed part
+        self._graphed: dict[tuple, Any] | None = None  # (sampler config, generator) -> GraphedSampler
 
     # -- observations ----------------------------------------------------------------------
 
@@ -177,6 +178,27 @@ class VLAPolicy(nn.Module):
             return flow.flow_noise(self.noise_head, num_steps=num_steps)
         raise ValueError(f"sampling method must be ode | flow_sde | flow_noise, got {method!r}")
 
+    def use_cuda_graphs(self, enabled: bool = True) -> "VLAPolicy":
+        """Sample through CUDA graphs (``flow.graphs.GraphedSampler``: one graph per sampler
+        config, generator and batch layout) when the policy is on a CUDA device; elsewhere ``act``
+        stays eager. Replays draw the same noise as the eager loop after the same seed and update
+        in place with the optimiser, so rollout log-probs still match the update's."""
+        self._graphed = {} if enabled else None
+        return self
+
+    def _sampler(self, config: flow.SamplerConfig, generator: torch.Generator | None):
+        """``flow.sample``'s contract: eager, or the cached graph runner on CUDA."""
+        if self._graphed is None or self.device.type != "cuda":
+            return lambda ctx, noise: flow.sample(config, self.velocity_fn, ctx, noise, generator=generator,
+                                                  action_mask=self.action_mask)
+        from vlafast.flow.graphs import GraphedSampler
+
+        key = (config, id(generator))
+        if key not in self._graphed:
+            self._graphed[key] = GraphedSampler(config, self.velocity_fn, generator=generator)
+        graphed = self._graphed[key]
+        return lambda ctx, noise: graphed(ctx, noise, action_mask=self.action_mask)
+
     @torch.no_grad()
     def act(
         self, batch: Batch, config: flow.SamplerConfig, generator: torch.Generator | None = None
@@ -185,8 +207,7 @@ class VLAPolicy(nn.Module):
         cfg = self.model.cfg
         ctx = self.context(batch)
         noise = torch.randn(batch.size, cfg.horizon, cfg.action_dim, generator=generator, device=self.device)
-        actions, trace = flow.sample(config, self.velocity_fn, ctx, noise, generator=generator,
-                                     action_mask=self.action_mask)
+        actions, trace = self._sampler(config, generator)(ctx, noise)
         value = self.value(ctx, batch.state)
         env_actions = actions[:, : self.exec_horizon, : self.spec.action_dim].float().cpu().numpy()
         return env_actions, trace, value
