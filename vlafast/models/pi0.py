@@ -437,14 +437,47 @@ class Pi0Policy(nn.Module):
             state = self.normalizer.normalize_state(state)
         return F.pad(state.float(), (0, self.cfg.state_dim - state.shape[1]))
 
+    def _rtc_targets(self, prefix: Tensor, weights: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """RTC inputs in the sampler's space: prefix [B, T, A_out] (output space) -> normalised
+        and zero-padded [B, T, A]; weights [T] or [B, T] -> [B, T, A], 0 on padded dims."""
+        T, A = self.cfg.horizon, self.cfg.action_dim
+        out_dim = self.normalizer.action_dim if self.normalizer is not None else A
+        dims_ok = prefix.dim() == 3 and (prefix.shape[2] == out_dim if self.normalizer is not None
+                                         else 1 <= prefix.shape[2] <= out_dim)
+        if not dims_ok or prefix.shape[0] != batch or prefix.shape[1] != T:
+            want = f"A_out={out_dim}" if self.normalizer is not None else f"A_out <= {out_dim}"
+            raise ValueError(f"prefix must be [B={batch}, T={T}, {want}] in the policy's output action space, "
+                             f"got {list(prefix.shape)}")
+        if tuple(weights.shape) not in ((T,), (batch, T)):
+            raise ValueError(f"prefix_weights must be [T={T}] or [B={batch}, T={T}], got {list(weights.shape)}")
+        a_out = prefix.shape[2]
+        target = prefix.float()
+        if self.normalizer is not None:
+            target = self.normalizer.normalize_actions(target)
+        target = F.pad(target, (0, A - a_out))
+        dims = (torch.arange(A, device=prefix.device) < a_out).float()
+        w = weights.float().to(prefix.device).expand(batch, T)[..., None] * dims
+        return target, w
+
     @torch.no_grad()
     def sample_actions(self, obs: Pi0Observation, *, noise: Tensor | None = None,
-                       generator: torch.Generator | None = None, num_steps: int | None = None) -> Tensor:
+                       generator: torch.Generator | None = None, num_steps: int | None = None,
+                       prefix: Tensor | None = None, prefix_weights: Tensor | None = None,
+                       max_guidance: float = 5.0) -> Tensor:
         """Plain Euler inference from t = 1 (noise) to t = 0, dt = -1/K.
 
         noise: [B, T, A] (default: standard normal from ``generator``) -> actions [B, T, A_out]
         unnormalised when the policy has a normaliser (A_out = the stats' action dim), else the
         model's normalised, padded actions.
+
+        Real-time chunking (RTC): with ``prefix`` [B, T, A_out] (the chunk the robot is executing,
+        resampled at this chunk's waypoint times, in the output space above) and
+        ``prefix_weights`` [T] or [B, T] (the soft mask ``vlafast.robot.rtc.prefix_weights(T, d,
+        s)``: 1 on the d waypoints the robot executes while this call runs, measured by the
+        caller, decaying to 0 at T - s; 0 where the executing plan has run out), every Euler step
+        is guided towards the prefix (``vlafast.robot.rtc.guided_sample``, pseudo-inverse
+        guidance capped at ``max_guidance``), in the model's normalised space and on the output's
+        action dims only. Tensor ops only: capturable in a CUDA graph with static inputs.
         """
         K = num_steps or self.cfg.num_steps
         B = obs.images.shape[0]
@@ -453,12 +486,20 @@ class Pi0Policy(nn.Module):
             noise = torch.randn(shape, generator=generator, device=self.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must be [B, T, A] = {list(shape)}, got {list(noise.shape)}")
+        if (prefix is None) != (prefix_weights is None):
+            raise ValueError("real-time chunking needs both prefix [B, T, A_out] and prefix_weights [T] or [B, T]")
         state = self.prepare_state(obs.state)
         cache = self.embed_prefix(obs.images, obs.image_masks, obs.tokens, obs.token_masks)
         x = noise.float()
-        for k in range(K):
-            t = torch.full((B,), 1.0 - k / K, device=x.device)
-            x = x - self.velocity(x, t, state, cache) / K
+        if prefix is not None:
+            from vlafast.robot.rtc import guided_sample
+
+            target, weights = self._rtc_targets(prefix, prefix_weights, B)
+            x = guided_sample(lambda xt, t: self.velocity(xt, t, state, cache), x, target, weights, K, max_guidance)
+        else:
+            for k in range(K):
+                t = torch.full((B,), 1.0 - k / K, device=x.device)
+                x = x - self.velocity(x, t, state, cache) / K
         if self.normalizer is None:
             return x
         return self.normalizer.unnormalize_actions(x[..., : self.normalizer.action_dim])

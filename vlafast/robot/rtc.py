@@ -37,16 +37,20 @@ def guided_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                   prefix: torch.Tensor, weights: torch.Tensor, num_steps: int = 10,
                   max_guidance: float = 5.0) -> torch.Tensor:
     """Euler flow sampling from noise: [B, T, A] at t = 1 to actions at t = 0, guided so that
-    the weighted part of the result follows prefix: [B, T, A] (W = weights: [T]).
-    ``max_guidance`` is the paper's beta (5 there). Returns actions: [B, T, A]."""
+    the weighted part of the result follows prefix: [B, T, A]. weights: W as [T] (one mask for
+    every row and action dim) or [B, T, A] (per row and dim: 0 on dims that must not be guided).
+    ``max_guidance`` is the paper's beta (5 there). Returns actions: [B, T, A]. No host syncs:
+    capturable in a CUDA graph with prefix and weights as static inputs."""
     if noise.shape != prefix.shape or noise.dim() != 3:
         raise ValueError(f"noise and prefix must both be [B, T, A], got {tuple(noise.shape)} and {tuple(prefix.shape)}")
-    if weights.shape != (noise.shape[1],):
-        raise ValueError(f"weights must be [T] = [{noise.shape[1]}], got {tuple(weights.shape)}")
+    if weights.shape not in ((noise.shape[1],), noise.shape):
+        raise ValueError(f"weights must be [T] = [{noise.shape[1]}] or [B, T, A] = {list(noise.shape)}, "
+                         f"got {tuple(weights.shape)}")
     if num_steps < 1 or max_guidance < 0:
         raise ValueError(f"need num_steps >= 1 and max_guidance >= 0, got {num_steps}, {max_guidance}")
     B = noise.shape[0]
-    w = weights.to(noise.dtype)[None, :, None]
+    w = weights.to(noise.dtype)
+    w = w[None, :, None] if w.dim() == 1 else w
     delta = 1.0 / num_steps
     x = noise.detach()
     for k in range(num_steps):
