@@ -19,6 +19,18 @@ def test_serve_robot_null_backend_runs_and_reports(capsys):
     assert "requested: run complete" in lines[-1] and "missed" in lines[-1]
 
 
+def test_serve_robot_writes_the_cycle_report(tmp_path, capsys):
+    """--report: the per-cycle record (with the commands' jerk from the MuJoCo backend's log)."""
+    assert main(["serve-robot", "--backend", "mujoco", "--seconds", "1.0", "--no-realtime", "--latency-ms", "20",
+                 "--report", str(tmp_path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with open(tmp_path / "cycles.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 3 and float(rows[1]["inference_ms"]) >= 20.0
+    assert any(r["jerk_max"] not in ("nan", "") for r in rows)
+    assert (tmp_path / "cycles.png").stat().st_size > 0 and "inference cycles" in (tmp_path / "report.md").read_text()
+
+
 def test_serve_robot_ctrl_c_stops_cleanly():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(

@@ -286,5 +286,43 @@ def test_guided_policy_receives_the_executing_plan_as_its_prefix():
         d = int(np.sum(w == 1.0))
         assert d >= 2  # ~30 ms of inference at 20 ms waypoints
         assert np.all(w[-5:] == 0) and np.all(np.diff(w) <= 0)
+    # The frozen prefix is measured, not assumed: each cycle freezes what the servo began
+    # between the previous observation and its hand-over.
+    cyc = runner.cycles
+    assert len(cyc) == len(policy.seen) and cyc[0]["prefix"] == 0 and cyc[0]["queue_depth"] == 0
+    for prev, c, (_, _, w) in zip(cyc, cyc[1:], policy.seen[1:]):
+        assert c["prefix"] == min(prev["consumed"], policy.horizon - 5) == int(np.sum(w == 1.0))
+        assert c["consumed"] == math.ceil((c["push_s"] - c["obs_s"]) / policy.dt)
+        assert c["inference_ms"] >= 30.0 and c["queue_depth"] >= 1 and c["accepted"] == 1.0
     with pytest.raises(ValueError, match="horizon"):
         RealtimeRunner(Guided(horizon=5), RecordingBackend(10), chunk_exec=5, config=CFG)
+
+
+def test_boundary_jerk_finds_a_kink_at_a_hand_over():
+    """q = t^3 / 6 has jerk 1 everywhere; a velocity kink at 0.5 s (a hand-over switching to a
+    plan 0.1 rad/s faster) shows as a jerk spike in that boundary's window, not elsewhere."""
+    from vlafast.robot.runner import boundary_jerk
+
+    t = np.arange(0.0, 1.0, 0.002)
+    q = np.repeat((t**3 / 6)[:, None], 6, axis=1)
+    q[t > 0.5, 2] += 0.1 * (t[t > 0.5] - 0.5)
+    jerk, away = boundary_jerk(t, q, np.array([0.2, 0.5, 2.0]), 0.05)
+    assert jerk[0] == pytest.approx(1.0, rel=1e-6) and away == pytest.approx(1.0, rel=1e-6)
+    # a kink of 0.1 rad/s seen through three central differences at 2 ms: ~0.1 / (2 * 0.002^2)
+    assert jerk[1] > 1e3 and np.isnan(jerk[2])
+
+
+def test_cycle_report_files(tmp_path):
+    policy = SinusoidPolicy(amplitude=0.1, dt=0.02, horizon=30, ramp_s=0.5, latency_s=0.01)
+    runner = RealtimeRunner(policy, RecordingBackend(3000), hz=500.0, chunk_exec=5, config=CFG)
+    s = runner.run(0.5)
+    from vlafast.robot.runner import CYCLE_FIELDS, write_cycle_report
+
+    t = np.arange(0.0, 0.5, 0.002) + runner.cycles[0]["obs_s"]
+    log = {"t_cmd": np.repeat(t, 2), "target": np.repeat(policy.reference(t), 2, axis=0)}  # each command twice
+    paths = write_cycle_report(runner, s, tmp_path, log)
+    assert [p.name for p in paths] == ["cycles.csv", "cycles.png", "report.md"] and all(p.stat().st_size for p in paths)
+    rows = np.genfromtxt(tmp_path / "cycles.csv", delimiter=",", names=True)
+    assert list(rows.dtype.names) == [*CYCLE_FIELDS, "jerk_max"] and len(rows) == len(runner.cycles)
+    assert np.isfinite(rows["jerk_max"][1:-1]).all()
+    assert f"{len(runner.cycles)} inference cycles" in (tmp_path / "report.md").read_text()

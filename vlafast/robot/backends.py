@@ -151,6 +151,7 @@ class MujocoUR5eBackend:
         self._dt_ns = int(round(self.model.opt.timestep * 1e9))
         n = max(1, int(self.log_seconds / self.model.opt.timestep))
         self._log_t = np.zeros(n, dtype=np.int64)
+        self._log_t_cmd = np.zeros(n, dtype=np.int64)
         self._log_target = np.zeros((n, DOF))
         self._log_q = np.zeros((n, DOF))
         self._log_late = np.zeros(n, dtype=bool)
@@ -184,6 +185,7 @@ class MujocoUR5eBackend:
             if seq > 0 and self._log_n < len(self._log_t):
                 i = self._log_n
                 self._log_t[i], self._log_target[i], self._log_q[i] = self._sim_ns, q, self.data.qpos[:DOF]
+                self._log_t_cmd[i] = t_ns
                 self._log_late[i] = late
                 self._log_n += 1
             self.late_steps += late
@@ -202,10 +204,12 @@ class MujocoUR5eBackend:
     def log(self) -> dict[str, np.ndarray]:
         """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated), late: [N]
         (the step ran with a target issued more than 3 steps earlier: the servo loop or this
-        thread was delayed)."""
+        thread was delayed), t_cmd: [N] (s) the servo deadline the target was issued for (a
+        physics step that catches up repeats the last target: unique t_cmd give the servo's
+        command stream)."""
         n = self._log_n
         return {"t": self._log_t[:n] * 1e-9, "target": self._log_target[:n].copy(), "q": self._log_q[:n].copy(),
-                "late": self._log_late[:n].copy()}
+                "late": self._log_late[:n].copy(), "t_cmd": self._log_t_cmd[:n] * 1e-9}
 
     def close(self) -> None:
         self._fwd.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +32,52 @@ import numpy as np
 from vlafast._ext import load_C
 from vlafast.robot.policies import smootherstep
 from vlafast.robot.servo import DOF, ServoConfig, ServoLoop, interpolate
+
+
+CYCLE_FIELDS = {
+    "obs_s": "observation time (s, monotonic)",
+    "push_s": "hand-over time: the merged chunk pushed to the servo (s)",
+    "inference_ms": "observation -> chunk ready",
+    "queue_ms": "executing plan left at the observation (ms)",
+    "queue_depth": "the same in waypoints",
+    "prefix": "RTC: waypoints frozen for this chunk (d; 0 unguided)",
+    "consumed": "waypoints the servo began between observation and hand-over (measured; the next d)",
+    "jump_rad": "max |new chunk - executing plan| at the hand-over, before blending (rad)",
+    "accepted": "1 if the servo took the chunk",
+    "missed": "servo deadlines missed so far",
+}
+
+
+def boundary_jerk(t: np.ndarray, q: np.ndarray, boundaries: np.ndarray, window_s: float) -> tuple[np.ndarray, float]:
+    """Jerk of a commanded trajectory at chunk hand-overs. t: [N] (s, increasing; a skipped servo
+    cycle leaves a gap) and q: [N, 6] the servo's targets, boundaries: [M] hand-over times (s).
+    -> (max |d^3 q / dt^3| over joints in [b, b + window_s] (and the few samples before b a
+    difference stencil reaches) per boundary [M] (NaN where nothing was commanded), the 99th percentile of |jerk| away from every boundary: the trajectory's
+    own jerk, to compare with)."""
+    if len(t) < 4:
+        return np.full(len(boundaries), np.nan), float("nan")
+    d = q
+    for _ in range(3):  # divided differences on the (possibly uneven) command times
+        d = np.gradient(d, t, axis=0)
+    jerk = np.abs(d).max(axis=1)
+    spread = 4 * float(np.median(np.diff(t)))  # three differences smear a kink over ~3 samples each way
+    near = np.zeros(len(t), bool)
+    near[:3] = near[-3:] = True  # one-sided differences at the ends
+    out = np.full(len(boundaries), np.nan)
+    for i, b in enumerate(boundaries):
+        sel = (t >= b - spread) & (t <= b + window_s)
+        near |= sel
+        if sel.any():
+            out[i] = jerk[sel].max()
+    away = jerk[~near]
+    return out, float(np.percentile(away, 99)) if len(away) else float("nan")
+
+
+def command_stream(log: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(t [N] s, target [N, 6]) of the servo's commands, once each, from a backend log with
+    ``t_cmd`` (``MujocoUR5eBackend.log()``)."""
+    _, first = np.unique(log["t_cmd"], return_index=True)
+    return log["t_cmd"][first], log["target"][first]
 
 
 def merge_chunk(new: np.ndarray, new_t0_ns: int, prev: tuple[np.ndarray, int] | None, dt: float,
@@ -86,6 +133,7 @@ class RealtimeRunner:
 
             self._prefix_weights = prefix_weights
         self.last_inference_s = 0.0
+        self.cycles: list[dict[str, float]] = []  # one record per inference cycle: ``CYCLE_FIELDS``
 
     def _observe(self) -> tuple[np.ndarray, int]:
         got = self.robot.read_q()
@@ -93,18 +141,40 @@ class RealtimeRunner:
             return got
         return self.loop.commanded_q(), load_C().monotonic_ns()
 
-    def _guidance(self, obs_ns: int, dt: float) -> dict:
-        """prefix: [T, 6] (the executing plan at the new chunk's waypoint times), weights: [T]."""
+    def _guidance(self, obs_ns: int, dt: float) -> tuple[dict, int]:
+        """(policy kwargs: prefix [T, 6], the executing plan at the new chunk's waypoint times, and
+        weights [T]; d): d, the waypoints frozen, is how many the servo consumed between the last
+        observation and the hand-over of its chunk (measured, ``cycles[-1]["consumed"]``): the
+        best estimate of what it will run while this inference takes."""
         T, s = int(self.policy.horizon), self.chunk_exec
         if self._prev is None:
-            return {"prefix": None, "weights": None}
+            return {"prefix": None, "weights": None}, 0
         prev_q, prev_t0 = self._prev
         t_rel = (obs_ns - prev_t0) * 1e-9 + dt * np.arange(T)
         prefix, _ = interpolate(prev_q, dt, t_rel, self.config.interp)
-        d = min(int(math.ceil(self.last_inference_s / dt)), T - s)
+        consumed = int(self.cycles[-1]["consumed"]) if self.cycles else int(math.ceil(self.last_inference_s / dt))
+        d = min(consumed, T - s)
         w = self._prefix_weights(T, d, s).numpy()
         w[t_rel > (prev_q.shape[0] - 1) * dt] = 0.0  # no plan to follow there
-        return {"prefix": prefix, "weights": w}
+        return {"prefix": prefix, "weights": w}, d
+
+    def _queue(self, at_ns: int, dt: float) -> float:
+        """Seconds of the executing plan left after ``at_ns`` (0 with none)."""
+        if self._prev is None:
+            return 0.0
+        prev_q, prev_t0 = self._prev
+        return max(0.0, (prev_t0 - at_ns) * 1e-9 + (prev_q.shape[0] - 1) * dt)
+
+    def _jump(self, chunk: np.ndarray, obs_ns: int, now_ns: int, dt: float) -> float:
+        """max |new chunk - executing plan| (rad) at the hand-over time, before any blending."""
+        if self._prev is None:
+            return 0.0
+        at = np.array([(now_ns - obs_ns) * 1e-9])
+        new, _ = interpolate(chunk, dt, np.clip(at, 0.0, (chunk.shape[0] - 1) * dt), self.config.interp)
+        prev_q, prev_t0 = self._prev
+        old, _ = interpolate(prev_q, dt, np.clip((now_ns - prev_t0) * 1e-9, 0.0, (prev_q.shape[0] - 1) * dt)[None],
+                             self.config.interp)
+        return float(np.abs(new - old).max())
 
     def _work(self) -> None:
         C = load_C()
@@ -114,18 +184,28 @@ class RealtimeRunner:
         try:
             while not self._halt.is_set():
                 q, obs_ns = self._observe()
-                extra = self._guidance(obs_ns, dt) if self._guided else {}
+                queue_s = self._queue(obs_ns, dt)
+                extra, d = self._guidance(obs_ns, dt) if self._guided else ({}, 0)
                 chunk = np.asarray(self.policy(q, obs_ns * 1e-9, **extra), dtype=np.float64)
-                self.last_inference_s = (C.monotonic_ns() - obs_ns) * 1e-9
+                ready_ns = C.monotonic_ns()
+                self.last_inference_s = (ready_ns - obs_ns) * 1e-9
                 if chunk.ndim != 2 or chunk.shape[1] != DOF or chunk.shape[0] < 1:
                     raise ValueError(f"policy must return a chunk [T, 6], got shape {chunk.shape}")
-                merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, C.monotonic_ns(), self.blend_s,
-                                         self.config.interp)
+                push_ns = C.monotonic_ns()
+                jump = self._jump(chunk, obs_ns, push_ns, dt)
+                merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, push_ns, self.blend_s, self.config.interp)
                 result = self.loop.push(merged, t0, dt, obs_ns)
                 self.push_results[result] = self.push_results.get(result, 0) + 1
                 if result == "accepted":
                     self._prev = (merged, t0)
                 self.chunks += 1
+                stats = self.loop.stats()
+                self.cycles.append({
+                    "obs_s": obs_ns * 1e-9, "push_s": push_ns * 1e-9, "inference_ms": self.last_inference_s * 1e3,
+                    "queue_ms": queue_s * 1e3, "queue_depth": math.floor(queue_s / dt), "prefix": d,
+                    "consumed": math.ceil((push_ns - obs_ns) * 1e-9 / dt), "jump_rad": jump,
+                    "accepted": float(result == "accepted"), "missed": stats["missed"],
+                })
                 next_ns += period_ns
                 now = C.monotonic_ns()
                 if next_ns < now:  # inference overran the replanning period: replan at once
@@ -171,3 +251,78 @@ class RealtimeRunner:
             self.stop(f"exception: {exc!r}")
             raise
         return self.stop("run complete")
+
+
+def write_cycle_report(runner: "RealtimeRunner", stats: dict, out: str | Path, log: dict | None = None) -> list[Path]:
+    """The run's per-cycle record as ``cycles.csv``, a plot ``cycles.png`` (inference latency,
+    queue depth, frozen prefix vs consumed waypoints, hand-over jump and jerk) and ``report.md``.
+    ``log``: the backend's log (``MujocoUR5eBackend.log()``: t_cmd, target) for the jerk of the
+    commands at every hand-over. Files are written whole or not at all."""
+    import csv
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vlafast._io import atomic_path, atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cyc = runner.cycles
+    cols = {k: np.array([c[k] for c in cyc], dtype=np.float64) for k in CYCLE_FIELDS}
+    jerk, jerk_away = (np.full(len(cyc), np.nan), float("nan"))
+    if log is not None and len(log["t_cmd"]):
+        jerk, jerk_away = boundary_jerk(*command_stream(log), cols["push_s"], max(runner.blend_s, 0.05))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([*CYCLE_FIELDS, "jerk_max"])
+    for i, c in enumerate(cyc):
+        writer.writerow([f"{c[k]:.6g}" for k in CYCLE_FIELDS] + [f"{jerk[i]:.6g}"])
+    atomic_write_text(out / "cycles.csv", buf.getvalue())
+
+    t = cols["obs_s"] - (cols["obs_s"][0] if len(cyc) else 0.0)
+    fig, ax = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+    ax[0].plot(t, cols["inference_ms"], ".-")
+    ax[0].set_ylabel("inference ms")
+    ax[1].plot(t, cols["queue_depth"], ".-", label="queue at observation")
+    ax[1].plot(t, cols["consumed"], ".-", label="consumed until hand-over")
+    ax[1].plot(t, cols["prefix"], ".-", label="RTC prefix d")
+    ax[1].set_ylabel("waypoints")
+    ax[1].legend(fontsize=8)
+    ax[2].plot(t, cols["jump_rad"], ".-")
+    ax[2].set_ylabel("hand-over jump rad")
+    ax[3].semilogy(t, jerk, ".-", label="max jerk after hand-over")
+    if np.isfinite(jerk_away):
+        ax[3].axhline(jerk_away, color="gray", ls="--", label="p99 jerk elsewhere")
+    ax[3].set_ylabel("jerk rad/s^3")
+    ax[3].set_xlabel("time since first observation (s)")
+    ax[3].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "cycles.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+    def stat(x: np.ndarray, f=np.median) -> str:
+        x = x[np.isfinite(x)]
+        return f"{f(x):.3g}" if len(x) else "-"
+
+    lines = [
+        "# Real-time run", "",
+        f"{len(cyc)} inference cycles, {stats.get('cycles', 0)} servo cycles, {stats.get('missed', 0)} missed deadlines, "
+        f"stop: {stats.get('stop_reason', '')}", "",
+        "| per cycle | median | max |", "|---|---|---|",
+        f"| inference ms | {stat(cols['inference_ms'])} | {stat(cols['inference_ms'], np.max)} |",
+        f"| queue depth (waypoints) | {stat(cols['queue_depth'])} | {stat(cols['queue_depth'], np.max)} |",
+        f"| RTC prefix d | {stat(cols['prefix'])} | {stat(cols['prefix'], np.max)} |",
+        f"| consumed until hand-over | {stat(cols['consumed'])} | {stat(cols['consumed'], np.max)} |",
+        f"| hand-over jump (rad) | {stat(cols['jump_rad'])} | {stat(cols['jump_rad'], np.max)} |",
+        f"| jerk after hand-over (rad/s^3) | {stat(jerk)} | {stat(jerk, np.max)} |", "",
+        f"p99 jerk away from hand-overs: {jerk_away:.3g} rad/s^3.", "",
+        "![cycles](cycles.png)", "",
+        "Columns of cycles.csv: " + "; ".join(f"`{k}` {v}" for k, v in CYCLE_FIELDS.items()) + "; `jerk_max` max |jerk| "
+        "of the commanded joints in the blend window after the hand-over.",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return [out / "cycles.csv", out / "cycles.png", out / "report.md"]

@@ -11,7 +11,7 @@ import sys
 
 from vlafast.robot.backends import make_backend
 from vlafast.robot.policies import POLICIES, make_policy
-from vlafast.robot.runner import RealtimeRunner
+from vlafast.robot.runner import RealtimeRunner, write_cycle_report
 from vlafast.robot.servo import ServoConfig, format_stats
 
 
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", type=int, default=-1, help="pin the servo thread to this CPU")
     p.add_argument("--lookahead", type=float, default=0.1, help="servoJ lookahead (s, ur-rtde)")
     p.add_argument("--gain", type=float, default=300.0, help="servoJ gain (ur-rtde)")
+    p.add_argument("--report", default=None, help="write the per-cycle record, its plot and report.md to this folder")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,6 +57,10 @@ def main(args: argparse.Namespace) -> int:
     if tty:
         print()
     print(format_stats(stats))
+    if args.report:
+        log = robot.log() if callable(getattr(robot, "log", None)) else None
+        for path in write_cycle_report(runner, stats, args.report, log):
+            print(f"wrote {path}")
     if stats["reason"]:
         print(f"note: {stats['reason']}")
     for key in ("policy_error", "backend_error"):
