@@ -1,6 +1,7 @@
 """vlafast.robot: config, chunk merging, RealtimeRunner with C++ backends, fault injection
 (NaN chunks, a producer that dies, a forwarder that throws), Ctrl-C. No timing bounds asserted."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -326,3 +327,51 @@ def test_cycle_report_files(tmp_path):
     assert list(rows.dtype.names) == [*CYCLE_FIELDS, "jerk_max"] and len(rows) == len(runner.cycles)
     assert np.isfinite(rows["jerk_max"][1:-1]).all()
     assert f"{len(runner.cycles)} inference cycles" in (tmp_path / "report.md").read_text()
+
+
+def _tiny_joint_pi0():
+    """A tiny random pi0 whose output space is 6 joint positions around home (std 5 mrad)."""
+    import torch
+
+    from helpers_ckpt import random_obs, random_policy
+    from vlafast.models import Pi0Config
+    from vlafast.models.normalize import FeatureStats, Normalizer
+
+    cfg = Pi0Config.tiny(action_dim=8, state_dim=6, horizon=12, num_steps=3)
+    model = random_policy(cfg, seed=2)
+    model.normalizer = Normalizer(FeatureStats(mean=torch.tensor(Q0, dtype=torch.float32), std=torch.full((6,), 0.5)),
+                                  FeatureStats(mean=torch.tensor(Q0, dtype=torch.float32), std=torch.full((6,), 0.005)),
+                                  "mean_std", "mean_std", "openpi")
+    scene = random_obs(cfg, batch=1, views=1, tokens=4, seed=3)
+
+    def observe(q, t):
+        return dataclasses.replace(scene, state=torch.as_tensor(q, dtype=torch.float32)[None])
+
+    return model, observe
+
+
+def test_pi0_chunk_policy_samples_with_rtc_and_drives_the_runner():
+    import torch
+
+    from vlafast.models.normalize import FeatureStats
+    from vlafast.robot.policies import Pi0ChunkPolicy
+    from vlafast.robot.rtc import prefix_weights
+
+    model, observe = _tiny_joint_pi0()
+    policy = Pi0ChunkPolicy(model, observe, dt=0.04, noise_seed=4)
+    plan = np.tile(Q0 + 0.01, (12, 1))
+    w = prefix_weights(12, 3, 4).numpy()
+    chunk = policy(Q0, 0.0, prefix=plan, weights=w)
+    want = model.sample_actions(observe(Q0, 0.0), generator=torch.Generator().manual_seed(4),
+                                prefix=torch.as_tensor(plan, dtype=torch.float32)[None],
+                                prefix_weights=torch.as_tensor(w, dtype=torch.float32))
+    np.testing.assert_array_equal(chunk, want[0].double().numpy())  # the same call, the same noise
+    assert chunk.shape == (12, 6) and np.abs(chunk[:3] - plan[:3]).max() < np.abs(policy(Q0, 0.0)[:3] - plan[:3]).max()
+    runner = RealtimeRunner(Pi0ChunkPolicy(model, observe, dt=0.04), RecordingBackend(3000), hz=500.0, chunk_exec=4,
+                            blend_s=0.0, config=CFG)
+    s = runner.run(1.0)
+    assert s["policy_error"] == "" and s["accepted"] >= 2 and s["rejected_limits"] == 0
+    assert runner.cycles[0]["prefix"] == 0 and all(c["prefix"] >= 1 for c in runner.cycles[1:])
+    model.normalizer = dataclasses.replace(model.normalizer, actions=FeatureStats(mean=torch.zeros(3), std=torch.ones(3)))
+    with pytest.raises(ValueError, match="must be the 6 joint positions, got 3 dims"):
+        Pi0ChunkPolicy(model, observe, dt=0.04)

@@ -9,7 +9,7 @@ waypoint i is meant for time t + i * dt. Model policies (pi0, OpenVLA, ...) plug
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -70,3 +70,47 @@ def make_policy(name: str, **kw) -> SinusoidPolicy:
         raise ValueError(f"policy must be one of {sorted(POLICIES)} (model policies plug in through "
                          f"vlafast.robot.RealtimeRunner), got {name!r}")
     return POLICIES[name](**kw)
+
+
+class Pi0ChunkPolicy:
+    """A pi0 / pi0.5 model as a real-time chunk policy, with real-time chunking.
+
+    ``observe(q [6], t_s) -> Pi0Observation`` (batch 1: the cameras, prompt and state at that
+    instant) is the caller's; the model's output actions must be the joint targets the servo
+    tracks, [T, 6] (absolute joint positions, rad: the normaliser's action space). ``guided``:
+    the runner passes the executing plan as ``prefix`` with its RTC mask, and the chunk is
+    sampled by ``Pi0Policy.sample_actions(prefix=, prefix_weights=)``; otherwise it switches
+    naively (the runner's blend only). ``noise_seed`` fixes the sampler's noise stream.
+    """
+
+    name = "pi0"
+
+    def __init__(self, model: Any, observe: Callable[[np.ndarray, float], Any], *, dt: float, guided: bool = True,
+                 num_steps: int | None = None, max_guidance: float = 5.0, noise_seed: int = 0):
+        import torch
+
+        if dt <= 0:
+            raise ValueError(f"dt must be > 0 (s between waypoints), got {dt}")
+        out_dim = model.normalizer.action_dim if model.normalizer is not None else model.cfg.action_dim
+        if out_dim != DOF:
+            raise ValueError(f"the model's output actions must be the {DOF} joint positions, got {out_dim} dims "
+                             "(give the model a normaliser whose action stats have 6 dims)")
+        self.model, self.observe, self.dt, self.guided = model, observe, dt, guided
+        self.horizon = model.cfg.horizon
+        self.num_steps, self.max_guidance = num_steps, max_guidance
+        self._torch = torch
+        self._gen = torch.Generator(device=model.device).manual_seed(noise_seed)
+
+    def __call__(self, q: np.ndarray, t: float, prefix: np.ndarray | None = None,
+                 weights: np.ndarray | None = None) -> np.ndarray:
+        """chunk [T, 6] for the robot observed at (q, t); prefix [T, 6] / weights [T] from the runner."""
+        torch = self._torch
+        obs = self.observe(q, t)
+        kw: dict[str, Any] = {}
+        if prefix is not None:
+            dev = self.model.device
+            kw = {"prefix": torch.as_tensor(prefix, dtype=torch.float32, device=dev)[None],
+                  "prefix_weights": torch.as_tensor(weights, dtype=torch.float32, device=dev),
+                  "max_guidance": self.max_guidance}
+        chunk = self.model.sample_actions(obs, generator=self._gen, num_steps=self.num_steps, **kw)
+        return chunk[0].double().cpu().numpy()
