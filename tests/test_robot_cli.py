@@ -73,3 +73,18 @@ def test_bench_servo_writes_a_row(tmp_path):
     assert extra["cycles"] >= 250 and extra["missed"] >= 0 and extra["accepted"] >= 1
     assert 0 <= extra["jitter_p50_us"] <= extra["jitter_p99_us"] <= extra["jitter_max_us"]
     assert extra["chunk_age_p50_us"] > 0 and extra["latency_p50_us"] >= 5000  # 5 ms of "inference"
+
+
+def test_bench_rtc_rows_at_a_smoke_budget(tmp_path):
+    """`vlafast bench rtc`: one row per (mode, delay), naive at the same delay as the baseline."""
+    out = tmp_path / "rtc.csv"
+    assert main(["bench", "rtc", "--delays", "0", "--episodes", "1", "--seconds", "0.8", "--sft-steps", "3",
+                 "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["backend"] for r in rows] == ["naive", "rtc", "ensemble"]
+    for r in rows:
+        extra = json.loads(r["extra"])
+        assert r["baseline"] == "naive switching" and {"jerk", "jump", "success", "jerk_vs_naive"} <= set(extra)
+        assert float(r["median_ms"]) > 0 and extra["episodes"] == 1
+    assert json.loads(rows[0]["extra"])["jerk_vs_naive"] == 1.0

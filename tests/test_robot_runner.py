@@ -299,6 +299,21 @@ def test_guided_policy_receives_the_executing_plan_as_its_prefix():
         RealtimeRunner(Guided(horizon=5), RecordingBackend(10), chunk_exec=5, config=CFG)
 
 
+def test_ensemble_merge_is_a_recursive_average_then_the_new_chunk():
+    dt, t0 = 0.02, 1_000_000_000
+    prev = (np.tile(Q0, (10, 1)), t0)  # 10 waypoints: a plan until t0 + 180 ms
+    new = np.tile(Q0 + 0.1, (30, 1))
+    now = t0 + int(0.1e9)
+    merged, m0 = merge_chunk(new, now - int(0.03e9), prev, dt, now, 0.0, ensemble=0.25)
+    t_rel = (m0 - t0) * 1e-9 + dt * np.arange(len(merged))
+    inside = t_rel <= 9 * dt + 1e-12
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(merged[inside], np.broadcast_to(Q0 + 0.025, merged[inside].shape), atol=1e-12)
+    np.testing.assert_allclose(merged[~inside], new[:(~inside).sum()], atol=1e-12)  # past prev's end: new alone
+    with pytest.raises(ValueError, match=r"ensemble must be in \[0, 1\)"):
+        RealtimeRunner(SinusoidPolicy(), RecordingBackend(10), ensemble=1.0, config=CFG)
+
+
 def test_boundary_jerk_finds_a_kink_at_a_hand_over():
     """q = t^3 / 6 has jerk 1 everywhere; a velocity kink at 0.5 s (a hand-over switching to a
     plan 0.1 rad/s faster) shows as a jerk spike in that boundary's window, not elsewhere."""
@@ -311,6 +326,10 @@ def test_boundary_jerk_finds_a_kink_at_a_hand_over():
     assert jerk[0] == pytest.approx(1.0, rel=1e-6) and away == pytest.approx(1.0, rel=1e-6)
     # a kink of 0.1 rad/s seen through three central differences at 2 ms: ~0.1 / (2 * 0.002^2)
     assert jerk[1] > 1e3 and np.isnan(jerk[2])
+    rms, _ = boundary_jerk(t, q, np.array([0.2, 0.5]), 0.05, reduce="rms")
+    assert rms[0] == pytest.approx(1.0, rel=1e-6) and 1.0 < rms[1] < jerk[1]  # the kink, averaged over the window
+    with pytest.raises(ValueError, match="reduce must be"):
+        boundary_jerk(t, q, np.array([0.2]), 0.05, reduce="mean")
 
 
 def test_cycle_report_files(tmp_path):

@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("rollout", "vlafast.bench.rollout", "chunks/s with log-probs: real pi0 graphed vs eager at B=64/256 (CUDA); tiny pi0 + built-in env (CPU)"),
         Benchmark("dictionary", "vlafast.bench.dictionary", "whole-model neuron dictionary (pi0, OpenVLA sizes) vs materialise-then-topk"),
         Benchmark("steering", "vlafast.bench.steering", "steering plans' overhead on a graphed pi0 chunk at batch 1 and 64 (budget 2%)"),
+        Benchmark("rtc", "vlafast.bench.rtc", "real-time chunking vs naive switching vs temporal ensembling: hand-over jerk and success, tiny pi0 on the MuJoCo UR5e at injected delays"),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }

@@ -1,4 +1,4 @@
-"""Scale-out on Ray: rollout workers own slices of the vector env, one learner updates.
+"""Scale-out on Ray: rollout workers own slices of the vector env; learner ranks update.
 
 Each ``RolloutWorker`` is a Ray actor holding envs [first, first + count) of the run's vector
 env (built by the same factory as the in-process run) and a replica of the policy. Every
@@ -14,6 +14,9 @@ Faults: a worker process that dies is restarted by Ray (``max_restarts``); its c
 again, the new process rebuilds its envs and replica from the start state, loads the current
 weights and starts new episodes. The learner's checkpoint is written atomically after every
 update (``train_rl``), so a learner restart resumes from the last one (``--resume``).
+
+Learners: this process is rank 0; ``LearnerGroup`` adds ranks 1..L-1 as Ray actors in one
+torch.distributed group (gloo on CPU, nccl on GPU) that split every minibatch and sum gradients.
 
 Ray is an optional dependency (``vlafast[dist]``), imported only here and only when used.
 """
@@ -102,6 +105,12 @@ def trainable_state(policy: VLAPolicy, names: Sequence[str]) -> dict[str, Tensor
     return {n: params[n].detach().to("cpu", copy=True) for n in names}
 
 
+def rollout_to_cpu(ro: Rollout) -> Rollout:
+    """The rollout with its batches and traces on the CPU (for the object store)."""
+    return dataclasses.replace(ro, batches=[tensors_to(b, "cpu") for b in ro.batches],
+                               traces=[tensors_to(t, "cpu") for t in ro.traces])
+
+
 def ensure_cluster(dist: DistConfig) -> bool:
     """Connect to Ray unless connected: join ``dist.address``, or start a private single-node
     cluster on loopback (CPUs are logical slots: at least one per worker). True if started here."""
@@ -162,10 +171,8 @@ class RolloutWorker:
         stats = new_stats()
         t0 = time.perf_counter()
         ro, adv, ret, _ = self.collector.collect(self.policy, iteration, stats)
-        ro.batches = [tensors_to(b, "cpu") for b in ro.batches]
-        ro.traces = [tensors_to(t, "cpu") for t in ro.traces]
         restarted, self.fresh_restart = self.fresh_restart, False
-        return {"rollout": ro, "adv": adv.cpu(), "ret": None if ret is None else ret.cpu(), "stats": stats,
+        return {"rollout": rollout_to_cpu(ro), "adv": adv.cpu(), "ret": None if ret is None else ret.cpu(), "stats": stats,
                 "load_s": load_s, "collect_s": time.perf_counter() - t0, "restarted": restarted, "pid": os.getpid()}
 
     def pid(self) -> int:
@@ -340,11 +347,6 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _rollout_to_cpu(ro: Rollout) -> Rollout:
-    return dataclasses.replace(ro, batches=[tensors_to(b, "cpu") for b in ro.batches],
-                               traces=[tensors_to(t, "cpu") for t in ro.traces])
-
-
 class LearnerRank:
     """A Ray actor: learner rank ``rank`` of ``world`` (rank 0 is the driver's ``train_rl``), a
     policy replica and its optimisers, started from rank 0's state."""
@@ -433,7 +435,7 @@ class LearnerGroup:
         from vlafast.rl.train import update
 
         ray = import_ray()
-        shared = ray.put((_rollout_to_cpu(ro), advantages.cpu(), None if returns is None else returns.cpu()))
+        shared = ray.put((rollout_to_cpu(ro), advantages.cpu(), None if returns is None else returns.cpu()))
         state = shuffle.get_state()
         refs = [r.update.remote(shared, state, train_actor) for r in self.ranks]
         out = update(policy, ro, advantages, returns, cfg, actor_opt, critic_opt, shuffle, train_actor=train_actor,

@@ -48,12 +48,17 @@ CYCLE_FIELDS = {
 }
 
 
-def boundary_jerk(t: np.ndarray, q: np.ndarray, boundaries: np.ndarray, window_s: float) -> tuple[np.ndarray, float]:
+def boundary_jerk(t: np.ndarray, q: np.ndarray, boundaries: np.ndarray, window_s: float,
+                  reduce: str = "max") -> tuple[np.ndarray, float]:
     """Jerk of a commanded trajectory at chunk hand-overs. t: [N] (s, increasing; a skipped servo
     cycle leaves a gap) and q: [N, 6] the servo's targets, boundaries: [M] hand-over times (s).
-    -> (max |d^3 q / dt^3| over joints in [b, b + window_s] (and the few samples before b a
-    difference stencil reaches) per boundary [M] (NaN where nothing was commanded), the 99th percentile of |jerk| away from every boundary: the trajectory's
-    own jerk, to compare with)."""
+    -> (per boundary [M]: |d^3 q / dt^3| (max over joints) over [b, b + window_s] and the few
+    samples before b that a difference stencil reaches, reduced by ``reduce``: "max" (the peak;
+    saturates where the servo clamps acceleration) or "rms" (the jerk energy of the hand-over);
+    NaN where nothing was commanded; and the 99th percentile of |jerk| away from every boundary:
+    the trajectory's own jerk, to compare with)."""
+    if reduce not in ("max", "rms"):
+        raise ValueError(f"reduce must be 'max' or 'rms', got {reduce!r}")
     if len(t) < 4:
         return np.full(len(boundaries), np.nan), float("nan")
     d = q
@@ -68,7 +73,7 @@ def boundary_jerk(t: np.ndarray, q: np.ndarray, boundaries: np.ndarray, window_s
         sel = (t >= b - spread) & (t <= b + window_s)
         near |= sel
         if sel.any():
-            out[i] = jerk[sel].max()
+            out[i] = jerk[sel].max() if reduce == "max" else np.sqrt(np.mean(jerk[sel] ** 2))
     away = jerk[~near]
     return out, float(np.percentile(away, 99)) if len(away) else float("nan")
 
@@ -81,9 +86,13 @@ def command_stream(log: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merge_chunk(new: np.ndarray, new_t0_ns: int, prev: tuple[np.ndarray, int] | None, dt: float,
-                now_ns: int, blend_s: float, interp: str = "cubic") -> tuple[np.ndarray, int]:
+                now_ns: int, blend_s: float, interp: str = "cubic", ensemble: float = 0.0) -> tuple[np.ndarray, int]:
     """Align new: [T, 6] (waypoint i at new_t0_ns + i dt) to now_ns and blend it into prev =
-    (q [T', 6], t0_ns) on the same dt grid spacing. Returns (merged [T'', 6], t0_ns)."""
+    (q [T', 6], t0_ns) on the same dt grid spacing. Returns (merged [T'', 6], t0_ns).
+    ``ensemble`` in (0, 1): temporal ensembling instead of the blend: where prev still has a
+    plan, merged = (1 - ensemble) prev + ensemble new (so every plan is an exponentially
+    weighted average of the chunks that predicted each instant, newest weighted ``ensemble``;
+    ACT's scheme with a recursive average), the new chunk alone after prev ends."""
     T = new.shape[0]
     # Keep two waypoints at or before now: the segment holding now then has a central tangent
     # at its start (cubic), as it had in the chunk it came from.
@@ -91,12 +100,15 @@ def merge_chunk(new: np.ndarray, new_t0_ns: int, prev: tuple[np.ndarray, int] | 
     k = min(max(k, 0), max(T - 2, 0))
     out = np.array(new[k:], dtype=np.float64)
     t0 = new_t0_ns + int(round(k * dt * 1e9))
-    if prev is None or blend_s <= 0:
+    if prev is None or (blend_s <= 0 and not ensemble):
         return out, t0
     prev_q, prev_t0 = prev
     t_rel = (t0 - prev_t0) * 1e-9 + dt * np.arange(out.shape[0])
     old, _ = interpolate(prev_q, dt, t_rel, interp)
-    w = smootherstep((t0 - now_ns) * 1e-9 / blend_s + dt * np.arange(out.shape[0]) / blend_s)[:, None]
+    if ensemble:
+        w = np.where(t_rel <= (prev_q.shape[0] - 1) * dt, ensemble, 1.0)[:, None]
+    else:
+        w = smootherstep((t0 - now_ns) * 1e-9 / blend_s + dt * np.arange(out.shape[0]) / blend_s)[:, None]
     return (1.0 - w) * old + w * out, t0
 
 
@@ -105,13 +117,17 @@ class RealtimeRunner:
     (a backend from ``vlafast.robot.backends``) with the servo loop at ``hz``.
 
     chunk_exec: waypoints executed per chunk before the next observation (replanning period
-    chunk_exec * policy.dt). blend_s: hand-over blend length (0: switch at once).
+    chunk_exec * policy.dt). blend_s: hand-over blend length (0: switch at once). ensemble:
+    temporal ensembling weight of each new chunk in (0, 1) (``merge_chunk``; replaces the blend).
     """
 
     def __init__(self, policy: Any, robot: Any, hz: float = 500.0, chunk_exec: int = 10,
-                 blend_s: float = 0.1, config: ServoConfig | None = None):
+                 blend_s: float = 0.1, config: ServoConfig | None = None, ensemble: float = 0.0):
         if chunk_exec < 1:
             raise ValueError(f"chunk_exec must be >= 1 waypoint, got {chunk_exec}")
+        if not 0.0 <= ensemble < 1.0:
+            raise ValueError(f"ensemble must be in [0, 1) (0: off), got {ensemble}")
+        self.ensemble = ensemble
         if not getattr(policy, "dt", 0) > 0:
             raise ValueError("policy needs an attribute dt > 0 (waypoint spacing in seconds)")
         self.policy, self.robot, self.chunk_exec, self.blend_s = policy, robot, chunk_exec, blend_s
@@ -193,7 +209,8 @@ class RealtimeRunner:
                     raise ValueError(f"policy must return a chunk [T, 6], got shape {chunk.shape}")
                 push_ns = C.monotonic_ns()
                 jump = self._jump(chunk, obs_ns, push_ns, dt)
-                merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, push_ns, self.blend_s, self.config.interp)
+                merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, push_ns, self.blend_s, self.config.interp,
+                                         self.ensemble)
                 result = self.loop.push(merged, t0, dt, obs_ns)
                 self.push_results[result] = self.push_results.get(result, 0) + 1
                 if result == "accepted":
