@@ -177,8 +177,13 @@ def test_start_twice_raises_and_destroying_a_running_loop_stops_it():
 
 
 def smooth_chunk(t0_ns, T=120, dt=0.01, amp=0.2, w=math.pi):
-    """q0 + amp (1 - cos(w tau)): starts at rest, |v| <= amp w, |a| <= amp w^2 (2 rad/s^2)."""
-    tau = dt * np.arange(T)
+    """q0 + amp (1 - cos(w tau)): starts at rest, |v| <= amp w, |a| <= amp w^2 (2 rad/s^2).
+    The first two waypoints are both q0: Catmull-Rom takes a one-sided tangent at a chunk's
+    first waypoint, so a chunk that moved from its second waypoint on would start at 0.01 rad/s
+    and the loop, at rest, would need 10 rad/s^2 in one 1 ms period (at 997 Hz: clamped to the
+    8 rad/s^2 limit or not, by the phase of the deadline grid against t0, which a loaded machine
+    shifts)."""
+    tau = dt * np.maximum(np.arange(T) - 1, 0)
     return Q0 + amp * (1 - np.cos(w * tau))[:, None] * np.linspace(1.0, -0.5, 6), t0_ns, int(dt * 1e9)
 
 
