@@ -280,3 +280,12 @@ def test_scaling_benchmark_rows(cluster):
         assert extra["workers"] == n and r.median_ms > 0 and r.baseline_ms > 0 and r.unit == "env steps/s"
         assert extra["speedup"] == pytest.approx(r.baseline_ms / r.median_ms) and extra["weight_sync_ms"] > 0
         assert extra["weight_bytes"] > 0 and rec["ratio"] != ""
+
+
+def test_cli_ray_options_need_workers(tmp_path):
+    from vlafast.cli import main
+
+    with pytest.raises(SystemExit, match="options of the Ray mode: give --workers N too"):
+        main(["train", "ppo", "--init", str(tmp_path / "p.pt"), "--out", str(tmp_path), "--learners", "2"])
+    with pytest.raises(SystemExit, match="--workers applies to ppo/grpo"):
+        main(["train", "sft", "--out", str(tmp_path), "--workers", "2"])
