@@ -14,7 +14,7 @@ delay on top of its own, in three hand-over modes:
 
 Per (mode, delay): the RMS jerk of the servo's commands in the 100 ms after each hand-over
 (median over hand-overs and episodes; ``runner.boundary_jerk``: the peak saturates where the
-servo clamps acceleration), the hand-over jump before any blending, the servo cycles whose
+servo clamps acceleration), the hand-over jump in position and in velocity before any blending, the servo cycles whose
 velocity or acceleration the servo had to clamp,
 and task success (max joint error to the target < ``TOL_RAD`` at the end, the arm settled). The
 baseline of every row is ``naive`` at the same delay, in the same run.
@@ -141,6 +141,7 @@ def episode(model, observe, mode: str, delay_s: float, seconds: float, seed: int
     pushes = np.array([c["push_s"] for c in runner.cycles[1:]])  # hand-overs (the first chunk starts from rest)
     jerk, _ = boundary_jerk(*command_stream(log), pushes, 0.1, reduce="rms")
     return {"jerk": jerk[np.isfinite(jerk)], "jump": [c["jump_rad"] for c in runner.cycles[1:]],
+            "jump_v": [c["jump_rad_s"] for c in runner.cycles[1:]],
             "inference_ms": [c["inference_ms"] for c in runner.cycles], "q_end": log["q"][-1],
             "missed": stats["missed"], "clamped": stats["clamped_cycles"], "error": stats["policy_error"]}
 
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             results[(mode, delay)] = {
                 "jerk": float(np.median(np.concatenate([e["jerk"] for e in eps]))),
                 "jump": float(np.median(np.concatenate([e["jump"] for e in eps]))),
+                "jump_v": float(np.median(np.concatenate([e["jump_v"] for e in eps]))),
                 "inference_ms": float(np.median(np.concatenate([e["inference_ms"] for e in eps]))),
                 "success": float(np.mean(success)), "episodes": len(eps),
                 "final_error_rad": float(np.median([np.abs(e["q_end"] - tg).max() for e, tg in zip(eps, targets)])),
@@ -180,5 +182,6 @@ def run(args: argparse.Namespace) -> list[Row]:
             baseline_ms=base["inference_ms"], achieved=r["jerk"], unit="rad/s^3 (median hand-over RMS jerk)",
             extra={**r, "jerk_vs_naive": r["jerk"] / base["jerk"] if base["jerk"] > 0 else math.nan,
                    "jump_vs_naive": r["jump"] / base["jump"] if base["jump"] > 0 else math.nan,
+                   "jump_v_vs_naive": r["jump_v"] / base["jump_v"] if base["jump_v"] > 0 else math.nan,
                    "success_naive": base["success"], "sft_loss": loss, "sft_s": train_s, "tol_rad": TOL_RAD}))
     return rows

@@ -43,6 +43,7 @@ CYCLE_FIELDS = {
     "prefix": "RTC: waypoints frozen for this chunk (d; 0 unguided)",
     "consumed": "waypoints the servo began between observation and hand-over (measured; the next d)",
     "jump_rad": "max |new chunk - executing plan| at the hand-over, before blending (rad)",
+    "jump_rad_s": "max |their velocity difference| there (rad/s)",
     "accepted": "1 if the servo took the chunk",
     "missed": "servo deadlines missed so far",
 }
@@ -181,16 +182,17 @@ class RealtimeRunner:
         prev_q, prev_t0 = self._prev
         return max(0.0, (prev_t0 - at_ns) * 1e-9 + (prev_q.shape[0] - 1) * dt)
 
-    def _jump(self, chunk: np.ndarray, obs_ns: int, now_ns: int, dt: float) -> float:
-        """max |new chunk - executing plan| (rad) at the hand-over time, before any blending."""
+    def _jump(self, chunk: np.ndarray, obs_ns: int, now_ns: int, dt: float) -> tuple[float, float]:
+        """(max |new chunk - executing plan| (rad), max |their velocity difference| (rad/s)) at the
+        hand-over time, before any blending: the step the blend, RTC or the servo must absorb."""
         if self._prev is None:
-            return 0.0
+            return 0.0, 0.0
         at = np.array([(now_ns - obs_ns) * 1e-9])
-        new, _ = interpolate(chunk, dt, np.clip(at, 0.0, (chunk.shape[0] - 1) * dt), self.config.interp)
+        new, v_new = interpolate(chunk, dt, np.clip(at, 0.0, (chunk.shape[0] - 1) * dt), self.config.interp)
         prev_q, prev_t0 = self._prev
-        old, _ = interpolate(prev_q, dt, np.clip((now_ns - prev_t0) * 1e-9, 0.0, (prev_q.shape[0] - 1) * dt)[None],
-                             self.config.interp)
-        return float(np.abs(new - old).max())
+        old, v_old = interpolate(prev_q, dt, np.clip((now_ns - prev_t0) * 1e-9, 0.0, (prev_q.shape[0] - 1) * dt)[None],
+                                 self.config.interp)
+        return float(np.abs(new - old).max()), float(np.abs(v_new - v_old).max())
 
     def _work(self) -> None:
         C = load_C()
@@ -208,7 +210,7 @@ class RealtimeRunner:
                 if chunk.ndim != 2 or chunk.shape[1] != DOF or chunk.shape[0] < 1:
                     raise ValueError(f"policy must return a chunk [T, 6], got shape {chunk.shape}")
                 push_ns = C.monotonic_ns()
-                jump = self._jump(chunk, obs_ns, push_ns, dt)
+                jump, jump_v = self._jump(chunk, obs_ns, push_ns, dt)
                 merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, push_ns, self.blend_s, self.config.interp,
                                          self.ensemble)
                 result = self.loop.push(merged, t0, dt, obs_ns)
@@ -220,7 +222,7 @@ class RealtimeRunner:
                 self.cycles.append({
                     "obs_s": obs_ns * 1e-9, "push_s": push_ns * 1e-9, "inference_ms": self.last_inference_s * 1e3,
                     "queue_ms": queue_s * 1e3, "queue_depth": math.floor(queue_s / dt), "prefix": d,
-                    "consumed": math.ceil((push_ns - obs_ns) * 1e-9 / dt), "jump_rad": jump,
+                    "consumed": math.ceil((push_ns - obs_ns) * 1e-9 / dt), "jump_rad": jump, "jump_rad_s": jump_v,
                     "accepted": float(result == "accepted"), "missed": stats["missed"],
                 })
                 next_ns += period_ns
@@ -335,6 +337,7 @@ def write_cycle_report(runner: "RealtimeRunner", stats: dict, out: str | Path, l
         f"| RTC prefix d | {stat(cols['prefix'])} | {stat(cols['prefix'], np.max)} |",
         f"| consumed until hand-over | {stat(cols['consumed'])} | {stat(cols['consumed'], np.max)} |",
         f"| hand-over jump (rad) | {stat(cols['jump_rad'])} | {stat(cols['jump_rad'], np.max)} |",
+        f"| hand-over velocity jump (rad/s) | {stat(cols['jump_rad_s'])} | {stat(cols['jump_rad_s'], np.max)} |",
         f"| jerk after hand-over (rad/s^3) | {stat(jerk)} | {stat(jerk, np.max)} |", "",
         f"p99 jerk away from hand-overs: {jerk_away:.3g} rad/s^3.", "",
         "![cycles](cycles.png)", "",
