@@ -126,7 +126,7 @@ def _scaling_rows(args: argparse.Namespace) -> list[Row]:
     import ray
 
     from vlafast.rl import train as T
-    from vlafast.rl.dist import DistConfig, RayCollector, trainable_names
+    from vlafast.rl.dist import DistConfig, RayCollector, ensure_cluster, trainable_names
     from vlafast.rl.recipe import Recipe, build_policy, env_slice
 
     rl = dataclasses.replace(Recipe().rl, algo="ppo", chunks_per_rollout=args.chunks, critic_warmup=1)
@@ -155,10 +155,7 @@ def _scaling_rows(args: argparse.Namespace) -> list[Row]:
     weight_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
                        if n in set(trainable_names(policy)))
     rows = []
-    own = not ray.is_initialized()  # a private cluster on loopback, unless the caller has one
-    if own:
-        ray.init(num_cpus=max(max(args.workers) + 1, os.cpu_count() or 1), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", object_store_memory=512 * 2**20, logging_level="WARNING")
+    own = ensure_cluster(DistConfig(workers=max(args.workers)))  # a private loopback cluster unless one runs
     try:
         for n in args.workers:
             dist = DistConfig(workers=n, gpus_per_worker=1.0 / n if gpu else 0.0)
