@@ -37,7 +37,7 @@ from torch import Tensor
 from vlafast.envs.base import EnvSpec
 from vlafast.rl.buffer import Rollout, pool_slices, tensors_to
 from vlafast.rl.policy import VLAPolicy
-from vlafast.rl.train import LocalCollector, RLConfig, new_stats, rl_sampler, stream_seed
+from vlafast.rl.train import LocalCollector, RLConfig, make_optimizers, new_stats, rl_sampler, stream_seed, update
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,31 @@ def trainable_state(policy: VLAPolicy, names: Sequence[str]) -> dict[str, Tensor
     return {n: params[n].detach().to("cpu", copy=True) for n in names}
 
 
+def cpu_state(policy: VLAPolicy) -> dict[str, Tensor]:
+    """The whole state dict on the CPU: what a replica starts from."""
+    return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+
+
+def replica(make_policy: PolicyFactory, spec: EnvSpec, state: dict[str, Tensor]) -> VLAPolicy:
+    """Inside a Ray actor: a policy built by ``make_policy`` with ``state``, on the actor's GPU if
+    it was given one."""
+    device = torch.device("cuda" if import_ray().get_gpu_ids() else "cpu")
+    policy = make_policy(spec).to(device)
+    policy.load_state_dict(state)
+    return policy
+
+
+def end_actors(actors: Sequence[Any], what: str) -> None:
+    """Call each actor's ``close`` (a dead one has nothing left to close), then kill it."""
+    ray = import_ray()
+    for actor in actors:
+        try:
+            ray.get(actor.close.remote(), timeout=30)
+        except Exception as exc:
+            log.debug("%s close: %s", what, exc)
+        ray.kill(actor, no_restart=True)
+
+
 def rollout_to_cpu(ro: Rollout) -> Rollout:
     """The rollout with its batches and traces on the CPU (for the object store)."""
     return dataclasses.replace(ro, batches=[tensors_to(b, "cpu") for b in ro.batches],
@@ -143,9 +168,8 @@ class RolloutWorker:
                  seed: int, index: int, first_env: int, num_envs: int):
         ray = import_ray()
         self.env = make_env(first_env, num_envs)
-        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.policy = make_policy(self.env.spec).to(device).use_cuda_graphs(device.type == "cuda")
-        self.policy.load_state_dict(state)
+        self.policy = replica(make_policy, self.env.spec, state)
+        self.policy.use_cuda_graphs(self.policy.device.type == "cuda")
         self.cfg, self.seed, self.index, self.first_env = cfg, seed, index, first_env
         self.collector: LocalCollector | None = None
         with warnings.catch_warnings():  # Ray 2.5x deprecates an attribute its own property reads
@@ -173,7 +197,7 @@ class RolloutWorker:
         ro, adv, ret, _ = self.collector.collect(self.policy, iteration, stats)
         restarted, self.fresh_restart = self.fresh_restart, False
         return {"rollout": rollout_to_cpu(ro), "adv": adv.cpu(), "ret": None if ret is None else ret.cpu(), "stats": stats,
-                "load_s": load_s, "collect_s": time.perf_counter() - t0, "restarted": restarted, "pid": os.getpid()}
+                "load_s": load_s, "collect_s": time.perf_counter() - t0, "restarted": restarted}
 
     def pid(self) -> int:
         return os.getpid()
@@ -206,7 +230,7 @@ class RayCollector:
         self.slices = split_envs(num_envs, dist.workers, group)
         self.names = trainable_names(policy)
         # Kept alive here: Ray re-runs a worker's constructor from it when the worker restarts.
-        self._state = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
+        self._state = ray.put(cpu_state(policy))
         actor = ray.remote(RolloutWorker).options(**dist.actor_options())
         self.workers = [actor.remote(make_env, make_policy, self._state, cfg, seed, i, first, count)
                         for i, (first, count) in enumerate(self.slices)]
@@ -280,16 +304,10 @@ class RayCollector:
 
     def close(self) -> None:
         """Close the workers' envs, end the workers, and stop the cluster if this started it."""
-        ray = self._ray
-        for w in getattr(self, "workers", []):
-            try:
-                ray.get(w.close.remote(), timeout=30)
-            except Exception as exc:  # a dead worker has no env left to close
-                log.debug("worker close: %s", exc)
-            ray.kill(w, no_restart=True)
+        end_actors(getattr(self, "workers", []), "rollout worker")
         self.workers = []
         if self._owns_cluster:
-            ray.shutdown()
+            self._ray.shutdown()
             self._owns_cluster = False
 
 
@@ -355,12 +373,7 @@ class LearnerRank:
                  cfg: RLConfig, rank: int, world: int, init_method: str, backend: str):
         import torch.distributed as tdist
 
-        from vlafast.rl.train import make_optimizers
-
-        ray = import_ray()
-        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.policy = make_policy(spec).to(device)
-        self.policy.load_state_dict(state)
+        self.policy = replica(make_policy, spec, state)
         self.cfg = cfg
         self.actor_opt, self.critic_opt = make_optimizers(self.policy, cfg)
         self.actor_opt.load_state_dict(optim["actor"])
@@ -371,8 +384,6 @@ class LearnerRank:
 
     def update(self, data: tuple[Rollout, Tensor, Tensor | None], shuffle_state: Tensor, train_actor: bool) -> None:
         """Rank ``rank``'s part of rank 0's update: ``data`` = (rollout, advantages, returns)."""
-        from vlafast.rl.train import update
-
         ro, advantages, returns = data
         dev = self.policy.device
         ro = dataclasses.replace(ro, batches=[tensors_to(b, dev) for b in ro.batches],
@@ -422,7 +433,7 @@ class LearnerGroup:
         host = "127.0.0.1" if self.dist.address is None else ray.util.get_node_ip_address()
         init_method = f"tcp://{host}:{_free_port(host)}"
         backend = "nccl" if gpu else "gloo"
-        state = ray.put({k: v.detach().cpu() for k, v in policy.state_dict().items()})
+        state = ray.put(cpu_state(policy))
         optim = ray.put({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict() if critic_opt else None})
         actor = ray.remote(LearnerRank).options(num_cpus=self.dist.cpus_per_worker, num_gpus=1 if gpu else 0)
         self.ranks = [actor.remote(self.make_policy, policy.spec, state, optim, self.cfg, r, self.learners,
@@ -432,8 +443,6 @@ class LearnerGroup:
 
     def update(self, policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg, actor_opt,
                critic_opt, shuffle: torch.Generator, train_actor: bool = True, **kwargs: Any) -> dict[str, float]:
-        from vlafast.rl.train import update
-
         ray = import_ray()
         shared = ray.put((rollout_to_cpu(ro), advantages.cpu(), None if returns is None else returns.cpu()))
         state = shuffle.get_state()
@@ -450,16 +459,10 @@ class LearnerGroup:
     def close(self) -> None:
         import torch.distributed as tdist
 
-        ray = import_ray()
-        for r in self.ranks:
-            try:
-                ray.get(r.close.remote(), timeout=30)
-            except Exception as exc:
-                log.debug("learner close: %s", exc)
-            ray.kill(r, no_restart=True)
+        end_actors(self.ranks, "learner rank")
         self.ranks = []
         if tdist.is_initialized():
             tdist.destroy_process_group()
         if self._owns_cluster:
-            ray.shutdown()
+            import_ray().shutdown()
             self._owns_cluster = False

@@ -169,8 +169,7 @@ class RealtimeRunner:
         prev_q, prev_t0 = self._prev
         t_rel = (obs_ns - prev_t0) * 1e-9 + dt * np.arange(T)
         prefix, _ = interpolate(prev_q, dt, t_rel, self.config.interp)
-        consumed = int(self.cycles[-1]["consumed"]) if self.cycles else int(math.ceil(self.last_inference_s / dt))
-        d = min(consumed, T - s)
+        d = min(int(self.cycles[-1]["consumed"]), T - s)  # a plan executes only after a recorded cycle
         w = self._prefix_weights(T, d, s).numpy()
         w[t_rel > (prev_q.shape[0] - 1) * dt] = 0.0  # no plan to follow there
         return {"prefix": prefix, "weights": w}, d
