@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "rt/clock.hpp"
@@ -140,6 +142,43 @@ void bind_servo(py::module_& m) {
           },
           "(seq, t_ns, q [6], v [6], stopped) of the newest target; seq 0 means none yet.\n"
           "Call from one thread only (the forwarder).");
+
+  // A SharedTarget block inside a writable Python buffer (multiprocessing.shared_memory's .buf).
+  auto shared_box = [](const py::buffer& buf) {
+    py::buffer_info info = buf.request(/*writable=*/true);
+    if (info.size * info.itemsize < static_cast<py::ssize_t>(sizeof(sv::SharedTarget))) {
+      throw std::invalid_argument("shared mailbox buffer has " + std::to_string(info.size * info.itemsize) +
+                                  " bytes, needs " + std::to_string(sizeof(sv::SharedTarget)));
+    }
+    if (reinterpret_cast<std::uintptr_t>(info.ptr) % alignof(sv::SharedTarget) != 0) {
+      throw std::invalid_argument("shared mailbox buffer must be 8-byte aligned");
+    }
+    return static_cast<sv::SharedTarget*>(info.ptr);
+  };
+  m.attr("SHARED_MAILBOX_BYTES") = py::int_(sizeof(sv::SharedTarget));
+
+  py::class_<sv::SharedMailboxBackend, sv::Backend, std::shared_ptr<sv::SharedMailboxBackend>>(
+      m, "SharedMailboxBackend",
+      "Publishes the newest target into a seqlock in a shared-memory buffer (SHARED_MAILBOX_BYTES, zeroed), for a\n"
+      "forwarder in another process: read_shared_target(buf) there. Keeps a reference to the buffer.")
+      .def(py::init([shared_box](const py::buffer& buf) {
+             return std::make_shared<sv::SharedMailboxBackend>(shared_box(buf));
+           }),
+           py::arg("buffer"), py::keep_alive<1, 2>())
+      .def_property_readonly("published", &sv::SharedMailboxBackend::published);
+
+  m.def(
+      "read_shared_target",
+      [shared_box](const py::buffer& buf) {
+        const sv::Target t = sv::read_shared(shared_box(buf));
+        py::array_t<double> q(sv::kDof), v(sv::kDof);
+        std::copy(t.q.begin(), t.q.end(), q.mutable_data());
+        std::copy(t.v.begin(), t.v.end(), v.mutable_data());
+        return py::make_tuple(t.seq, t.t_ns, q, v, t.stopped);
+      },
+      py::arg("buffer"),
+      "(seq, t_ns, q [6], v [6], stopped) of the newest target in a SharedMailboxBackend's buffer (any process);\n"
+      "seq 0 means none yet.");
 
   py::class_<sv::ServoLoop>(m, "ServoLoop",
                             "The servo thread. push() chunks from one producer thread at a time.")

@@ -4,7 +4,10 @@
 //   RecordingBackend  stores every command in a preallocated buffer (tests); can be told to
 //                     throw on the n-th command (fault injection).
 //   MailboxBackend    publishes the newest command into a lock-free triple buffer; a Python
-//                     thread outside the loop forwards it to MuJoCo or ur_rtde at its own pace.
+//                     thread outside the loop forwards it to MuJoCo at its own pace.
+//   SharedMailboxBackend publishes it into a seqlock in memory the caller gives (a shared-memory
+//                     block): a forwarder in another process (ur_rtde's) reads it without
+//                     touching this process's interpreter lock.
 #pragma once
 
 #include <atomic>
@@ -86,6 +89,41 @@ class MailboxBackend final : public Backend {
 
  private:
   TripleBuffer<Target> box_;
+  int64_t seq_ = 0;  // producer-owned (servo thread)
+  Joints last_q_{};
+  int64_t last_t_ = 0;
+};
+
+// The shared-memory layout: a seqlock (version odd while the writer is inside) over one Target.
+// Every field is a lock-free atomic, so a reader in another process mapping the same block sees
+// either the whole previous target or the whole new one.
+struct SharedTarget {
+  std::atomic<uint64_t> version;
+  std::atomic<int64_t> seq;
+  std::atomic<int64_t> t_ns;
+  std::atomic<double> q[kDof];
+  std::atomic<double> v[kDof];
+  std::atomic<int64_t> stopped;
+};
+static_assert(std::atomic<double>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free,
+              "the shared mailbox needs lock-free 64-bit atomics");
+
+// Reads the newest target out of a SharedTarget block (any process). Retries while the writer is
+// inside; the writer is wait-free, so a read finishes within a few writes.
+Target read_shared(const SharedTarget* box) noexcept;
+
+class SharedMailboxBackend final : public Backend {
+ public:
+  // box: at least sizeof(SharedTarget) bytes, 8-byte aligned, zeroed (a fresh shared-memory
+  // block); owned by the caller, who keeps it mapped while the loop runs.
+  explicit SharedMailboxBackend(SharedTarget* box) : box_(box) {}
+  void command(const Joints& q, const Joints& v, int64_t t_ns) override;
+  void stop() override;
+  int64_t published() const noexcept { return seq_; }
+
+ private:
+  void publish(const Joints& q, const Joints& v, int64_t t_ns, bool stopped) noexcept;
+  SharedTarget* box_;
   int64_t seq_ = 0;  // producer-owned (servo thread)
   Joints last_q_{};
   int64_t last_t_ = 0;

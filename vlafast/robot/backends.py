@@ -4,15 +4,17 @@ Every backend hands the servo loop a C++ object (``c_backend``) that the servo t
 cycle without the GIL:
 
 * ``NullBackend`` / ``RecordingBackend``: pure C++ (timing, tests). Nothing Python in the loop.
-* ``MujocoUR5eBackend`` / ``URRTDEBackend``: the servo thread writes each target into a C++
-  lock-free mailbox (``_C.MailboxBackend``); a Python forwarding thread reads the newest target
-  once per period and hands it to MuJoCo or to ur_rtde. The servo thread never waits for
-  Python, so its timing is unaffected by the GIL; the forwarder is soft real-time (a late
-  forwarder sends the newest target, never a queue of stale ones). For a real UR this is the
-  pattern ur_rtde is built for: its own C++ RTDE thread talks to the controller at 500 Hz and
-  servoJ's lookahead smooths the stream. Driving ``RTDEControlInterface`` from the C++ thread
-  directly would need ur_rtde's C++ library and headers at build time (the Python wheel ships
-  only the pybind module), so it is left for a build with ``find_package(ur_rtde)``.
+* ``MujocoUR5eBackend``: the servo thread writes each target into a C++ lock-free mailbox
+  (``_C.MailboxBackend``); a Python forwarding thread reads the newest target once per period
+  and steps MuJoCo. The servo thread never waits for Python, so its timing is unaffected by the
+  GIL; the forwarder is soft real-time (a late forwarder sends the newest target, never a queue
+  of stale ones).
+* ``URRTDEBackend``: the same, but the mailbox is a seqlock in shared memory
+  (``_C.SharedMailboxBackend``) and the forwarder is a child process running ur_rtde, so no
+  Python thread of this process (inference) can delay the 500 Hz servoJ stream. ur_rtde's own
+  C++ RTDE thread talks to the controller and servoJ's lookahead smooths the stream. Driving
+  ``RTDEControlInterface`` from the C++ servo thread directly would need ur_rtde's C++ library
+  and headers at build time (the Python wheel ships only the pybind module).
 
 A backend implements: ``c_backend``, ``open() -> q0 [6]``, ``start(loop)``, ``read_q() -> (q [6],
 t_ns) | None``, ``close()`` and ``error`` (an exception raised on its forwarding thread).
@@ -20,8 +22,12 @@ t_ns) | None``, ``close()`` and ``error`` (an exception raised on its forwarding
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import threading
+import time
+import weakref
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -218,14 +224,25 @@ class MujocoUR5eBackend:
 class URRTDEBackend:
     """A real UR (e-series 500 Hz, CB3 125 Hz) through ur_rtde (``pip install vlafast[robot]``).
 
-    The forwarder runs ur_rtde's own pacing, ``t = initPeriod(); servoJ(q, 0, 0, 1/hz,
-    lookahead, gain); waitPeriod(t)``, with the newest servo target; when the servo loop has
-    braked to rest it calls ``servoStop()``; ``close()`` also stops the control script and
-    disconnects. q in rad; speed and acceleration are unused by servoJ (ur_rtde's docs), the
-    servo loop enforces our limits before the target gets here.
+    The servoJ stream runs in a child process, not a thread of this one: ur_rtde's Python
+    bindings keep the GIL while they wait (``waitPeriod``, the RTDE round trips), and a Python
+    thread that must run every 2 ms in a process whose other threads run Python (the policy's
+    inference) waits up to ``sys.getswitchinterval()`` (5 ms) for the GIL at each call. Measured
+    against the loopback controller (``vlafast.robot.fake_ur``): next to one busy Python thread,
+    a forwarding thread ran 181 periods/s of 500 (433 with a 0.2 ms switch interval).
+
+    So the servo thread publishes each target into shared memory (``_C.SharedMailboxBackend``,
+    a seqlock: no lock, no GIL), and the child (its own interpreter) runs ur_rtde's pacing:
+    ``t = initPeriod(); servoJ(newest q, 0, 0, 1/hz, lookahead, gain); waitPeriod(t)``; when the
+    servo loop has braked to rest it calls ``servoStop()``. ``close()`` also stops the control
+    script and disconnects; ``forwarder_stats`` then holds the child's period statistics. q in
+    rad; speed and acceleration are unused by servoJ (ur_rtde's docs), the servo loop enforces
+    our limits before the target gets here. ``read_q`` reads this process's own
+    ``RTDEReceiveInterface`` (its data thread is ur_rtde's; the call returns the cached sample).
     """
 
-    def __init__(self, host: str, hz: float = 500.0, lookahead: float = 0.1, gain: float = 300.0):
+    def __init__(self, host: str, hz: float = 500.0, lookahead: float = 0.1, gain: float = 300.0,
+                 connect_timeout_s: float = 30.0):
         if not 0.03 <= lookahead <= 0.2:
             raise ValueError(f"lookahead must be in [0.03, 0.2] s (servoJ's range), got {lookahead}")
         if not 100 <= gain <= 2000:
@@ -233,63 +250,176 @@ class URRTDEBackend:
         if hz not in (125.0, 500.0):
             raise ValueError(f"hz must be 500 (e-series) or 125 (CB3), got {hz}")
         self.host, self.hz, self.lookahead, self.gain = host, float(hz), float(lookahead), float(gain)
-        self._fwd = _Forwarder("ur-rtde", self._tick)
-        self.c_backend = self._fwd.mailbox
-        self._servoing = False
-        self._rtde_c = self._rtde_r = None
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._fwd.error
+        self.connect_timeout_s = connect_timeout_s
+        C = load_C()
+        self._shm = shared_memory.SharedMemory(create=True, size=C.SHARED_MAILBOX_BYTES)  # zero-filled
+        self.c_backend = C.SharedMailboxBackend(self._shm.buf)
+        self._finalize = weakref.finalize(self, _release_shm, self._shm)
+        self._proc: Any = None
+        self._pipe: Any = None
+        self._watch: threading.Thread | None = None
+        self._rtde_r: Any = None
+        self._closed = threading.Event()
+        self.error: BaseException | None = None
+        self.forwarder_stats: dict[str, float] = {}
 
     def open(self) -> np.ndarray:
         try:
-            import rtde_control
             import rtde_receive
         except ImportError as exc:
             raise ImportError("URRTDEBackend needs ur_rtde: pip install 'vlafast[robot]'") from exc
-        self._rtde_c = rtde_control.RTDEControlInterface(self.host, self.hz)
+        ctx = mp.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_urrtde_forwarder, name="vlafast-ur-rtde", daemon=True, args=(
+            child, self._shm.name, self.host, self.hz, self.lookahead, self.gain))
+        self._proc.start()
+        child.close()
+        kind, value = self._reply(self.connect_timeout_s, "connect")
+        if kind != "ready":
+            self._end_child()
+            raise RuntimeError(f"ur-rtde: could not start the control interface on {self.host}: {value}")
         self._rtde_r = rtde_receive.RTDEReceiveInterface(self.host, self.hz)
         q = np.asarray(self._rtde_r.getActualQ(), dtype=np.float64)
         if q.shape != (DOF,):
+            self.close()
             raise RuntimeError(f"robot at {self.host} reported {q.shape} joint positions, expected 6")
         return q
 
-    def start(self, loop: Any) -> None:
-        self._fwd.start(loop)
+    def _reply(self, timeout_s: float, what: str) -> tuple[str, Any]:
+        if not self._pipe.poll(timeout_s):
+            return "error", f"no answer from the forwarder process within {timeout_s:g} s ({what})"
+        try:
+            return self._pipe.recv()
+        except (EOFError, OSError):
+            return "error", f"the forwarder process died (exit code {self._proc.exitcode}) during {what}"
 
-    def _tick(self, target: tuple) -> bool:
-        seq, _t_ns, q, _v, stopped = target
-        t_start = self._rtde_c.initPeriod()
-        if stopped:
-            if self._servoing:
-                self._rtde_c.servoStop()
-                self._servoing = False
-            return False
-        if seq > 0:
-            ok = self._rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, 1.0 / self.hz, self.lookahead, self.gain)
-            if ok is False:
-                raise RuntimeError("servoJ refused the target (robot not in remote control or protective stop?)")
-            self._servoing = True
-        self._rtde_c.waitPeriod(t_start)
-        return True
+    def start(self, loop: Any) -> None:
+        if self._watch is not None:
+            raise RuntimeError("ur-rtde: a backend drives one servo loop; make a new backend")
+        self._pipe.send("start")
+        self._watch = threading.Thread(target=self._watch_child, args=(loop,), name="ur-rtde-watch", daemon=True)
+        self._watch.start()
+
+    def _watch_child(self, loop: Any) -> None:
+        """Turn a failure of the child (an exception, or its death) into a stop of the servo loop."""
+        while not self._closed.is_set():
+            if self._pipe.poll(0.05):
+                kind, value = self._reply(0.0, "the run")
+                if kind == "error":
+                    self.error = RuntimeError(value)
+                    loop.request_stop(f"ur-rtde failed: {value}")
+                    return
+                if kind == "stats":
+                    self.forwarder_stats = value
+                    return
+            elif not self._proc.is_alive():
+                self.error = RuntimeError(f"the ur-rtde forwarder process died (exit code {self._proc.exitcode})")
+                loop.request_stop(f"ur-rtde failed: {self.error}")
+                return
 
     def read_q(self) -> tuple[np.ndarray, int]:
         t_ns = load_C().monotonic_ns()
         return np.asarray(self._rtde_r.getActualQ(), dtype=np.float64), t_ns
 
-    def close(self) -> None:
-        self._fwd.close()
-        if self._rtde_c is not None:
-            if self._servoing:
-                self._rtde_c.servoStop()
-                self._servoing = False
-            self._rtde_c.stopScript()
-            self._rtde_c.disconnect()
-            self._rtde_c = None
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop servoing and the script, disconnect, end the child; idempotent."""
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._pipe.send("close")
+            except OSError:
+                pass
+            deadline = time.monotonic() + timeout_s
+            while self._watch is None and time.monotonic() < deadline:  # never started: read the reply here
+                kind, value = self._reply(max(0.0, deadline - time.monotonic()), "close")
+                if kind == "stats":
+                    self.forwarder_stats = value
+                if kind in ("stats", "error"):
+                    break
+            if self._watch is not None:
+                self._watch.join(max(0.0, deadline - time.monotonic()))
+        self._closed.set()
+        self._end_child()
         if self._rtde_r is not None:
             self._rtde_r.disconnect()
             self._rtde_r = None
+        try:
+            self._shm.unlink()  # the mapping stays valid for the C++ backend until this object dies
+        except FileNotFoundError:
+            pass
+
+    def _end_child(self) -> None:
+        if self._proc is not None:
+            self._proc.join(5.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5.0)
+
+
+def _release_shm(shm: shared_memory.SharedMemory) -> None:
+    try:
+        shm.close()
+        shm.unlink()
+    except (FileNotFoundError, BufferError):
+        pass
+
+
+def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead: float, gain: float) -> None:
+    """The child process of URRTDEBackend: connect, then stream the newest servo target each
+    period until the servo loop has braked to rest and the parent says ``close``."""
+    try:
+        import rtde_control
+    except ImportError as exc:
+        pipe.send(("error", f"ur_rtde is not installed (pip install 'vlafast[robot]'): {exc}"))
+        return
+    read = load_C().read_shared_target
+    shm = shared_memory.SharedMemory(name=shm_name)  # spawn children share the parent's resource tracker
+    rtde_c = None
+    try:
+        rtde_c = rtde_control.RTDEControlInterface(host, hz)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        shm.close()
+        return
+    pipe.send(("ready", None))
+    period, servoing, periods, late, seq_last, gaps = 1.0 / hz, False, 0, 0, 0, []
+    try:
+        if pipe.recv() == "start":
+            t_prev = time.monotonic()
+            while not pipe.poll():
+                t_start = rtde_c.initPeriod()
+                seq, _t_ns, q, _v, stopped = read(shm.buf)
+                if stopped:
+                    if servoing:
+                        rtde_c.servoStop()
+                        servoing = False
+                    time.sleep(period)
+                    continue
+                if seq > seq_last:
+                    if not rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, period, lookahead, gain):
+                        raise RuntimeError("servoJ refused the target (control script not running: stopped on the "
+                                           "pendant or dashboard, protective stop, or not in remote control?)")
+                    servoing, seq_last = True, seq
+                now = time.monotonic()
+                gaps.append(now - t_prev)
+                t_prev, periods = now, periods + 1
+                late += gaps[-1] > 1.5 * period
+                rtde_c.waitPeriod(t_start)
+        if servoing:
+            rtde_c.servoStop()
+        rtde_c.stopScript()
+        rtde_c.disconnect()
+        g = np.asarray(gaps[1:] or [0.0]) * 1e3
+        pipe.send(("stats", {"periods": periods, "late": int(late), "hz": float(periods / max(sum(gaps), 1e-9)),
+                             "p50_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)),
+                             "max_ms": float(g.max())}))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        try:
+            if rtde_c is not None:
+                rtde_c.disconnect()
+        finally:
+            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        shm.close()
 
 
 def make_backend(name: str, *, host: str = "", hz: float = 500.0, **kw: Any) -> Any:
