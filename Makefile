@@ -8,12 +8,12 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= dev,sim,parity,dist
+EXTRAS      ?= dev,sim,parity,dist,robot
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlafast-installed
-SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+SOURCES := Makefile pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup demo test test-fast bench gpu-check gpu-rehearsal wheel clean libero maniskill
 

@@ -1,6 +1,8 @@
 // Stress harness for the lock-free paths, built with -fsanitize=thread by tests/test_servo_tsan.py:
 // one producer pushing chunks as fast as it can, the servo thread at 2 kHz, one mailbox reader,
-// and a stats reader, all at once. Exits non-zero on any inconsistency; TSan reports races.
+// and a stats reader, all at once; then the same with the shared-memory seqlock mailbox and two
+// readers. Exits non-zero on any inconsistency (a torn or stale-after-newer target); TSan reports
+// races.
 #include <atomic>
 #include <cstdio>
 #include <memory>
@@ -13,7 +15,10 @@
 
 using namespace vlafast;
 
-int main() {
+// Runs one loop on `backend` for 1.5 s of pushes while `read()` is polled by `readers` threads;
+// returns the number of inconsistencies seen.
+template <class Read>
+int stress(const std::shared_ptr<servo::Backend>& backend, Read read, int readers, const char* name) {
   servo::ServoConfig cfg;
   cfg.hz = 2000.0;
   cfg.spin_us = 0.0;
@@ -25,23 +30,25 @@ int main() {
     cfg.limits.v_max[j] = 5;
     cfg.limits.a_max[j] = 50;
   }
-  auto box = std::make_shared<servo::MailboxBackend>();
-  servo::ServoLoop loop(cfg, box, servo::Joints{});
+  servo::ServoLoop loop(cfg, backend, servo::Joints{});
   loop.start();
 
   std::atomic<bool> done{false};
-  int bad = 0;
-  std::thread reader([&] {  // the forwarder side: sequence numbers never go backwards
-    int64_t last = 0;
-    while (!done.load()) {
-      const servo::Target t = box->read();
-      if (t.seq < last) ++bad;
-      last = t.seq;
-      // Every published target comes from a chunk whose rows are all equal to k / 1000.
-      for (int j = 1; j < servo::kDof; ++j)
-        if (t.q[j] != t.q[0]) ++bad;
-    }
-  });
+  std::atomic<int> bad{0};
+  std::vector<std::thread> pool;
+  for (int r = 0; r < readers; ++r) {
+    pool.emplace_back([&] {  // the forwarder side: sequence numbers never go backwards
+      int64_t last = 0;
+      while (!done.load()) {
+        const servo::Target t = read();
+        if (t.seq < last) ++bad;
+        last = t.seq;
+        // Every published target comes from a chunk whose rows are all equal to k / 1000.
+        for (int j = 1; j < servo::kDof; ++j)
+          if (t.q[j] != t.q[0]) ++bad;
+      }
+    });
+  }
   std::thread stats([&] {
     while (!done.load()) (void)loop.stats();
   });
@@ -57,11 +64,22 @@ int main() {
   loop.request_stop("stress done");
   loop.wait(5.0);
   done.store(true);
-  reader.join();
+  for (auto& t : pool) t.join();
   stats.join();
   const servo::ServoStats s = loop.stats();
-  std::printf("pushes %d accepted %lld dropped %lld cycles %lld bad %d state %s\n", k,
+  std::printf("%s: pushes %d accepted %lld dropped %lld cycles %lld bad %d state %s\n", name, k,
               static_cast<long long>(s.accepted), static_cast<long long>(s.dropped),
-              static_cast<long long>(s.cycles), bad, s.state.c_str());
-  return (bad == 0 && s.state == "stopped" && s.accepted == k) ? 0 : 1;
+              static_cast<long long>(s.cycles), bad.load(), s.state.c_str());
+  return bad.load() + (s.state == "stopped" ? 0 : 1) + (s.accepted == k ? 0 : 1);
+}
+
+int main() {
+  auto box = std::make_shared<servo::MailboxBackend>();
+  const int bad_box = stress(box, [&] { return box->read(); }, 1, "mailbox");
+  auto shared = std::make_unique<servo::SharedTarget>();  // value-initialised: zeroed, as a new shm block
+  const servo::SharedTarget* raw = shared.get();
+  const int bad_shared = stress(std::make_shared<servo::SharedMailboxBackend>(shared.get()),
+                                [raw] { return servo::read_shared(raw); }, 2, "shared");
+  std::printf("bad %d state stopped\n", bad_box + bad_shared);
+  return bad_box + bad_shared == 0 ? 0 : 1;
 }

@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("dictionary", "vlafast.bench.dictionary", "whole-model neuron dictionary (pi0, OpenVLA sizes) vs materialise-then-topk"),
         Benchmark("steering", "vlafast.bench.steering", "steering plans' overhead on a graphed pi0 chunk at batch 1 and 64 (budget 2%)"),
         Benchmark("rtc", "vlafast.bench.rtc", "real-time chunking vs naive switching vs temporal ensembling: hand-over jerk and success, tiny pi0 on the MuJoCo UR5e at injected delays"),
+        Benchmark("ur-rtde", "vlafast.bench.ur_rtde", "ur_rtde servoJ rate next to inference: child-process forwarder vs a Python thread, real ur_rtde on the loopback UR controller"),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }

@@ -561,7 +561,8 @@ class FakeURProcess:
     ``with FakeURProcess(q0=...) as ur: ...; ur.snapshot()`` -> the records of
     ``FakeURController`` as plain data: ``servo_targets`` [N, 6], ``servo_t`` [N] (s),
     ``commands`` [(t_s, cmd)], ``programs``, ``dashboard_log``, ``errors``, ``q`` [6],
-    ``program_running``.
+    ``program_running``, ``servo`` (the running servoJ's time, lookahead and gain, or None),
+    ``registers``.
     """
 
     def __init__(self, **kw: Any):
@@ -609,6 +610,7 @@ def _snapshot(ur: FakeURController) -> dict[str, Any]:
         return {"servo_t": np.array([t for t, _ in targets]), "servo_targets": np.array([q for _, q in targets]).reshape(-1, DOF),
                 "commands": list(ur.commands), "programs": list(ur.programs), "dashboard_log": list(ur.dashboard_log),
                 "errors": list(ur.errors), "q": ur.q.copy(), "program_running": ur.program_running,
+                "servo": None if ur.servo is None else {k: v for k, v in ur.servo.items() if k != "target"},
                 "registers": dict(ur.registers)}
 
 
