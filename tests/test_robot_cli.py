@@ -78,7 +78,7 @@ def test_bench_servo_writes_a_row(tmp_path):
 def test_bench_rtc_rows_at_a_smoke_budget(tmp_path):
     """`vlafast bench rtc`: one row per (mode, delay), naive at the same delay as the baseline."""
     out = tmp_path / "rtc.csv"
-    assert main(["bench", "rtc", "--delays", "0", "--episodes", "1", "--seconds", "0.8", "--sft-steps", "3",
+    assert main(["bench", "rtc", "--delays", "0", "--episodes", "2", "--seconds", "0.8", "--sft-steps", "3",
                  "--out", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
@@ -86,6 +86,11 @@ def test_bench_rtc_rows_at_a_smoke_budget(tmp_path):
     assert sorted(rows) == ["ensemble", "naive", "rtc"]
     for r in rows.values():
         extra = json.loads(r["extra"])
-        assert r["baseline"] == "naive switching" and {"jerk", "jump", "success", "jerk_vs_naive"} <= set(extra)
-        assert float(r["median_ms"]) > 0 and extra["episodes"] == 1
-    assert json.loads(rows["naive"]["extra"])["jerk_vs_naive"] == 1.0
+        assert r["baseline"] == "naive switching"
+        assert {"jerk_plan", "jerk_new", "jump_rad", "cmd_jerk", "success", "success_ci95", "jerk_plan_vs_naive",
+                "jerk_plan_vs_naive_ci95"} <= set(extra)
+        assert float(r["median_ms"]) > 0 and extra["episodes"] == 2 and extra["handovers"] >= 2
+        lo, hi = extra["success_ci95"]
+        assert 0.0 <= lo <= extra["success"] <= hi <= 1.0
+    naive = json.loads(rows["naive"]["extra"])
+    assert naive["jerk_plan_vs_naive"] == 1.0 and naive["jerk_plan_vs_naive_ci95"] == [1.0, 1.0]

@@ -291,14 +291,41 @@ def test_guided_policy_receives_the_executing_plan_as_its_prefix():
     # between the previous observation and its hand-over.
     cyc = runner.cycles
     assert len(cyc) == len(policy.seen) and cyc[0]["prefix"] == 0 and cyc[0]["queue_depth"] == 0
+    grid = policy.t_start + np.arange(-0.2, 2.0, policy.dt)
+    curve_jerk = np.abs(np.diff(policy.reference(grid), 3, axis=0)).max() / policy.dt**3
     for prev, c, (_, _, w) in zip(cyc, cyc[1:], policy.seen[1:]):
         assert c["prefix"] == min(prev["consumed"], policy.horizon - 5) == int(np.sum(w == 1.0))
         assert c["consumed"] == math.ceil((c["push_s"] - c["obs_s"]) / policy.dt)
         assert c["inference_ms"] >= 30.0 and c["queue_depth"] >= 1 and c["accepted"] == 1.0
         # every chunk is the same analytic curve: no jump at the hand-over, in position or velocity
         assert c["jump_rad"] < 1e-5 and c["jump_rad_s"] < 1e-3, c  # measured 6.8e-8 rad, 3.5e-6 rad/s
+        # ... and the stitched plan's jerk is the curve's own (third differences of the
+        # reference at dt; 1e-3 rad/s^3 of slack for the cubic's resampling, measured 2e-5)
+        assert c["jerk_plan"] <= curve_jerk + 1e-3 and c["jerk_new"] <= curve_jerk + 1e-3, (c, curve_jerk)
     with pytest.raises(ValueError, match="horizon"):
         RealtimeRunner(Guided(horizon=5), RecordingBackend(10), chunk_exec=5, config=CFG)
+
+
+def test_plan_jerk_across_a_hand_over_is_the_jump_over_dt_cubed():
+    """Chunks alternate between two constant poses h apart: the executed waypoints across each
+    hand-over are (a, a, b, b), whose third difference is 2 h / dt^3; inside a chunk it is 0."""
+    h, dt = 0.01, 0.02
+
+    class Toggle:
+        def __init__(self):
+            self.dt, self.n = dt, 0
+
+        def __call__(self, q, t):
+            self.n += 1
+            return np.tile(Q0 + h * (self.n % 2), (20, 1))
+
+    runner = RealtimeRunner(Toggle(), RecordingBackend(3000), hz=500.0, chunk_exec=5, blend_s=0.0, config=CFG)
+    s = runner.run(0.6)
+    assert s["policy_error"] == "" and len(runner.cycles) >= 4
+    for c in runner.cycles[1:]:
+        assert c["jump_rad"] == pytest.approx(h, abs=1e-9)
+        assert c["jerk_plan"] == pytest.approx(2 * h / dt**3, rel=1e-6)
+        assert c["jerk_new"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_ensemble_merge_is_a_recursive_average_then_the_new_chunk():

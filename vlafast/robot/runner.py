@@ -44,6 +44,8 @@ CYCLE_FIELDS = {
     "consumed": "waypoints the servo began between observation and hand-over (measured; the next d)",
     "jump_rad": "max |new chunk - executing plan| at the hand-over, before blending (rad)",
     "jump_rad_s": "max |their velocity difference| there (rad/s)",
+    "jerk_plan": "jerk of the executed waypoints across the hand-over, at the chunk's dt (rad/s^3, max joint)",
+    "jerk_new": "the same stencil inside the new chunk: its own jerk after the hand-over (rad/s^3)",
     "accepted": "1 if the servo took the chunk",
     "missed": "servo deadlines missed so far",
 }
@@ -181,17 +183,28 @@ class RealtimeRunner:
         prev_q, prev_t0 = self._prev
         return max(0.0, (prev_t0 - at_ns) * 1e-9 + (prev_q.shape[0] - 1) * dt)
 
-    def _jump(self, chunk: np.ndarray, obs_ns: int, now_ns: int, dt: float) -> tuple[float, float]:
-        """(max |new chunk - executing plan| (rad), max |their velocity difference| (rad/s)) at the
-        hand-over time, before any blending: the step the blend, RTC or the servo must absorb."""
+    def _handover(self, chunk: np.ndarray, obs_ns: int, now_ns: int, dt: float) -> dict[str, float]:
+        """What a switch to ``chunk`` at now_ns does to the executed plan, before any blending
+        (the step the blend, RTC or the servo must absorb): ``jump_rad`` max |new - old|,
+        ``jump_rad_s`` max |their velocity difference|, ``jerk_plan`` the executed waypoint
+        stream's jerk across the switch (third difference at the chunk's dt of the old plan at
+        now - 2 dt, now - dt and the new one at now, now + dt; interpolation knots do not enter)
+        and ``jerk_new`` the same stencil inside the new chunk (its own jerk there)."""
         if self._prev is None:
-            return 0.0, 0.0
-        at = np.array([(now_ns - obs_ns) * 1e-9])
-        new, v_new = interpolate(chunk, dt, np.clip(at, 0.0, (chunk.shape[0] - 1) * dt), self.config.interp)
+            return {"jump_rad": 0.0, "jump_rad_s": 0.0, "jerk_plan": 0.0, "jerk_new": 0.0}
+        interp = self.config.interp
+        at_new = (now_ns - obs_ns) * 1e-9 + dt * np.arange(-2, 4)
+        new, v_new = interpolate(chunk, dt, np.clip(at_new, 0.0, (chunk.shape[0] - 1) * dt), interp)
         prev_q, prev_t0 = self._prev
-        old, v_old = interpolate(prev_q, dt, np.clip((now_ns - prev_t0) * 1e-9, 0.0, (prev_q.shape[0] - 1) * dt)[None],
-                                 self.config.interp)
-        return float(np.abs(new - old).max()), float(np.abs(v_new - v_old).max())
+        at_old = (now_ns - prev_t0) * 1e-9 + dt * np.arange(-2, 1)
+        old, v_old = interpolate(prev_q, dt, np.clip(at_old, 0.0, (prev_q.shape[0] - 1) * dt), interp)
+        stitched = np.concatenate([old[:2], new[2:4]])  # executed: old before now, new from now
+
+        def jerk(x: np.ndarray) -> float:
+            return float(np.abs(x[3] - 3 * x[2] + 3 * x[1] - x[0]).max() / dt**3)
+
+        return {"jump_rad": float(np.abs(new[2] - old[2]).max()), "jump_rad_s": float(np.abs(v_new[2] - v_old[2]).max()),
+                "jerk_plan": jerk(stitched), "jerk_new": jerk(new[2:6])}
 
     def _work(self) -> None:
         C = load_C()
@@ -209,7 +222,7 @@ class RealtimeRunner:
                 if chunk.ndim != 2 or chunk.shape[1] != DOF or chunk.shape[0] < 1:
                     raise ValueError(f"policy must return a chunk [T, 6], got shape {chunk.shape}")
                 push_ns = C.monotonic_ns()
-                jump, jump_v = self._jump(chunk, obs_ns, push_ns, dt)
+                handover = self._handover(chunk, obs_ns, push_ns, dt)
                 merged, t0 = merge_chunk(chunk, obs_ns, self._prev, dt, push_ns, self.blend_s, self.config.interp,
                                          self.ensemble)
                 result = self.loop.push(merged, t0, dt, obs_ns)
@@ -221,7 +234,7 @@ class RealtimeRunner:
                 self.cycles.append({
                     "obs_s": obs_ns * 1e-9, "push_s": push_ns * 1e-9, "inference_ms": self.last_inference_s * 1e3,
                     "queue_ms": queue_s * 1e3, "queue_depth": math.floor(queue_s / dt), "prefix": d,
-                    "consumed": math.ceil((push_ns - obs_ns) * 1e-9 / dt), "jump_rad": jump, "jump_rad_s": jump_v,
+                    "consumed": math.ceil((push_ns - obs_ns) * 1e-9 / dt), **handover,
                     "accepted": float(result == "accepted"), "missed": stats["missed"],
                 })
                 next_ns += period_ns
@@ -337,7 +350,9 @@ def write_cycle_report(runner: "RealtimeRunner", stats: dict, out: str | Path, l
         f"| consumed until hand-over | {stat(cols['consumed'])} | {stat(cols['consumed'], np.max)} |",
         f"| hand-over jump (rad) | {stat(cols['jump_rad'])} | {stat(cols['jump_rad'], np.max)} |",
         f"| hand-over velocity jump (rad/s) | {stat(cols['jump_rad_s'])} | {stat(cols['jump_rad_s'], np.max)} |",
-        f"| jerk after hand-over (rad/s^3) | {stat(jerk)} | {stat(jerk, np.max)} |", "",
+        f"| plan jerk across the hand-over (rad/s^3) | {stat(cols['jerk_plan'])} | {stat(cols['jerk_plan'], np.max)} |",
+        f"| plan jerk inside the new chunk (rad/s^3) | {stat(cols['jerk_new'])} | {stat(cols['jerk_new'], np.max)} |",
+        f"| commanded jerk after hand-over (rad/s^3, 1 kHz-scale: knots included) | {stat(jerk)} | {stat(jerk, np.max)} |", "",
         f"p99 jerk away from hand-overs: {jerk_away:.3g} rad/s^3.", "",
         "![cycles](cycles.png)", "",
         "Columns of cycles.csv: " + "; ".join(f"`{k}` {v}" for k, v in CYCLE_FIELDS.items()) + "; `jerk_max` max |jerk| "
