@@ -1,4 +1,5 @@
-"""`vlafast serve-robot` (live readout, Ctrl-C) and `vlafast bench servo`, end to end."""
+"""`vlafast robot run` / `serve-robot` (live readout, Ctrl-C, pi0-reach with RTC, ur-rtde against
+`vlafast robot fake-ur`) and `vlafast bench servo | rtc | ur-rtde`, end to end."""
 
 import csv
 import json
@@ -29,6 +30,46 @@ def test_serve_robot_writes_the_cycle_report(tmp_path, capsys):
     assert len(rows) >= 3 and float(rows[1]["inference_ms"]) >= 20.0
     assert any(r["jerk_max"] not in ("nan", "") for r in rows)
     assert (tmp_path / "cycles.png").stat().st_size > 0 and "inference cycles" in (tmp_path / "report.md").read_text()
+
+
+def test_robot_run_pi0_reach_with_rtc_trains_once_then_loads(tmp_path, capsys):
+    weights = tmp_path / "reach.pt"
+    args = ["robot", "run", "--backend", "mujoco", "--policy", "pi0-reach", "--rtc", "--sft-steps", "3",
+            "--reach-weights", str(weights), "--seconds", "1.2", "--no-realtime", "--num-steps", "3"]
+    assert main([*args, "--report", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "training (3 steps" in out and weights.stat().st_size > 0 and "+ RTC" in out
+    assert "reach: max joint error to the target" in out and "(measured)" in out
+    with open(tmp_path / "report" / "cycles.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 3 and {"jerk_plan", "jerk_new", "prefix"} <= set(rows[0])
+    assert any(int(float(r["prefix"])) > 0 for r in rows[1:])  # guided chunks froze a measured prefix
+    assert main(args[:-3] + ["--seconds", "0.5", "--ensemble", "0.5"]) == 0
+    assert "loading" in capsys.readouterr().out
+
+
+def test_robot_run_on_ur_rtde_against_the_fake_controller(capsys):
+    """The two commands a user without a robot runs: `robot fake-ur` in one terminal, `robot run
+    --backend ur-rtde` in another (this process; ur_rtde keeps the GIL, so the fake needs its own)."""
+    import pytest
+
+    pytest.importorskip("rtde_control")
+    from vlafast.robot.fake_ur import _free_loopback
+
+    host = _free_loopback()
+    fake = subprocess.Popen([sys.executable, "-m", "vlafast.cli", "robot", "fake-ur", "--host", host, "--seconds", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert "fake UR controller on" in fake.stdout.readline()
+        assert main(["robot", "run", "--backend", "ur-rtde", "--host", host, "--seconds", "1.0", "--no-realtime"]) == 0
+        out = capsys.readouterr().out
+        assert "requested: run complete" in out
+    finally:
+        fake.send_signal(signal.SIGINT)
+        tail, err = fake.communicate(timeout=30)
+    assert "servoJ targets" in tail and "errors: none" in tail, (tail, err)
 
 
 def test_serve_robot_ctrl_c_stops_cleanly():

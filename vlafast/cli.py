@@ -40,6 +40,12 @@ def _cmd_serve_robot(args: argparse.Namespace) -> int:
     return serve.main(args)
 
 
+def _cmd_fake_ur(args: argparse.Namespace) -> int:
+    from vlafast.robot import fake_ur
+
+    return fake_ur.main(args)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from vlafast.rl import jobs
 
@@ -256,9 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     interp_commands.add_steer_arguments(p)
     p.set_defaults(func=_cmd_steer)
 
-    from vlafast.robot import serve
+    from vlafast.robot import fake_ur, serve
 
-    p = sub.add_parser("serve-robot", help="real-time UR5e servo loop (mujoco | ur-rtde | null) with a scripted policy")
+    p = sub.add_parser("robot", help="real-time UR5e control: run (servo loop + policy) | fake-ur (loopback controller)")
+    robot_sub = p.add_subparsers(dest="robot_cmd", required=True)
+    r = robot_sub.add_parser("run", help="async loop: inference thread + C++ servo on mujoco | ur-rtde | null; "
+                             "scripted or pi0-reach policy (RTC, ensembling); per-cycle report")
+    serve.add_arguments(r)
+    r.set_defaults(func=_cmd_serve_robot)
+    r = robot_sub.add_parser("fake-ur", help="a UR controller on loopback (RTDE, dashboard, script ports) that ur_rtde "
+                             "drives: try `robot run --backend ur-rtde --host 127.0.0.1` against it")
+    fake_ur.add_arguments(r)
+    r.set_defaults(func=_cmd_fake_ur)
+    p = sub.add_parser("serve-robot", help="old name of `vlafast robot run`")
     serve.add_arguments(p)
     p.set_defaults(func=_cmd_serve_robot)
 

@@ -27,7 +27,6 @@ The baseline of every row is ``naive`` at the same delay, in the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 
@@ -48,32 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-steps", type=int, default=1500, help="SFT steps of the tiny pi0 (1200: ~0.03 rad open-loop error)")
 
 
-@dataclasses.dataclass
-class _Delayed:
-    """A chunk policy with ``delay_s`` of extra inference time."""
-
-    policy: object
-    delay_s: float
-
-    def __getattr__(self, name):  # dt, horizon, guided
-        return getattr(self.policy, name)
-
-    def __call__(self, q, t, **kw):
-        t0 = time.perf_counter()
-        chunk = self.policy(q, t, **kw)
-        time.sleep(max(0.0, self.delay_s - (time.perf_counter() - t0)) if self.delay_s else 0.0)
-        return chunk
-
-
 def episode(model, observe, mode: str, delay_s: float, seconds: float, seed: int) -> dict:
     """One reach on the simulated UR5e in real time -> jerk per hand-over, jumps, success."""
     from vlafast.robot.backends import MujocoUR5eBackend
-    from vlafast.robot.policies import Pi0ChunkPolicy
+    from vlafast.robot.policies import Delayed, Pi0ChunkPolicy
     from vlafast.robot.runner import RealtimeRunner, boundary_jerk, command_stream
     from vlafast.robot.servo import ServoConfig
 
     backend = MujocoUR5eBackend(log_seconds=seconds + 2.0)
-    policy = _Delayed(Pi0ChunkPolicy(model, observe, dt=DT, guided=mode == "rtc", num_steps=10, noise_seed=seed), delay_s)
+    policy = Delayed(Pi0ChunkPolicy(model, observe, dt=DT, guided=mode == "rtc", num_steps=10, noise_seed=seed), delay_s)
     runner = RealtimeRunner(policy, backend, hz=500.0, chunk_exec=CHUNK_EXEC, blend_s=0.0,
                             config=ServoConfig(hz=500.0, spin_us=0.0), ensemble=0.5 if mode == "ensemble" else 0.0)
     stats = runner.run(seconds)

@@ -72,6 +72,28 @@ def make_policy(name: str, **kw) -> SinusoidPolicy:
     return POLICIES[name](**kw)
 
 
+class Delayed:
+    """A chunk policy with ``delay_s`` of inference time at least (sleeps the rest): an injected
+    delay, to see hand-overs under slow inference. Other attributes (dt, horizon, guided) are the
+    wrapped policy's."""
+
+    def __init__(self, policy: Any, delay_s: float):
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, got {delay_s}")
+        self.policy, self.delay_s = policy, delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    def __call__(self, q: np.ndarray, t: float, **kw: Any) -> np.ndarray:
+        t0 = time.perf_counter()
+        chunk = self.policy(q, t, **kw)
+        left = self.delay_s - (time.perf_counter() - t0)
+        if left > 0:
+            time.sleep(left)
+        return chunk
+
+
 class Pi0ChunkPolicy:
     """A pi0 / pi0.5 model as a real-time chunk policy, with real-time chunking.
 

@@ -9,6 +9,7 @@ independently sampled chunks disagree, which is what hand-overs must hide.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,19 +36,15 @@ def random_target(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(UR5E_HOME) + rng.uniform(-REACH, REACH, 6)
 
 
-def train_policy(steps: int, seed: int = 0) -> tuple[object, Callable[[np.ndarray], Callable], float]:
-    """(tiny pi0 with joint-position outputs, make_observe(target) -> observe(q, t), final loss),
-    SFT'd on expert chunks from random (q, target) pairs."""
+def build_policy(seed: int = 0):
+    """(untrained tiny pi0 with joint-position outputs, obs_of(state [B, 12]) -> Pi0Observation)."""
     from vlafast.models import Pi0Config, Pi0Observation, Pi0Policy
     from vlafast.models.normalize import FeatureStats, Normalizer
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    home = np.asarray(UR5E_HOME)
     torch.manual_seed(seed)
     cfg = Pi0Config.tiny(action_dim=8, state_dim=12, horizon=HORIZON, num_steps=4)
     model = Pi0Policy(cfg)
-    h = torch.tensor(home, dtype=torch.float32)
+    h = torch.tensor(np.asarray(UR5E_HOME), dtype=torch.float32)
     model.normalizer = Normalizer(FeatureStats(mean=h.repeat(2), std=torch.full((12,), 0.3)),
                                   FeatureStats(mean=h, std=torch.full((6,), 0.3)), "mean_std", "mean_std", "openpi")
     s = cfg.vision.image_size
@@ -59,6 +56,29 @@ def train_policy(steps: int, seed: int = 0) -> tuple[object, Callable[[np.ndarra
         return Pi0Observation(image.expand(B, -1, -1, -1, -1), torch.ones(B, 1, dtype=torch.bool), tokens.expand(B, -1),
                               torch.ones(B, 4, dtype=torch.bool), state)
 
+    return model, obs_of
+
+
+def _observer(obs_of: Callable) -> Callable[[np.ndarray], Callable]:
+    def make_observe(target: np.ndarray):
+        target = np.asarray(target, dtype=np.float64)
+        if target.shape != (6,):
+            raise ValueError(f"target must be 6 joint positions (rad), got shape {target.shape}")
+
+        def observe(q: np.ndarray, t: float):
+            return obs_of(torch.tensor(np.concatenate([q, target]), dtype=torch.float32)[None])
+        return observe
+
+    return make_observe
+
+
+def train_policy(steps: int, seed: int = 0) -> tuple[object, Callable[[np.ndarray], Callable], float]:
+    """(tiny pi0 with joint-position outputs, make_observe(target) -> observe(q, t), final loss),
+    SFT'd on expert chunks from random (q, target) pairs."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model, obs_of = build_policy(seed)
+    home = np.asarray(UR5E_HOME)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -70,7 +90,7 @@ def train_policy(steps: int, seed: int = 0) -> tuple[object, Callable[[np.ndarra
         state = torch.tensor(np.concatenate([q, target], 1), dtype=torch.float32)
         tau = rng.uniform(*TAU_S, 64)  # demonstrators differ in speed: a distribution of plans per state
         actions = torch.tensor(expert_chunk(q, target, tau), dtype=torch.float32)
-        noise = torch.randn(64, HORIZON, cfg.action_dim, generator=gen)
+        noise = torch.randn(64, HORIZON, model.cfg.action_dim, generator=gen)
         t = torch.rand(64, generator=gen) ** (1 / 1.5) * 0.999 + 0.001
         loss = model.flow_matching_loss(obs_of(state), actions, noise=noise, time=t).mean()
         opt.zero_grad(set_to_none=True)
@@ -78,10 +98,25 @@ def train_policy(steps: int, seed: int = 0) -> tuple[object, Callable[[np.ndarra
         opt.step()
         sched.step()
     model.eval()
+    return model, _observer(obs_of), loss.item()
 
-    def make_observe(target: np.ndarray):
-        def observe(q: np.ndarray, t: float) -> Pi0Observation:
-            return obs_of(torch.tensor(np.concatenate([q, target]), dtype=torch.float32)[None])
-        return observe
 
-    return model, make_observe, loss.item()
+def load_or_train(path: str | Path, steps: int, seed: int = 0) -> tuple[object, Callable[[np.ndarray], Callable], bool]:
+    """The reach policy from ``path`` (its weights, as saved here), else trained with ``steps``
+    and saved there (write-then-rename). -> (model, make_observe, loaded)."""
+    from vlafast._io import atomic_path
+
+    path = Path(path)
+    if path.exists():
+        model, obs_of = build_policy(seed)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} is not a pi0-reach checkpoint: missing keys {missing[:3]}, unexpected {unexpected[:3]}")
+        model.eval()
+        return model, _observer(obs_of), True
+    model, make_observe, _ = train_policy(steps, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return model, make_observe, False

@@ -1,16 +1,21 @@
-"""`vlafast serve-robot`: the real-time loop with a scripted policy and a live readout.
+"""`vlafast robot run` (old name: `serve-robot`): the real-time loop with a live readout.
 
-Model policies (pi0, OpenVLA, ...) plug in through ``vlafast.robot.RealtimeRunner`` from Python:
-any callable ``policy(q [6], t_s) -> chunk [T, 6]`` with a ``dt`` attribute.
+Policies: ``sinusoid`` (scripted) or ``pi0-reach``, the tiny flow-matching pi0 of
+``vlafast.robot.reach`` (trained on first use, about a minute on a CPU, then loaded from
+``--reach-weights``) moving to ``--target``, with real-time chunking (``--rtc``), temporal
+ensembling (``--ensemble``) or the blend alone. Other model policies (pi0 / pi0.5 checkpoints,
+OpenVLA) plug in through ``vlafast.robot.RealtimeRunner`` from Python: any callable
+``policy(q [6], t_s) -> chunk [T, 6]`` with a ``dt`` attribute (``Pi0ChunkPolicy`` wraps a pi0).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vlafast.robot.backends import make_backend
-from vlafast.robot.policies import POLICIES, make_policy
+from vlafast.robot.policies import POLICIES, Delayed, Pi0ChunkPolicy, make_policy
 from vlafast.robot.runner import RealtimeRunner, write_cycle_report
 from vlafast.robot.servo import ServoConfig, format_stats
 
@@ -18,13 +23,14 @@ from vlafast.robot.servo import ServoConfig, format_stats
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["mujoco", "ur-rtde", "null"], default="mujoco")
     p.add_argument("--host", default="", help="robot IP address (ur-rtde)")
-    p.add_argument("--policy", choices=sorted(POLICIES), default="sinusoid",
-                   help="scripted policy (model policies plug in through vlafast.robot.RealtimeRunner)")
+    p.add_argument("--policy", choices=[*sorted(POLICIES), "pi0-reach"], default="sinusoid",
+                   help="scripted sinusoid, or the tiny pi0 reaching --target (other models: vlafast.robot.RealtimeRunner)")
     p.add_argument("--hz", type=float, default=500.0, help="servo rate: 500 (e-series) or 125 (CB3)")
     p.add_argument("--seconds", type=float, default=None, help="run time (default: until Ctrl-C)")
     p.add_argument("--amplitude", type=float, default=0.2, help="sinusoid amplitude per joint (rad)")
     p.add_argument("--freq", type=float, default=0.5, help="sinusoid frequency (Hz)")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="simulated inference time per chunk")
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="inference time per chunk: simulated (sinusoid), injected on top of the model's (pi0-reach)")
     p.add_argument("--chunk-exec", type=int, default=5, help="waypoints executed per chunk before replanning")
     p.add_argument("--blend", type=float, default=0.1, help="hand-over blend (s)")
     p.add_argument("--interp", choices=["cubic", "linear"], default="cubic")
@@ -33,21 +39,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=float, default=0.1, help="servoJ lookahead (s, ur-rtde)")
     p.add_argument("--gain", type=float, default=300.0, help="servoJ gain (ur-rtde)")
     p.add_argument("--report", default=None, help="write the per-cycle record, its plot and report.md to this folder")
+    g = p.add_argument_group("pi0-reach")
+    g.add_argument("--rtc", action="store_true", help="real-time chunking: sample each chunk guided by the executing plan")
+    g.add_argument("--ensemble", type=float, default=0.0, help="temporal ensembling weight of each new chunk (0: off)")
+    g.add_argument("--target", type=float, nargs=6, default=None, metavar="Q",
+                   help="joint target (rad); default: home + U(-0.3, 0.3) per joint from --seed")
+    g.add_argument("--seed", type=int, default=0, help="target and sampler noise seed")
+    g.add_argument("--reach-weights", default="runs/pi0-reach.pt", help="trained weights: loaded, or trained and saved here")
+    g.add_argument("--sft-steps", type=int, default=1500, help="training steps when --reach-weights does not exist")
+    g.add_argument("--num-steps", type=int, default=10, help="flow integration steps per chunk")
+
+
+def _reach_policy(args: argparse.Namespace):
+    """(Pi0ChunkPolicy moving to the target, target [6])."""
+    import numpy as np
+
+    from vlafast.robot import reach
+
+    target = np.asarray(args.target) if args.target else reach.random_target(np.random.default_rng(args.seed))
+    loaded = os.path.exists(args.reach_weights)
+    print(f"pi0-reach: {'loading' if loaded else f'training ({args.sft_steps} steps, ~1 min per 1500)'} "
+          f"{args.reach_weights}", flush=True)
+    model, make_observe, _ = reach.load_or_train(args.reach_weights, args.sft_steps)
+    policy = Pi0ChunkPolicy(model, make_observe(target), dt=reach.DT, guided=args.rtc, num_steps=args.num_steps,
+                            noise_seed=args.seed)
+    return (Delayed(policy, args.latency_ms / 1e3) if args.latency_ms else policy), target
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ensemble and args.rtc:
+        raise SystemExit("choose one of --rtc and --ensemble")
     kw = {"lookahead": args.lookahead, "gain": args.gain} if args.backend == "ur-rtde" else {}
     robot = make_backend(args.backend, host=args.host, hz=args.hz, **kw)
-    policy = make_policy(args.policy, amplitude=args.amplitude, freq_hz=args.freq, latency_s=args.latency_ms / 1e3)
+    target = None
+    if args.policy == "pi0-reach":
+        policy, target = _reach_policy(args)
+    else:
+        policy = make_policy(args.policy, amplitude=args.amplitude, freq_hz=args.freq, latency_s=args.latency_ms / 1e3)
     cfg = ServoConfig(hz=args.hz, realtime=not args.no_realtime, cpu=args.cpu, interp=args.interp)
-    runner = RealtimeRunner(policy, robot, hz=args.hz, chunk_exec=args.chunk_exec, blend_s=args.blend, config=cfg)
+    runner = RealtimeRunner(policy, robot, hz=args.hz, chunk_exec=args.chunk_exec, blend_s=args.blend, config=cfg,
+                            ensemble=args.ensemble)
     tty = sys.stdout.isatty()
 
     def show(stats: dict) -> None:
         line = format_stats(stats)
         print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
 
-    print(f"serve-robot: {args.backend} backend, {args.policy} policy, {args.hz:g} Hz; Ctrl-C brakes to rest and stops")
+    mode = " + RTC" if args.rtc else (f" + ensembling {args.ensemble:g}" if args.ensemble else "")
+    print(f"robot run: {args.backend} backend, {args.policy} policy{mode}, {args.hz:g} Hz; Ctrl-C brakes to rest and stops")
     code = 0
     try:
         stats = runner.run(args.seconds, on_stats=show)
@@ -61,6 +100,11 @@ def main(args: argparse.Namespace) -> int:
         log = robot.log() if callable(getattr(robot, "log", None)) else None
         for path in write_cycle_report(runner, stats, args.report, log):
             print(f"wrote {path}")
+    if target is not None:
+        measured = callable(getattr(robot, "log", None)) and len(robot.log()["q"])
+        q_end = robot.log()["q"][-1] if measured else stats["q"]
+        err = max(abs(a - b) for a, b in zip(q_end, target))
+        print(f"reach: max joint error to the target {err:.4f} rad ({'measured' if measured else 'commanded'})")
     if stats["reason"]:
         print(f"note: {stats['reason']}")
     for key in ("policy_error", "backend_error"):
