@@ -324,9 +324,11 @@ def write_cycle_report(runner: "RealtimeRunner", stats: dict, out: str | Path, l
     ax[1].legend(fontsize=8)
     ax[2].plot(t, cols["jump_rad"], ".-")
     ax[2].set_ylabel("hand-over jump rad")
-    ax[3].semilogy(t, jerk, ".-", label="max jerk after hand-over")
+    ax[3].semilogy(t, cols["jerk_plan"], ".-", label="plan jerk across hand-over (waypoints)")
+    ax[3].semilogy(t, cols["jerk_new"], ".-", label="plan jerk inside the new chunk")
+    ax[3].semilogy(t, jerk, ".-", alpha=0.6, label="max commanded jerk after hand-over (1 kHz)")
     if np.isfinite(jerk_away):
-        ax[3].axhline(jerk_away, color="gray", ls="--", label="p99 jerk elsewhere")
+        ax[3].axhline(jerk_away, color="gray", ls="--", label="p99 commanded jerk elsewhere")
     ax[3].set_ylabel("jerk rad/s^3")
     ax[3].set_xlabel("time since first observation (s)")
     ax[3].legend(fontsize=8)
