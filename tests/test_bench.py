@@ -116,3 +116,18 @@ def test_vlafast_info_entry_point():
     out = subprocess.run([sys.executable, "-m", "vlafast.cli", "info"], capture_output=True, text=True, check=True)
     assert "_C" in out.stdout and "built" in out.stdout
     assert "torch" in out.stdout
+
+
+def test_a_benchmark_whose_extra_is_missing_is_skipped_by_name(monkeypatch, capsys):
+    """e.g. `bench rtc` on the GPU image (no MuJoCo): a skip that names the module, and gpu-check
+    leaves it out of its plan."""
+    import dataclasses
+
+    from vlafast import bench, gpucheck
+
+    fake = dataclasses.replace(bench.BENCHMARKS["servo-timing"], needs=("no_such_module_here",))
+    assert fake.missing() == ["no_such_module_here"] and bench.BENCHMARKS["servo-timing"].missing() == []
+    monkeypatch.setitem(bench.BENCHMARKS, "servo-timing", fake)
+    assert main(["bench", "servo-timing"]) == 1  # nothing ran
+    assert "skip servo-timing: needs no_such_module_here" in capsys.readouterr().out
+    assert "bench-servo-timing" not in [s.name for s in gpucheck.plan()]

@@ -44,7 +44,9 @@ def test_robot_run_pi0_reach_with_rtc_trains_once_then_loads(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) >= 3 and {"jerk_plan", "jerk_new", "prefix"} <= set(rows[0])
     assert any(int(float(r["prefix"])) > 0 for r in rows[1:])  # guided chunks froze a measured prefix
-    assert main(args[:-3] + ["--seconds", "0.5", "--ensemble", "0.5"]) == 0
+    again = ["robot", "run", "--backend", "mujoco", "--policy", "pi0-reach", "--ensemble", "0.5",
+             "--reach-weights", str(weights), "--seconds", "0.5", "--no-realtime", "--num-steps", "3"]
+    assert main(again) == 0
     assert "loading" in capsys.readouterr().out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from types import ModuleType
 
 
@@ -18,9 +19,14 @@ class Benchmark:
     module: str
     help: str
     gpu_only: bool = False
+    needs: tuple[str, ...] = ()  # modules it imports beyond the core (optional extras)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
+
+    def missing(self) -> list[str]:
+        """The modules of ``needs`` that do not import here."""
+        return [m for m in self.needs if importlib.util.find_spec(m) is None]
 
 
 # Later issues add their benchmarks here (vocab-topk, steer, flow-sampler, pi0, openvla, servo).
@@ -39,8 +45,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("rollout", "vlafast.bench.rollout", "chunks/s with log-probs: real pi0 graphed vs eager at B=64/256 (CUDA); tiny pi0 + built-in env (CPU)"),
         Benchmark("dictionary", "vlafast.bench.dictionary", "whole-model neuron dictionary (pi0, OpenVLA sizes) vs materialise-then-topk"),
         Benchmark("steering", "vlafast.bench.steering", "steering plans' overhead on a graphed pi0 chunk at batch 1 and 64 (budget 2%)"),
-        Benchmark("rtc", "vlafast.bench.rtc", "real-time chunking vs naive switching vs temporal ensembling: hand-over jerk and success, tiny pi0 on the MuJoCo UR5e at injected delays"),
-        Benchmark("ur-rtde", "vlafast.bench.ur_rtde", "ur_rtde servoJ rate next to inference: child-process forwarder vs a Python thread, real ur_rtde on the loopback UR controller"),
+        Benchmark("rtc", "vlafast.bench.rtc", "real-time chunking vs naive switching vs temporal ensembling: hand-over jerk and success, tiny pi0 on the MuJoCo UR5e at injected delays",
+                  needs=("mujoco",)),
+        Benchmark("ur-rtde", "vlafast.bench.ur_rtde", "ur_rtde servoJ rate next to inference: child-process forwarder vs a Python thread, real ur_rtde on the loopback UR controller",
+                  needs=("rtde_control",)),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }
