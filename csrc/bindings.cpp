@@ -232,6 +232,7 @@ void bind_servo(py::module_& m) {
         c.T = T;
         c.t0_ns = 0;
         c.dt_ns = static_cast<int64_t>(std::llround(dt_s * 1e9));
+        sv::prepare(c, mode);
         const py::ssize_t n = t_s.shape(0);
         py::array_t<double> qo({n, static_cast<py::ssize_t>(sv::kDof)}), vo({n, static_cast<py::ssize_t>(sv::kDof)});
         for (py::ssize_t i = 0; i < n; ++i) {

@@ -31,7 +31,7 @@ def test_config_and_limits_validate():
     with pytest.raises(ValueError, match="q_min must have 6 entries"):
         JointLimits(q_min=(0.0,) * 5, q_max=(1.0,) * 6, v_max=(1.0,) * 6, a_max=(1.0,) * 6)
     with pytest.raises(ValueError, match="interp must be one of"):
-        ServoConfig(interp="spline")
+        ServoConfig(interp="bezier")
     with pytest.raises(ValueError, match="backend must be 'null', 'mujoco' or 'ur-rtde'"):
         make_backend("ros")
     with pytest.raises(ValueError, match="needs --host"):
@@ -298,7 +298,10 @@ def test_guided_policy_receives_the_executing_plan_as_its_prefix():
         assert c["consumed"] == math.ceil((c["push_s"] - c["obs_s"]) / policy.dt)
         assert c["inference_ms"] >= 30.0 and c["queue_depth"] >= 1 and c["accepted"] == 1.0
         # every chunk is the same analytic curve: no jump at the hand-over, in position or velocity
-        assert c["jump_rad"] < 1e-5 and c["jump_rad_s"] < 1e-3, c  # measured 6.8e-8 rad, 3.5e-6 rad/s
+        # Measured 6.8e-8 rad, 3.5e-6 rad/s with the local Catmull-Rom; 1.1e-5 rad with the default
+        # spline, which is global: the curve's ramp ends with a step in curvature at 0.5 s, and
+        # chunks whose knots sit differently around it interpolate it a little differently.
+        assert c["jump_rad"] < 5e-5 and c["jump_rad_s"] < 1e-3, c
         # ... and the stitched plan's jerk is the curve's own (third differences of the
         # reference at dt; 1e-3 rad/s^3 of slack for the cubic's resampling, measured 2e-5)
         assert c["jerk_plan"] <= curve_jerk + 1e-3 and c["jerk_new"] <= curve_jerk + 1e-3, (c, curve_jerk)

@@ -47,7 +47,7 @@ def test_linear_interp_reproduces_linear_functions(T):
     np.testing.assert_allclose(vi, np.broadcast_to(b, vi.shape), rtol=1e-6)  # dt rounded to 1 ns: 1e-7
 
 
-@pytest.mark.parametrize("interp", ["linear", "cubic"])
+@pytest.mark.parametrize("interp", ["linear", "cubic", "spline"])
 @pytest.mark.parametrize("T", [1, 2, 5, 13])
 def test_interp_passes_through_waypoints_and_holds_outside(interp, T):
     rng = np.random.default_rng(7 * T)
@@ -101,6 +101,71 @@ def test_cubic_is_c1_and_converges_third_order_on_a_sine():
     assert np.abs(v_lin[0] - v_lin[1]).max() > 1.0  # linear: a velocity corner at every waypoint
 
 
+def spline_ref(q, dt, t):
+    """The clamped cubic spline by a dense solve (numpy), the oracle of the servo's O(T) one:
+    second derivatives M from the tridiagonal system with one-sided end slopes, then the
+    textbook segment formula."""
+    T, n = len(q), len(q) - 1
+    A, R = np.zeros((T, T)), np.zeros((T, q.shape[1]))
+    if T >= 4:  # third-order one-sided end slopes
+        s0 = (-11 * q[0] + 18 * q[1] - 9 * q[2] + 2 * q[3]) / (6 * dt)
+        sn = (11 * q[n] - 18 * q[n - 1] + 9 * q[n - 2] - 2 * q[n - 3]) / (6 * dt)
+    else:
+        s0 = (-3 * q[0] + 4 * q[1] - q[2]) / (2 * dt)
+        sn = (3 * q[n] - 4 * q[n - 1] + q[n - 2]) / (2 * dt)
+    A[0, :2], R[0] = (2, 1), 6 / dt * ((q[1] - q[0]) / dt - s0)
+    for i in range(1, n):
+        A[i, i - 1:i + 2], R[i] = (1, 4, 1), 6 / dt**2 * (q[i + 1] - 2 * q[i] + q[i - 1])
+    A[n, n - 1:], R[n] = (1, 2), 6 / dt * (sn - (q[n] - q[n - 1]) / dt)
+    M = np.linalg.solve(A, R)
+    i = np.clip((t // dt).astype(int), 0, n - 1)
+    s = (t / dt - i)[:, None]
+    r = 1 - s
+    pos = r * q[i] + s * q[i + 1] + dt**2 / 6 * ((r**3 - r) * M[i] + (s**3 - s) * M[i + 1])
+    vel = (q[i + 1] - q[i]) / dt + dt / 6 * (-(3 * r**2 - 1) * M[i] + (3 * s**2 - 1) * M[i + 1])
+    return pos, vel, M
+
+
+@pytest.mark.parametrize("T", [3, 4, 7, 33, 256])
+def test_spline_matches_a_dense_solve(T):
+    rng = np.random.default_rng(T)
+    dt = 0.02
+    q = rng.normal(scale=0.1, size=(T, 6))
+    t = np.round(rng.uniform(0, dt * (T - 1), size=301) * 1e9) * 1e-9  # whole ns, as the servo sees time
+    t = t[(t > 0) & (t < dt * (T - 1))]
+    qi, vi = C.interpolate(q, dt, t, "spline")
+    pos, vel, _ = spline_ref(q, dt, t)
+    np.testing.assert_allclose(qi, pos, atol=1e-9)  # measured max 1.6e-15 (T=33)
+    np.testing.assert_allclose(vi, vel, atol=1e-7)  # measured max 1e-12
+
+
+def test_spline_is_c2_and_reproduces_cubics():
+    rng = np.random.default_rng(3)
+    dt = 0.05
+    a, b, c, e = rng.normal(size=(4, 6))
+    tk = dt * np.arange(9)
+    f = lambda t: a + b * t[:, None] + c * t[:, None] ** 2 + e * t[:, None] ** 3  # noqa: E731
+    q = f(tk)
+    t = np.round(rng.uniform(1e-3, tk[-1] - 1e-3, size=200) * 1e9) * 1e-9
+    qi, vi = C.interpolate(q, dt, t, "spline")
+    np.testing.assert_allclose(qi, f(t), atol=1e-9)  # every segment, the end ones too (measured 1e-15)
+    np.testing.assert_allclose(vi, b + 2 * c * t[:, None] + 3 * e * t[:, None] ** 2, atol=1e-6)
+    # C2: one-sided accelerations at interior knots agree (Catmull-Rom's step by ~30% of their size).
+    q = rng.normal(size=(8, 6))
+    knots = dt * np.arange(1, 7)
+    eps = 1e-5
+
+    def accel_jump(mode):
+        v = lambda x: C.interpolate(q, dt, x, mode)[1]  # noqa: E731
+        left = (v(knots - eps) - v(knots - 2 * eps)) / eps
+        right = (v(knots + 2 * eps) - v(knots + eps)) / eps
+        return np.abs(left - right).max(), np.abs(left).max()
+
+    (jump_s, scale_s), (jump_c, scale_c) = accel_jump("spline"), accel_jump("cubic")
+    assert jump_s < 1e-3 * scale_s, (jump_s, scale_s)  # measured 3e-4 of it: the jerk over 3 eps
+    assert jump_c > 0.1 * scale_c, (jump_c, scale_c)  # measured 0.34
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -108,7 +173,7 @@ def test_cubic_is_c1_and_converges_third_order_on_a_sine():
         ((np.zeros(6), 0.1, np.zeros(2), "cubic"), r"chunk must be \[T, 6\]"),
         ((np.zeros((4, 6)), 0.0, np.zeros(2), "cubic"), "dt_s must be > 0"),
         ((np.zeros((4, 6)), 0.1, np.zeros((2, 2)), "cubic"), "t_s must be a 1-D"),
-        ((np.zeros((4, 6)), 0.1, np.zeros(2), "quintic"), "interp must be 'linear' or 'cubic'"),
+        ((np.zeros((4, 6)), 0.1, np.zeros(2), "quintic"), "interp must be 'linear', 'cubic' or 'spline'"),
     ],
 )
 def test_interpolate_bad_arguments(args, match):
@@ -125,7 +190,7 @@ def test_interpolate_bad_arguments(args, match):
     [
         (dict(hz=0.0), r"hz must be in"),
         (dict(max_horizon=0), r"max_horizon must be in"),
-        (dict(interp="spline"), "interp must be"),
+        (dict(interp="bezier"), "interp must be"),
         (dict(limits=dict(WIDE, q_min=[1.0] * 6, q_max=[0.0] * 6)), "q_min < q_max"),
         (dict(limits=dict(WIDE, v_max=[0.0] * 6)), "v_max > 0"),
         (dict(limits=dict(WIDE, a_max=[float("nan")] * 6)), "a_max > 0"),
@@ -196,7 +261,8 @@ def steady(t, window_ns=150_000_000, period_ns=PERIOD_NS):
     return ok
 
 
-@pytest.mark.parametrize("interp,hz", [("linear", 500.0), ("cubic", 500.0), ("cubic", 125.0), ("cubic", 997.0)])
+@pytest.mark.parametrize("interp,hz", [("linear", 500.0), ("cubic", 500.0), ("cubic", 125.0), ("cubic", 997.0),
+                                       ("spline", 500.0)])
 def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     rec = C.RecordingBackend(4000)
     loop = make_loop(rec, interp=interp, hz=hz)  # e-series, CB3, and a prime rate
@@ -219,7 +285,7 @@ def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     check = tracking & steady(t, period_ns=PERIOD_NS) & (t >= pushed_ns + 150_000_000 * (pushed_ns > t0 - PERIOD_NS))
     assert check.sum() > 30
     want, _ = C.interpolate(q, dt_ns * 1e-9, (t[check] + PERIOD_NS - t0) * 1e-9, interp)
-    if interp == "cubic":
+    if interp in ("cubic", "spline"):
         # Smooth plan inside the limits: every command is exactly the interpolant.
         np.testing.assert_allclose(qc[check], want, atol=1e-9)  # measured max 4e-15
     else:

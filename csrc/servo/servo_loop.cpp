@@ -131,6 +131,7 @@ PushResult ServoLoop::push(const double* q, int T, int64_t t0_ns, int64_t dt_ns,
   slot.dt_ns = dt_ns;
   slot.obs_ns = obs_ns;
   slot.seq = ++push_seq_;
+  prepare(slot, cfg_.interp);  // spline accelerations: O(T) here, on the producer's thread
   slot.push_ns = rt::monotonic_ns();
   if (chunks_.publish()) dropped_.fetch_add(1, std::memory_order_relaxed);
   accepted_.fetch_add(1, std::memory_order_relaxed);

@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("servo-timing", "vlafast.bench.servo_timing",
                   "absolute-deadline loop jitter of the _C timing core (SCHED_FIFO vs plain sleep)"),
         Benchmark("servo", "vlafast.bench.servo", "500 Hz servo loop with a synthetic chunk producer: jitter, missed cycles, chunk age"),
+        Benchmark("servo-interp", "vlafast.bench.servo_interp",
+                  "commanded jerk of a smooth plan through the servo: clamped cubic spline (C2) vs Catmull-Rom (C1)"),
         Benchmark("pi0", "vlafast.bench.pi0", "pi0 chunk latency (1/2/3 views, K=10), eager vs CUDA graph; batched chunks/s"),
         Benchmark("openvla", "vlafast.bench.openvla", "OpenVLA-7B batch-1 action latency (7 tokens), eager vs CUDA-graphed decode",
                   gpu_only=True),

@@ -44,10 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delays", type=float, nargs="+", default=[0.0, 100.0, 300.0], help="injected inference delay (ms)")
     p.add_argument("--episodes", type=int, default=12, help="targets per (mode, delay); the same in every mode")
     p.add_argument("--seconds", type=float, default=3.5, help="episode length (s)")
+    p.add_argument("--interp", nargs="+", choices=["cubic", "spline"], default=["cubic", "spline"],
+                   help="servo interpolants to run each setting with (Catmull-Rom C1, clamped spline C2)")
     p.add_argument("--sft-steps", type=int, default=1500, help="SFT steps of the tiny pi0 (1200: ~0.03 rad open-loop error)")
 
 
-def episode(model, observe, mode: str, delay_s: float, seconds: float, seed: int) -> dict:
+def episode(model, observe, mode: str, delay_s: float, seconds: float, seed: int, interp: str = "cubic") -> dict:
     """One reach on the simulated UR5e in real time -> jerk per hand-over, jumps, success."""
     from vlafast.robot.backends import MujocoUR5eBackend
     from vlafast.robot.policies import Delayed, Pi0ChunkPolicy
@@ -57,7 +59,7 @@ def episode(model, observe, mode: str, delay_s: float, seconds: float, seed: int
     backend = MujocoUR5eBackend(log_seconds=seconds + 2.0)
     policy = Delayed(Pi0ChunkPolicy(model, observe, dt=DT, guided=mode == "rtc", num_steps=10, noise_seed=seed), delay_s)
     runner = RealtimeRunner(policy, backend, hz=500.0, chunk_exec=CHUNK_EXEC, blend_s=0.0,
-                            config=ServoConfig(hz=500.0, spin_us=0.0), ensemble=0.5 if mode == "ensemble" else 0.0)
+                            config=ServoConfig(hz=500.0, spin_us=0.0, interp=interp), ensemble=0.5 if mode == "ensemble" else 0.0)
     stats = runner.run(seconds)
     log = backend.log()
     pushes = np.array([c["push_s"] for c in runner.cycles[1:]])  # hand-overs (the first chunk starts from rest)
@@ -99,19 +101,20 @@ def run(args: argparse.Namespace) -> list[Row]:
     train_s = time.perf_counter() - t0
     rng = np.random.default_rng(123)
     targets = [random_target(rng) for _ in range(args.episodes)]
-    runs: dict[tuple[str, float], list[dict]] = {}
-    for delay in args.delays:
+    runs: dict[tuple[str, float, str], list[dict]] = {}
+    for interp, delay in ((i, d) for i in args.interp for d in args.delays):
         for mode in MODES:
-            eps = [episode(model, make_observe(tg), mode, delay / 1e3, args.seconds, seed=i) for i, tg in enumerate(targets)]
+            eps = [episode(model, make_observe(tg), mode, delay / 1e3, args.seconds, seed=i, interp=interp)
+                   for i, tg in enumerate(targets)]
             errors = [e["error"] for e in eps if e["error"]]
             if errors:
                 raise RuntimeError(f"{mode} at {delay:g} ms: the policy failed: {errors[0]}")
             for e, tg in zip(eps, targets):
                 e["success"] = bool(np.abs(e["q_end"] - tg).max() < TOL_RAD)
-            runs[(mode, delay)] = eps
+            runs[(mode, delay, interp)] = eps
     rows = []
-    for (mode, delay), eps in runs.items():
-        base = runs[("naive", delay)]
+    for (mode, delay, interp), eps in runs.items():
+        base = runs[("naive", delay, interp)]
         wins = sum(e["success"] for e in eps)
         r = {k: _pooled_median(eps, k) for k in ("jerk_plan", "jerk_new", "jump_rad", "jump_rad_s", "cmd_jerk")}
         r.update({
@@ -126,8 +129,15 @@ def run(args: argparse.Namespace) -> list[Row]:
             b = _pooled_median(base, key)
             r[f"{name}_vs_naive"] = r[key] / b if b > 0 else math.nan
             r[f"{name}_vs_naive_ci95"] = ratio_ci(eps, base, key) if eps is not base else (1.0, 1.0)
+        cubic = runs.get((mode, delay, "cubic"))
+        if interp != "cubic" and cubic is not None:  # the same plans through the C1 servo: what C2 buys
+            c = _pooled_median(cubic, "cmd_jerk")
+            r["cmd_jerk_vs_cubic"] = r["cmd_jerk"] / c if c > 0 else math.nan
+            r["cmd_jerk_vs_cubic_ci95"] = ratio_ci(eps, cubic, "cmd_jerk")
+            r["clamped_vs_cubic"] = r["clamped_cycles"] / max(float(np.median([e["clamped"] for e in cubic])), 1.0)
         rows.append(Row(
-            bench="rtc", op=f"hand-over ({mode}) tiny pi0 on MuJoCo UR5e", shape=f"delay {delay:g} ms, T={HORIZON} dt={DT}s",
+            bench="rtc", op=f"hand-over ({mode}) tiny pi0 on MuJoCo UR5e", shape=f"delay {delay:g} ms, T={HORIZON} dt={DT}s"
+            + ("" if interp == "cubic" else f", servo {interp}"),
             dtype="fp32", backend=mode, median_ms=r["inference_ms"], baseline="naive switching",
             baseline_ms=float(np.median(np.concatenate([e["inference_ms"] for e in base]))), achieved=r["jerk_plan"],
             unit="rad/s^3 (median plan jerk across hand-overs)",

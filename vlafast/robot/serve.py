@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inference time per chunk: simulated (sinusoid), injected on top of the model's (pi0-reach)")
     p.add_argument("--chunk-exec", type=int, default=5, help="waypoints executed per chunk before replanning")
     p.add_argument("--blend", type=float, default=0.1, help="hand-over blend (s)")
-    p.add_argument("--interp", choices=["cubic", "linear"], default="cubic")
+    p.add_argument("--interp", choices=["spline", "cubic", "linear"], default="spline",
+                   help="servo interpolant: Catmull-Rom (C1), clamped cubic spline (C2) or linear")
     p.add_argument("--no-realtime", action="store_true", help="do not ask for SCHED_FIFO")
     p.add_argument("--cpu", type=int, default=-1, help="pin the servo thread to this CPU")
     p.add_argument("--lookahead", type=float, default=0.1, help="servoJ lookahead (s, ur-rtde)")

@@ -21,7 +21,7 @@ import numpy as np
 from vlafast._ext import load_C
 
 DOF = 6
-_INTERP = ("linear", "cubic")
+_INTERP = ("linear", "cubic", "spline")
 
 
 def _joints(name: str, x: Sequence[float]) -> tuple[float, ...]:
@@ -68,7 +68,8 @@ class ServoConfig:
 
     hz: 500 (e-series) or 125 (CB3). spin_us: busy-wait before each deadline. realtime /
     priority / cpu: SCHED_FIFO and affinity when permitted (the reason is reported otherwise).
-    interp: 'cubic' (Catmull-Rom, C1) or 'linear'. max_horizon: longest chunk the buffer holds.
+    interp: 'cubic' (Catmull-Rom, C1), 'spline' (clamped cubic spline, C2: bounded jerk) or 'linear'.
+    max_horizon: longest chunk the buffer holds.
     """
 
     hz: float = 500.0
@@ -76,7 +77,7 @@ class ServoConfig:
     realtime: bool = True
     priority: int = 80
     cpu: int = -1
-    interp: str = "cubic"
+    interp: str = "spline"
     limits: JointLimits = dataclasses.field(default_factory=JointLimits.ur5e)
     max_horizon: int = 256
 
