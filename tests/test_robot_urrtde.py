@@ -15,8 +15,8 @@ import pytest
 
 from vlafast._ext import load_C
 from vlafast.robot import UR5E_HOME, JointLimits, RealtimeRunner, ServoConfig, ServoLoop, SinusoidPolicy, URRTDEBackend
-from vlafast.robot.fake_ur import (CMD_SERVO_STOP, CMD_SERVOJ, CMD_STOP_SCRIPT, DASHBOARD_PORT, RTDE_PORT,
-                                   FakeURController, FakeURProcess)
+from vlafast.robot.fake_ur import (CMD_SERVO_STOP, CMD_SERVOJ, CMD_SET_WATCHDOG, CMD_STOP_SCRIPT, DASHBOARD_PORT,
+                                   RTDE_PORT, FakeURController, FakeURProcess)
 
 pytest.importorskip("rtde_control", reason="ur_rtde is part of the [robot] extra, which `make setup` installs")
 
@@ -81,7 +81,7 @@ def test_a_run_through_ur_rtde_streams_the_plan_and_ends_cleanly():
         s = RealtimeRunner(policy, be, hz=500.0, chunk_exec=5, config=CFG).run(1.5)
         snap = ur.snapshot()
     assert s["stop_reason"] == "requested: run complete" and s["backend_error"] == "", s
-    assert snap["errors"] == []
+    assert snap["errors"] == []  # the watchdog (10 Hz) never tripped
     # ur_rtde connected as it does to a robot: dashboard checks, then its control script.
     assert "is in remote control" in snap["dashboard_log"]
     assert snap["programs"] and snap["programs"][0].startswith("def rtde_control():")
@@ -102,7 +102,7 @@ def test_a_run_through_ur_rtde_streams_the_plan_and_ends_cleanly():
     assert np.abs(q - np.asarray(UR5E_HOME)).max() > 0.05
     # servoJ's own arguments: period 1/hz, lookahead, gain.
     cmds = [c for _, c in snap["commands"]]
-    assert CMD_SERVOJ in cmds
+    assert cmds[0] == CMD_SET_WATCHDOG and CMD_SERVOJ in cmds
     # After the servo loop braked to rest: servoStop, then the script was stopped.
     assert cmds[-2:] == [CMD_SERVO_STOP, CMD_STOP_SCRIPT], cmds[-5:]
     assert not snap["program_running"]
@@ -140,8 +140,11 @@ def test_forwarder_death_stops_the_loop():
         runner = RealtimeRunner(SinusoidPolicy(**POLICY), be, hz=500.0, chunk_exec=5, config=CFG)
         threading.Timer(0.8, lambda: os.kill(be._proc.pid, signal.SIGKILL)).start()  # noqa: SLF001
         s = runner.run(5.0)
+        snap = ur.snapshot()
     assert "forwarder process died" in s["backend_error"], s
     assert s["cycles"] < 4.0 * 500  # stopped long before the 5 s run was over
+    # The controller stopped too, by itself: the RTDE watchdog armed at start saw no input.
+    assert not snap["program_running"] and any("RTDE watchdog" in e for e in snap["errors"]), snap["errors"]
 
 
 def test_remote_control_off_is_a_clear_error():

@@ -239,10 +239,13 @@ class URRTDEBackend:
     rad; speed and acceleration are unused by servoJ (ur_rtde's docs), the servo loop enforces
     our limits before the target gets here. ``read_q`` reads this process's own
     ``RTDEReceiveInterface`` (its data thread is ur_rtde's; the call returns the cached sample).
+    ``watchdog_hz`` (default 10, 0: off) arms the controller's RTDE watchdog when the loop
+    starts: if the forwarder stalls or dies, the controller stops the program by itself within
+    1 / watchdog_hz.
     """
 
     def __init__(self, host: str, hz: float = 500.0, lookahead: float = 0.1, gain: float = 300.0,
-                 connect_timeout_s: float = 30.0):
+                 connect_timeout_s: float = 30.0, watchdog_hz: float = 10.0):
         if not 0.03 <= lookahead <= 0.2:
             raise ValueError(f"lookahead must be in [0.03, 0.2] s (servoJ's range), got {lookahead}")
         if not 100 <= gain <= 2000:
@@ -250,7 +253,9 @@ class URRTDEBackend:
         if hz not in (125.0, 500.0):
             raise ValueError(f"hz must be 500 (e-series) or 125 (CB3), got {hz}")
         self.host, self.hz, self.lookahead, self.gain = host, float(hz), float(lookahead), float(gain)
-        self.connect_timeout_s = connect_timeout_s
+        if watchdog_hz < 0:
+            raise ValueError(f"watchdog_hz must be >= 0 (0: off), got {watchdog_hz}")
+        self.connect_timeout_s, self.watchdog_hz = connect_timeout_s, float(watchdog_hz)
         C = load_C()
         self._shm = shared_memory.SharedMemory(create=True, size=C.SHARED_MAILBOX_BYTES)  # zero-filled
         self.c_backend = C.SharedMailboxBackend(self._shm.buf)
@@ -271,7 +276,7 @@ class URRTDEBackend:
         ctx = mp.get_context("spawn")
         self._pipe, child = ctx.Pipe()
         self._proc = ctx.Process(target=_urrtde_forwarder, name="vlafast-ur-rtde", daemon=True, args=(
-            child, self._shm.name, self.host, self.hz, self.lookahead, self.gain))
+            child, self._shm.name, self.host, self.hz, self.lookahead, self.gain, self.watchdog_hz))
         self._proc.start()
         child.close()
         kind, value = self._reply(self.connect_timeout_s, "connect")
@@ -363,9 +368,12 @@ def _release_shm(shm: shared_memory.SharedMemory) -> None:
         pass
 
 
-def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead: float, gain: float) -> None:
+def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead: float, gain: float,
+                      watchdog_hz: float) -> None:
     """The child process of URRTDEBackend: connect, then stream the newest servo target each
-    period until the servo loop has braked to rest and the parent says ``close``."""
+    period until the servo loop has braked to rest and the parent says ``close``. With
+    ``watchdog_hz`` the controller's RTDE watchdog is armed at the start: should this process
+    stall or die, the controller stops the program itself after 1 / watchdog_hz."""
     try:
         import rtde_control
     except ImportError as exc:
@@ -384,15 +392,19 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
     period, servoing, periods, late, seq_last, gaps = 1.0 / hz, False, 0, 0, 0, []
     try:
         if pipe.recv() == "start":
+            if watchdog_hz > 0:
+                rtde_c.setWatchdog(watchdog_hz)
             t_prev = time.monotonic()
             while not pipe.poll():
                 t_start = rtde_c.initPeriod()
                 seq, _t_ns, q, _v, stopped = read(shm.buf)
-                if stopped:
-                    if servoing:
+                if stopped or seq == 0:  # braked to rest, or nothing commanded yet
+                    if stopped and servoing:
                         rtde_c.servoStop()
                         servoing = False
-                    time.sleep(period)
+                    if watchdog_hz > 0:
+                        rtde_c.kickWatchdog()
+                    rtde_c.waitPeriod(t_start)
                     continue
                 if seq > seq_last:
                     if not rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, period, lookahead, gain):

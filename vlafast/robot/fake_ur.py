@@ -20,8 +20,8 @@ the command from ``input_int_register(offset + 0)``; real-time commands (servoJ,
 taken and answered with ``output_int_register(offset + 0) = 1`` (ready), other commands once
 with ``2`` (done), ``0`` (no command) with ``1``, and 255 ends the program, which is ur_rtde's
 protocol. Implemented commands: servoJ (11), speedJ (9), speedStop (15), servoStop (16),
-stopJ (34), setWatchdog (35; a watchdog that trips pauses the program, as the controller's
-``rtde_set_watchdog`` default does), stop script (255). Any other command stops the program
+stopJ (34), setWatchdog (35: from then on, no input package for 1 / min_frequency pauses the
+program, as the controller's ``rtde_set_watchdog`` does), kickWatchdog (58), stop script (255). Any other command stops the program
 with ``unsupported command N`` in ``errors``: a fake that answered "done" would hide it.
 
 The arm: joint positions integrate a velocity command. servoJ tracks its target as a first
@@ -68,7 +68,7 @@ STATUS_POWER_ON, STATUS_PROGRAM_RUNNING = 1 << 0, 1 << 1
 
 # ur_rtde control script commands (RTDEControlInterface's RobotCommand::Type)
 CMD_NONE, CMD_SPEEDJ, CMD_SERVOJ, CMD_SPEED_STOP, CMD_SERVO_STOP = 0, 9, 11, 15, 16
-CMD_STOPJ, CMD_SET_WATCHDOG, CMD_STOP_SCRIPT = 34, 35, 255
+CMD_STOPJ, CMD_SET_WATCHDOG, CMD_WATCHDOG, CMD_STOP_SCRIPT = 34, 35, 58, 255
 REALTIME_CMDS = frozenset({6, 9, 10, 11, 24, 25, 26, 27, 38, 58, 66, 67, 68, 69, 70, 71})  # the script's list
 READY, DONE = 1, 2
 
@@ -287,7 +287,7 @@ class FakeURController:
 
     def _rtde_message(self, conn: _Conn, kind: int, payload: bytes) -> None:
         if kind != DATA_PACKAGE:
-            log.debug("RTDE %s %r", chr(kind), payload[:2000])
+            log.debug("RTDE %s %r", chr(kind), payload[:200])
         if kind == REQUEST_PROTOCOL_VERSION:
             (version,) = struct.unpack(">H", payload)
             conn.send(kind, struct.pack(">B", version in (1, 2)))
@@ -528,6 +528,8 @@ class FakeURController:
             self.servo = self.speed = None
         elif cmd == CMD_SET_WATCHDOG:
             self.watchdog_hz, self.last_input_s = self._in_double(0), time.monotonic()
+        elif cmd == CMD_WATCHDOG:
+            pass  # kickWatchdog: the input package that carried it was the kick
         elif cmd == CMD_STOP_SCRIPT:
             self._end_program()
             return False
@@ -568,7 +570,8 @@ class FakeURProcess:
     def __init__(self, **kw: Any):
         ctx = mp.get_context("spawn")
         self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_in_child, args=(child, kw, logging.getLogger().getEffectiveLevel() if log.isEnabledFor(logging.DEBUG) else logging.WARNING), daemon=True, name="fake-ur")
+        level = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING  # the child logs as we do
+        self._proc = ctx.Process(target=_serve_in_child, args=(child, kw, level), daemon=True, name="fake-ur")
         self.host = ""
 
     def start(self) -> "FakeURProcess":
