@@ -116,6 +116,10 @@ def test_vlafast_info_entry_point():
     out = subprocess.run([sys.executable, "-m", "vlafast.cli", "info"], capture_output=True, text=True, check=True)
     assert "_C" in out.stdout and "built" in out.stdout
     assert "torch" in out.stdout
+    from importlib import metadata
+
+    extras = next(ln for ln in out.stdout.splitlines() if ln.startswith("extras"))
+    assert f"ur_rtde {metadata.version('ur-rtde')}" in extras  # make setup installs the [robot] extra
 
 
 def test_a_benchmark_whose_extra_is_missing_is_skipped_by_name(monkeypatch, capsys):

@@ -67,7 +67,7 @@ def test_robot_run_on_ur_rtde_against_the_fake_controller(capsys):
         assert "fake UR controller on" in fake.stdout.readline()
         assert main(["robot", "run", "--backend", "ur-rtde", "--host", host, "--seconds", "1.0", "--no-realtime"]) == 0
         out = capsys.readouterr().out
-        assert "requested: run complete" in out
+        assert "requested: run complete" in out and "servoJ stream:" in out and "calls/s" in out
     finally:
         fake.send_signal(signal.SIGINT)
         tail, err = fake.communicate(timeout=30)

@@ -39,7 +39,22 @@ def collect() -> dict[str, str]:
         facts["_C"] = f"built ({C.__file__})"
     except ImportError as exc:
         facts["_C"] = f"NOT built: {exc}"
+    facts["extras"] = ", ".join(f"{name} {_version(dist)}" for name, dist in EXTRAS)
     return facts
+
+
+# optional dependencies (pyproject extras) and what they enable
+EXTRAS = (("mujoco", "mujoco"), ("mani_skill", "mani-skill"), ("ray", "ray"), ("ur_rtde", "ur-rtde"),
+          ("transformers", "transformers"))
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
 
 
 def render(facts: dict[str, str]) -> str:

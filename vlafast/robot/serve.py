@@ -97,6 +97,10 @@ def main(args: argparse.Namespace) -> int:
     if tty:
         print()
     print(format_stats(stats))
+    fwd = getattr(robot, "forwarder_stats", None)
+    if fwd:
+        print(f"servoJ stream: {fwd['hz']:.1f} calls/s over {fwd['periods']} periods, period p50 {fwd['p50_ms']:.2f} ms "
+              f"p99 {fwd['p99_ms']:.2f} ms max {fwd['max_ms']:.2f} ms, {fwd['late']} longer than 1.5 periods")
     if args.report:
         log = robot.log() if callable(getattr(robot, "log", None)) else None
         for path in write_cycle_report(runner, stats, args.report, log):
