@@ -159,8 +159,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if bench.gpu_only and not torch.cuda.is_available():
             print(f"skip {name}: needs a CUDA device")
             continue
-        if bench.missing():
-            print(f"skip {name}: needs {', '.join(bench.missing())} (pip install 'vlafast[robot,sim]')")
+        missing = bench.missing()
+        if missing:
+            print(f"skip {name}: needs {', '.join(missing)} (pip install 'vlafast[robot,sim]')")
             continue
         print(f"== {name}: {bench.help}", flush=True)
         rows += bench.load().run(ns)

@@ -43,7 +43,7 @@ def collect() -> dict[str, str]:
     return facts
 
 
-# optional dependencies (pyproject extras) and what they enable
+# optional dependencies (pyproject extras): (import name shown, distribution name)
 EXTRAS = (("mujoco", "mujoco"), ("mani_skill", "mani-skill"), ("ray", "ray"), ("ur_rtde", "ur-rtde"),
           ("transformers", "transformers"))
 

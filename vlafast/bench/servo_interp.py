@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def measure(interp: str, seconds: float, dt: float, chunk_exec: int) -> dict:
     from vlafast.robot import RealtimeRunner, RecordingBackend, ServoConfig, SinusoidPolicy
+    from vlafast.robot.runner import command_jerk
 
     policy = SinusoidPolicy(amplitude=0.2, freq_hz=0.5, dt=dt, horizon=16, ramp_s=0.5)
     backend = RecordingBackend(int(seconds * 500) + 1000)
@@ -36,10 +37,7 @@ def measure(interp: str, seconds: float, dt: float, chunk_exec: int) -> dict:
     rec = backend.records()
     keep = (rec["t"] > rec["t"][0] + 1.0) & (rec["t"] < rec["t"][-1] - 0.3)  # past the ramp, before the brake to rest
     t, q = rec["t"][keep], rec["q"][keep]
-    d = q
-    for _ in range(3):
-        d = np.gradient(d, t, axis=0)
-    jerk = np.abs(d).max(1)
+    jerk = command_jerk(t, q)
     # the command at t is the plan at the next deadline (t + 2 ms)
     err = np.abs(q - policy.reference(t + 0.002)).max()
     return {"jerk_p50": float(np.median(jerk)), "jerk_p99": float(np.percentile(jerk, 99)), "jerk_max": float(jerk.max()),

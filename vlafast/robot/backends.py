@@ -389,7 +389,7 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
         shm.close()
         return
     pipe.send(("ready", None))
-    period, servoing, periods, late, seq_last, gaps = 1.0 / hz, False, 0, 0, 0, []
+    period, servoing, seq_last, gaps = 1.0 / hz, False, 0, []
     try:
         if pipe.recv() == "start":
             if watchdog_hz > 0:
@@ -413,15 +413,15 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
                     servoing, seq_last = True, seq
                 now = time.monotonic()
                 gaps.append(now - t_prev)
-                t_prev, periods = now, periods + 1
-                late += gaps[-1] > 1.5 * period
+                t_prev = now
                 rtde_c.waitPeriod(t_start)
         if servoing:
             rtde_c.servoStop()
         rtde_c.stopScript()
         rtde_c.disconnect()
         g = np.asarray(gaps[1:] or [0.0]) * 1e3
-        pipe.send(("stats", {"periods": periods, "late": int(late), "hz": float(periods / max(sum(gaps), 1e-9)),
+        late = int(sum(gap > 1.5 * period for gap in gaps))
+        pipe.send(("stats", {"periods": len(gaps), "late": late, "hz": float(len(gaps) / max(sum(gaps), 1e-9)),
                              "p50_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)),
                              "max_ms": float(g.max())}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent

@@ -72,6 +72,12 @@ CMD_STOPJ, CMD_SET_WATCHDOG, CMD_WATCHDOG, CMD_STOP_SCRIPT = 34, 35, 58, 255
 REALTIME_CMDS = frozenset({6, 9, 10, 11, 24, 25, 26, 27, 38, 58, 66, 67, 68, 69, 70, 71})  # the script's list
 READY, DONE = 1, 2
 
+# dashboard commands whose reply does not depend on the controller's state
+DASHBOARD_FIXED = {"safetystatus": "Safetystatus: NORMAL", "safetymode": "Safetymode: NORMAL",
+                   "brake release": "Brake releasing", "unlock protective stop": "Protective stop releasing",
+                   "close safety popup": "closing popup", "close popup": "closing popup",
+                   "get serial number": "20260000000", "get robot model": "UR5", "quit": "Disconnected"}
+
 UR5E_QD_MAX = np.array([np.pi, np.pi, np.pi, 2 * np.pi, 2 * np.pi, 2 * np.pi])  # rad/s (UR5e joint limits)
 
 
@@ -199,7 +205,6 @@ class FakeURController:
         self.target_q = self.q.copy()
         self.registers: dict[str, Any] = {}
         self.input_owner: dict[str, _Conn] = {}
-        self.program: str | None = None
         self.runtime_state = RUNTIME_STOPPED
         self.powered, self.t0 = True, time.monotonic()
         self.reg_int = self.reg_float = 0
@@ -362,7 +367,7 @@ class FakeURController:
                 if now >= due.get(rid, 0.0):
                     due[rid] = max(due.get(rid, now) + period, now)
                     values = self._values(recipe.names)
-                    flat = [x for v, t in zip(values, recipe.types) for x in (v if isinstance(v, list) else [v])]
+                    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
                     try:
                         conn.send(DATA_PACKAGE, struct.pack(">B", rid) + struct.pack(_fmt(recipe.types), *flat))
                     except OSError:
@@ -410,8 +415,6 @@ class FakeURController:
                 return "true" if self.remote_control else "false"
             if low == "robotmode":
                 return "Robotmode: RUNNING" if self.powered else "Robotmode: POWER_OFF"
-            if low in ("safetystatus", "safetymode"):
-                return "Safetystatus: NORMAL" if low == "safetystatus" else "Safetymode: NORMAL"
             if low == "programstate":
                 return f"{'PLAYING' if playing else 'STOPPED'} {'rtde_control' if playing else '<unnamed>'}"
             if low == "running":
@@ -425,17 +428,7 @@ class FakeURController:
             if low == "power off":
                 self.powered = False
                 return "Powering off"
-            if low == "brake release":
-                return "Brake releasing"
-            if low in ("unlock protective stop", "close safety popup", "close popup"):
-                return {"unlock protective stop": "Protective stop releasing"}.get(low, "closing popup")
-            if low == "get serial number":
-                return "20260000000"
-            if low == "get robot model":
-                return "UR5"
-            if low == "quit":
-                return "Disconnected"
-        return f"could not understand: '{cmd}'"
+        return DASHBOARD_FIXED.get(low, f"could not understand: '{cmd}'")
 
     # -- script --------------------------------------------------------------------------
     def _serve_script(self, sock: socket.socket) -> None:
@@ -463,11 +456,11 @@ class FakeURController:
             if "reg_offset_int" not in program and "rtde_cmd" not in program:
                 return  # a one-shot script (e.g. stopj): nothing to emulate
             self.reg_int, self.reg_float = offsets.get("int", 0), offsets.get("float", 0)
-            self.program, self.runtime_state, self.executing = program, RUNTIME_PLAYING, False
+            self.runtime_state, self.executing = RUNTIME_PLAYING, False
             self._write_int(0, READY)
 
     def _end_program(self) -> None:
-        self.program, self.runtime_state = None, RUNTIME_STOPPED
+        self.runtime_state = RUNTIME_STOPPED
         self.servo, self.speed, self.watchdog_hz = None, None, 0.0
 
     def _in_int(self, i: int) -> int:

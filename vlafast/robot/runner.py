@@ -51,6 +51,15 @@ CYCLE_FIELDS = {
 }
 
 
+def command_jerk(t: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """|d^3 q / dt^3| (max over joints) of a command stream: t [N] (s, increasing, possibly
+    uneven), q [N, 6] -> [N], by divided differences on the command times."""
+    d = q
+    for _ in range(3):
+        d = np.gradient(d, t, axis=0)
+    return np.abs(d).max(axis=1)
+
+
 def boundary_jerk(t: np.ndarray, q: np.ndarray, boundaries: np.ndarray, window_s: float,
                   reduce: str = "max") -> tuple[np.ndarray, float]:
     """Jerk of a commanded trajectory at chunk hand-overs. t: [N] (s, increasing; a skipped servo
@@ -64,10 +73,7 @@ def boundary_jerk(t: np.ndarray, q: np.ndarray, boundaries: np.ndarray, window_s
         raise ValueError(f"reduce must be 'max' or 'rms', got {reduce!r}")
     if len(t) < 4:
         return np.full(len(boundaries), np.nan), float("nan")
-    d = q
-    for _ in range(3):  # divided differences on the (possibly uneven) command times
-        d = np.gradient(d, t, axis=0)
-    jerk = np.abs(d).max(axis=1)
+    jerk = command_jerk(t, q)
     spread = 4 * float(np.median(np.diff(t)))  # three differences smear a kink over ~3 samples each way
     near = np.zeros(len(t), bool)
     near[:3] = near[-3:] = True  # one-sided differences at the ends

@@ -101,13 +101,13 @@ def main(args: argparse.Namespace) -> int:
     if fwd:
         print(f"servoJ stream: {fwd['hz']:.1f} calls/s over {fwd['periods']} periods, period p50 {fwd['p50_ms']:.2f} ms "
               f"p99 {fwd['p99_ms']:.2f} ms max {fwd['max_ms']:.2f} ms, {fwd['late']} longer than 1.5 periods")
+    log = robot.log() if callable(getattr(robot, "log", None)) else None
     if args.report:
-        log = robot.log() if callable(getattr(robot, "log", None)) else None
         for path in write_cycle_report(runner, stats, args.report, log):
             print(f"wrote {path}")
     if target is not None:
-        measured = callable(getattr(robot, "log", None)) and len(robot.log()["q"])
-        q_end = robot.log()["q"][-1] if measured else stats["q"]
+        measured = log is not None and len(log["q"]) > 0
+        q_end = log["q"][-1] if measured else stats["q"]
         err = max(abs(a - b) for a, b in zip(q_end, target))
         print(f"reach: max joint error to the target {err:.4f} rad ({'measured' if measured else 'commanded'})")
     if stats["reason"]:
