@@ -126,7 +126,7 @@ def grpo_over_states_smoke(env, image_size: int, patch_size: int, max_tokens: in
     from vlafast.models.siglip import SiglipConfig
     from vlafast.rl import train as T
     from vlafast.rl.losses import PPOConfig
-    from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
+    from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
 
     torch.manual_seed(0)
     instructions = getattr(env, "instructions", None) or [env.instruction]
@@ -135,7 +135,7 @@ def grpo_over_states_smoke(env, image_size: int, patch_size: int, max_tokens: in
     vision = SiglipConfig(image_size=image_size, patch_size=patch_size, width=24, depth=1, mlp_dim=32, num_heads=2)
     cfg = Pi0Config.tiny(vision=vision, vlm=g, expert=g, vocab_size=tok.get_vocab_size(), action_dim=8,
                          state_dim=env.spec.state_dim, horizon=4, num_steps=2)
-    pol = VLAPolicy(Pi0Policy(cfg), tok, env.spec, exec_horizon=2, max_tokens=max_tokens)
+    pol = flow_policy(Pi0Policy(cfg), tok, env.spec, exec_horizon=2, max_tokens=max_tokens)
     before = [p.detach().clone() for p in pol.rl_parameters()[0]]
     rl = T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=2, chunks_per_rollout=2, num_steps=2,
                     critic_warmup=1, ppo=PPOConfig(actor_lr=1e-3, micro_batch=8))

@@ -24,7 +24,7 @@ from vlafast.models import Pi0Config
 from vlafast.models.pi0 import preprocess_images
 from vlafast.models.pi0_load import load_pi0
 from vlafast.rl import checkpoint_eval as ce
-from vlafast.rl.policy import build_word_tokenizer
+from vlafast.policies import build_word_tokenizer
 
 LIBERO_A, LIBERO_S = 7, 8  # LIBERO action / state dims
 

@@ -200,7 +200,7 @@ def _tiny_vla(dev: torch.device):
     from vlafast.models.gemma import GemmaConfig
     from vlafast.models.pi0 import Pi0Config, Pi0Policy
     from vlafast.models.siglip import SiglipConfig
-    from vlafast.rl.policy import Batch, VLAPolicy, build_word_tokenizer
+    from vlafast.policies import Batch, FlowPolicy, build_word_tokenizer, flow_policy
 
     torch.manual_seed(0)
     tok = build_word_tokenizer(["pick", "the", "cube"])
@@ -210,7 +210,7 @@ def _tiny_vla(dev: torch.device):
                          num_steps=3)
     spec = EnvSpec(num_envs=5, action_dim=7, state_dim=9, cameras=("a", "b"), image_size=(16, 16), max_episode_steps=10,
                    control_hz=10.0)
-    pol = VLAPolicy(Pi0Policy(cfg), tok, spec, exec_horizon=4, max_tokens=6).to(dev)
+    pol = flow_policy(Pi0Policy(cfg), tok, spec, exec_horizon=4, max_tokens=6).to(dev)
     B = spec.num_envs
     batch = Batch(images=torch.rand(B, 2, 3, 16, 16, device=dev) * 2 - 1, image_masks=torch.ones(B, 2, dtype=torch.bool, device=dev),
                   tokens=torch.randint(2, 5, (B, 6), device=dev), token_masks=torch.ones(B, 6, dtype=torch.bool, device=dev),
@@ -236,7 +236,7 @@ def test_policy_graphs_are_eager_off_cuda():
 
 @pytest.mark.gpu
 def test_policy_act_through_graphs_matches_eager_and_its_own_update():
-    """A GPU rollout worker's sampling (VLAPolicy.use_cuda_graphs): the graphed chunks equal the
+    """A GPU rollout worker's sampling (FlowPolicy.use_cuda_graphs): the graphed chunks equal the
     eager ones for the same generator seed, draw fresh noise per call, and the update path
     recomputes their log-probs (ratio 1)."""
     dev = torch.device("cuda")

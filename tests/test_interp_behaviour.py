@@ -13,7 +13,7 @@ from vlafast.cli import main
 from vlafast.interp import NeuronDictionary, SteeringPlan
 from vlafast.interp import behaviour as bh
 from vlafast.rl.recipe import Recipe, save_policy
-from vlafast.rl.train import evaluate
+from vlafast.eval import evaluate
 
 RECIPE = Recipe(num_envs=8, demos=16, sft_steps=60, sft_batch=16)  # mechanisms only: a weak policy will do
 

@@ -12,7 +12,7 @@ import torch
 from vlafast.interp import KEYWORDS, NeuronDictionary, cluster, load_tokens, normalize_token
 from vlafast.models import OpenVLAConfig, OpenVLAPolicy, Pi0Config, Pi0Policy
 from vlafast.models.llama import LlamaConfig
-from vlafast.rl.policy import build_word_tokenizer
+from vlafast.policies import build_word_tokenizer
 
 SPEED_WORDS = ["quickly", "fast", "rapid", "slowly", "slow", "gently", "up", "down", "lift", "lower"]
 

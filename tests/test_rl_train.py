@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlafast.eval import evaluate
 from vlafast.envs import make_env
 from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.flow.noise_head import NoiseHead
@@ -17,7 +18,7 @@ from vlafast.models.siglip import SiglipConfig
 from vlafast.rl import train as T
 from vlafast import flow
 from vlafast.rl.losses import PPOConfig, gae, group_advantages
-from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
+from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
 
 WORDS = words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS)])
 
@@ -29,7 +30,7 @@ def tiny_policy(env, pi05=False, noise_head=False, seed=0):
     cfg = Pi0Config.tiny(pi05=pi05, vision=SiglipConfig(image_size=16, patch_size=8, width=24, depth=1, mlp_dim=32, num_heads=2),
                          vlm=g, expert=g, vocab_size=tok.get_vocab_size(), action_dim=4, state_dim=9, horizon=6, num_steps=3)
     head = NoiseHead(cfg.expert.width, cfg.action_dim) if noise_head else None
-    return VLAPolicy(Pi0Policy(cfg), tok, env.spec, exec_horizon=3, max_tokens=8, noise_head=head)
+    return flow_policy(Pi0Policy(cfg), tok, env.spec, exec_horizon=3, max_tokens=8, noise_head=head)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +72,11 @@ def test_sft_reduces_loss(env):
 
 def test_evaluate_counts_episodes(env):
     pol = tiny_policy(env)
-    out = T.evaluate(pol, env, episodes=6, seed=5, num_steps=2, progress=False)
+    out = evaluate(pol, env, episodes=6, seed=5, num_steps=2, progress=False)
     assert out["episodes"] == 6 and len(out["records"]) == 6
     assert 0.0 <= out["success_rate"] <= 1.0
     assert all(np.isfinite(r["speed"]) for r in out["records"])
-    again = T.evaluate(pol, env, episodes=6, seed=5, num_steps=2, progress=False)
+    again = evaluate(pol, env, episodes=6, seed=5, num_steps=2, progress=False)
     assert [r["return"] for r in again["records"]] == [r["return"] for r in out["records"]]  # fixed seeds
 
 
@@ -133,7 +134,7 @@ def test_bad_configs(env):
     with pytest.raises(ValueError, match="flow_noise needs a policy built with noise_head"):
         pol.sampler_config("flow_noise", 3)
     with pytest.raises(ValueError, match="exec_horizon must be in"):
-        VLAPolicy(pol.model, pol.tokenizer, env.spec, exec_horizon=99)
+        flow_policy(pol.model, pol.tokenizer, env.spec, exec_horizon=99)
 
 
 def _snapshot(params):
@@ -328,7 +329,7 @@ def test_critic_runs_need_warmup_and_old_checkpoints_resume(env, tmp_path, caplo
 def test_compare_budgets_and_table(tmp_path):
     # Equal env-step budgets: each method's iterations follow from what one update spends
     # (GRPO over states pays for its G rehearsed chunks); the CSV has the columns.
-    from vlafast.rl import compare as C
+    from tools import rl_compare as C
     from vlafast.rl.recipe import Recipe
 
     base = Recipe()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vlafast import info
+from vlafast.eval import evaluate as evaluate_policy
 from vlafast._io import atomic_path, atomic_write_text
 from vlafast.bench import servo_timing
 
@@ -145,21 +146,21 @@ def main(args: argparse.Namespace) -> int:
 
     def evaluate(name: str) -> tuple[dict, dict]:
         """The same fixed seeds under ODE sampling and under the training sampler."""
-        ode_ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=eval_seed,
-                            num_steps=recipe.rl.num_steps, progress=progress)
-        sde_ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, sampler=sde, progress=progress)
+        ode_ev = evaluate_policy(policy, env, episodes=recipe.eval_episodes, seed=eval_seed,
+                                 num_steps=recipe.rl.num_steps, progress=progress)
+        sde_ev = evaluate_policy(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, sampler=sde, progress=progress)
         print(format_eval(f"{name} ODE", summarise_eval(ode_ev)))
         print(format_eval(f"{name} SDE", summarise_eval(sde_ev)))
         return ode_ev, sde_ev
 
     ev_sft, ev_sft_sde = evaluate("SFT")
-    save_policy(policy, recipe, out / "policy_sft.pt")
+    save_policy(policy, recipe, out / "policy_sft")
     sft_policy = copy.deepcopy(policy)  # steered in part 3
     t0 = time.perf_counter()
     history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress, demos=demos)
     t_rl = time.perf_counter() - t0
     ev_rl, ev_rl_sde = evaluate("+" + _rl_name(recipe.rl).split()[0])
-    save_policy(policy, recipe, out / "policy.pt")
+    save_policy(policy, recipe, out / "policy")
 
     print("\n== 3/3 steering: neuron dictionary of the SFT policy, keyword clusters, clamped")
     steer_md, steer = _steering_section(sft_policy, env, episodes=recipe.eval_episodes // 2, seed=eval_seed)
@@ -173,7 +174,8 @@ def main(args: argparse.Namespace) -> int:
     s_sft_sde, s_rl_sde = summarise_eval(ev_sft_sde), summarise_eval(ev_rl_sde)
 
     def pct(s: dict) -> str:
-        return f"{100 * s['success_rate']:.1f}% +- {100 * s['success_ci95']:.1f}"
+        lo, hi = s["success_ci95"]
+        return f"{100 * s['success_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
     rows = [
         ("servo p99 jitter", f"{servo['p99_us']:.1f} us ({servo['policy']}), {servo['missed']} missed"),

@@ -168,7 +168,7 @@ def bootstrap_ci(x: np.ndarray, *, samples: int = 2000, seed: int = 0) -> tuple[
 def episode_records(policy, env, *, episodes: int, seed: int, num_steps: int = 4) -> list[dict[str, Any]]:
     """Deterministic (ODE) episodes on fixed seeds (``vlafast.rl.train.evaluate``), sorted by
     (env, index) so two runs under different plans can be compared episode by episode."""
-    from vlafast.rl.train import evaluate
+    from vlafast.eval import evaluate
 
     out = evaluate(policy, env, episodes=episodes, seed=seed, num_steps=num_steps, progress=False)
     return sorted(out["records"], key=lambda r: (r["env"], r["index"]))

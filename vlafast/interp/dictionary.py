@@ -58,7 +58,7 @@ _SPACE_MARKS = ("\u2581", "\u0120", "##")  # sentencepiece "▁", byte-level BPE
 
 def model_mlps(model: nn.Module) -> dict[str, nn.Module]:
     """{name: mlp} of a ``Pi0Policy`` / ``OpenVLAPolicy`` (or a wrapper holding one as ``.model``,
-    such as ``vlafast.rl.VLAPolicy``), in layer order."""
+    such as ``vlafast.policies.FlowPolicy``), in layer order."""
     inner = model if hasattr(model, "mlps") else getattr(model, "model", None)
     if inner is None or not hasattr(inner, "mlps"):
         raise TypeError(f"expected a Pi0Policy, OpenVLAPolicy or a wrapper with .model, got {type(model).__name__}")

@@ -158,6 +158,11 @@ def load_pi0(
     else:
         canon = {_canonical(k, True) for k in index}
         layout, pi05 = "openpi", "time_mlp_in.weight" in canon and "state_proj.weight" not in canon
+    if config is None and "vlafast_config" in meta:  # sizes other than the published ones (e.g. tiny test models)
+        try:
+            config = Pi0Config.from_json(meta["vlafast_config"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{meta_file}: vlafast_config is not a Pi0Config ({exc})") from None
     if config is None:
         config = _lerobot_config(meta, pi05) if layout == "lerobot" else (Pi0Config.pi05() if pi05 else Pi0Config.pi0())
     elif config.is_pi05 != pi05:

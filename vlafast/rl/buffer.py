@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vlafast.flow.sampler import DenoiseTrace
-from vlafast.rl.policy import Batch
+from vlafast.policies import Batch
 
 D = TypeVar("D")
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from vlafast.envs.base import EnvSpec
 from vlafast.rl.buffer import Rollout, pool_slices, tensors_to
-from vlafast.rl.policy import VLAPolicy
+from vlafast.policies import FlowPolicy
 from vlafast.rl.train import LocalCollector, RLConfig, make_optimizers, new_stats, rl_sampler, stream_seed, update
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_WAIT_S = 300.0  # how long a call waits for a restarting worker before the run fails
 
 EnvFactory = Callable[[int, int], Any]        # (first_env, num_envs) -> that slice of the run's VecEnv
-PolicyFactory = Callable[[EnvSpec], VLAPolicy]  # env spec -> a policy of the run's architecture
+PolicyFactory = Callable[[EnvSpec], FlowPolicy]  # env spec -> a policy of the run's architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,24 +93,24 @@ def split_envs(num_envs: int, workers: int, multiple: int = 1) -> list[tuple[int
     return [(s * multiple, n * multiple) for s, n in zip(starts, sizes)]
 
 
-def trainable_names(policy: VLAPolicy) -> list[str]:
+def trainable_names(policy: FlowPolicy) -> list[str]:
     """Names of the parameters RL changes (``policy.rl_parameters()``): all that is broadcast."""
     actor, critic = policy.rl_parameters()
     ids = {id(p) for p in actor + critic}
     return [n for n, p in policy.named_parameters() if id(p) in ids]
 
 
-def trainable_state(policy: VLAPolicy, names: Sequence[str]) -> dict[str, Tensor]:
+def trainable_state(policy: FlowPolicy, names: Sequence[str]) -> dict[str, Tensor]:
     params = dict(policy.named_parameters())
     return {n: params[n].detach().to("cpu", copy=True) for n in names}
 
 
-def cpu_state(policy: VLAPolicy) -> dict[str, Tensor]:
+def cpu_state(policy: FlowPolicy) -> dict[str, Tensor]:
     """The whole state dict on the CPU: what a replica starts from."""
     return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
 
 
-def replica(make_policy: PolicyFactory, spec: EnvSpec, state: dict[str, Tensor]) -> VLAPolicy:
+def replica(make_policy: PolicyFactory, spec: EnvSpec, state: dict[str, Tensor]) -> FlowPolicy:
     """Inside a Ray actor: a policy built by ``make_policy`` with ``state``, on the actor's GPU if
     it was given one."""
     device = torch.device("cuda" if import_ray().get_gpu_ids() else "cpu")
@@ -216,7 +216,7 @@ class RayCollector:
     vector env the workers split. Use as a context manager or call ``close()``.
     """
 
-    def __init__(self, policy: VLAPolicy, make_env: EnvFactory, make_policy: PolicyFactory, cfg: RLConfig,
+    def __init__(self, policy: FlowPolicy, make_env: EnvFactory, make_policy: PolicyFactory, cfg: RLConfig,
                  dist: DistConfig, *, seed: int, num_envs: int):
         ray = self._ray = import_ray()
         self.cfg, self.dist = cfg, dist
@@ -243,11 +243,11 @@ class RayCollector:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def broadcast(self, policy: VLAPolicy):
+    def broadcast(self, policy: FlowPolicy):
         """The trainable weights in the object store (one copy, fetched by every worker)."""
         return self._ray.put(trainable_state(policy, self.names))
 
-    def sync(self, policy: VLAPolicy) -> float:
+    def sync(self, policy: FlowPolicy) -> float:
         """Put the weights and have every worker load them; the seconds it took (the per-update
         weight-sync cost the benchmark reports)."""
         t0 = time.perf_counter()
@@ -255,7 +255,7 @@ class RayCollector:
         self._ray.get([w.load.remote(ref) for w in self.workers])
         return time.perf_counter() - t0
 
-    def collect(self, policy: VLAPolicy, iteration: int, stats: dict[str, list]
+    def collect(self, policy: FlowPolicy, iteration: int, stats: dict[str, list]
                 ) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]:
         weights = self.broadcast(policy)
         replies = self._call_all(lambda w: w.collect.remote(weights, iteration))
@@ -418,7 +418,7 @@ class LearnerGroup:
         self.ranks: list[Any] = []
         self._owns_cluster = False
 
-    def start(self, policy: VLAPolicy, actor_opt: torch.optim.Optimizer,
+    def start(self, policy: FlowPolicy, actor_opt: torch.optim.Optimizer,
               critic_opt: torch.optim.Optimizer | None) -> None:
         import torch.distributed as tdist
 
@@ -441,7 +441,7 @@ class LearnerGroup:
         tdist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.learners)
         self.sync = TorchGradSync()
 
-    def update(self, policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg, actor_opt,
+    def update(self, policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg, actor_opt,
                critic_opt, shuffle: torch.Generator, train_actor: bool = True, **kwargs: Any) -> dict[str, float]:
         ray = import_ray()
         shared = ray.put((rollout_to_cpu(ro), advantages.cpu(), None if returns is None else returns.cpu()))

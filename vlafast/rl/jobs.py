@@ -3,6 +3,7 @@ that write their results into a run folder (policy.pt, metrics.json, summary.jso
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from vlafast.eval import evaluate
+from vlafast.policies import FlowPolicy
 from vlafast._io import atomic_write_text
 from vlafast.rl import train as T
 from vlafast.rl.dist import DistConfig, LearnerGroup, RayCollector
@@ -51,11 +54,11 @@ def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[s
     demos = collect_recipe_demos(recipe, env, progress=progress)
     losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
                    seed=recipe.seed, progress=progress)
-    ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+    ev = evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
                     progress=progress)
     summary = {"phase": "sft", "demo_episodes": demos.episodes, "demo_chunks": len(demos), "sft_loss": losses,
                "eval": summarise_eval(ev), "seconds": time.perf_counter() - t0}
-    save_policy(policy, recipe, out / "policy.pt", extra={"summary": summary})
+    save_policy(policy, recipe, out / "policy")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     env.close()
     return summary
@@ -67,17 +70,17 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
     With ``dist``, rollouts come from ``dist.workers`` Ray actors (``vlafast.rl.dist``), each
     building its slice of the recipe's env and a replica of the policy, and ``dist.learners`` > 1
     ranks share each update."""
-    policy, recipe, env = load_policy(init)
-    if recipe_overrides:
-        recipe = Recipe.from_json({**recipe.to_json(), **recipe_overrides})
-        ensure_noise_head(policy, recipe)
+    policy, recipe, env = load_policy(init, overrides=recipe_overrides)
+    ensure_noise_head(policy, recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.json", dump(recipe))
     t0 = time.perf_counter()
     demos = collect_recipe_demos(recipe, env, progress=progress) if recipe.rl.bc_coef > 0 else None
     collector = learners = None
-    make_policy = functools.partial(build_policy, recipe)
+    # replicas for Ray workers / learners: the recipe's tiny model, or a copy of a loaded checkpoint
+    make_policy = (functools.partial(build_policy, recipe) if policy.spec.recipe is not None
+                   else functools.partial(replica_of, copy.deepcopy(policy).cpu()))
     try:
         if dist is not None:
             collector = RayCollector(policy, functools.partial(env_slice, recipe), make_policy, recipe.rl, dist,
@@ -89,20 +92,25 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
         for part in (learners, collector):
             if part is not None:
                 part.close()
-    ev = T.evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+    ev = evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
                     progress=progress)
     summary = {"phase": recipe.rl.algo, "method": recipe.rl.method, "history": history, "eval": summarise_eval(ev),
                "seconds": time.perf_counter() - t0}
-    save_policy(policy, recipe, out / "policy.pt", extra={"summary": summary})
+    save_policy(policy, recipe, out / "policy")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     env.close()
     return summary
 
 
+def replica_of(template: FlowPolicy, spec) -> FlowPolicy:
+    """A copy of ``template`` bound to ``spec`` (a Ray worker's env slice)."""
+    return copy.deepcopy(template).bind(spec)
+
+
 def run_eval(checkpoint: str | Path, *, episodes: int | None = None, seed: int | None = None,
              progress: bool = True) -> dict[str, Any]:
     policy, recipe, env = load_policy(checkpoint)
-    ev = T.evaluate(policy, env, episodes=episodes or recipe.eval_episodes,
+    ev = evaluate(policy, env, episodes=episodes or recipe.eval_episodes,
                     seed=recipe.seed + 100 if seed is None else seed, num_steps=recipe.rl.num_steps, progress=progress)
     env.close()
     return summarise_eval(ev)
@@ -117,7 +125,8 @@ def recipe_from_file(path: str | Path | None, **overrides: Any) -> Recipe:
 
 def format_eval(name: str, s: dict[str, Any]) -> str:
     sp = s["speed"]
-    return (f"{name:10s} success {100 * s['success_rate']:5.1f}% +- {100 * s['success_ci95']:4.1f}  "
+    lo, hi = s["success_ci95"]
+    return (f"{name:10s} success {100 * s['success_rate']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]  "
             f"return {s['return']:6.3f}  speed slowly/none/quickly "
             f"{sp['slowly']:.4f} / {sp['(none)']:.4f} / {sp['quickly']:.4f} m/step  ({s['episodes']} episodes)")
 

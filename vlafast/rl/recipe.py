@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from vlafast._io import atomic_path
 from vlafast.envs import make_env
 from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.models.gemma import GemmaConfig
 from vlafast.models.pi0 import Pi0Config, Pi0Policy
 from vlafast.models.siglip import SiglipConfig
 from vlafast.rl.losses import PPOConfig
-from vlafast.rl.policy import VLAPolicy, build_word_tokenizer, words_of
+from vlafast import policies
+from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
 from vlafast.rl.train import Demos, RLConfig, collect_demos
 
 # Words the tiny tokenizer knows: the task's own plus the paper's steering keywords, so the
@@ -59,7 +59,7 @@ class Recipe:
     # compared on their reward, then the env goes on with the first. Episode-level advantages
     # (PPO with GAE, episode GRPO) did not beat the noise at this budget (README, "The demo").
     # The demo keeps the myopic score (the chunk's own reward, no critic) that its README figures
-    # were measured with; `python -m vlafast.rl.compare` runs the horizon-correct variant.
+    # were measured with; `python -m tools.rl_compare` runs the horizon-correct variant.
     rl: RLConfig = RLConfig(algo="grpo", grpo_groups="state", group_size=8, method="flow_sde", iterations=200,
                             chunks_per_rollout=4, bc_coef=1.0, rehearsal_bootstrap=False, critic_warmup=0,
                             ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=128, epochs=2))
@@ -105,7 +105,7 @@ def env_slice(recipe: Recipe, first_env: int, num_envs: int, seed: int | None = 
     return make_env(recipe.env, num_envs, seed=recipe.seed if seed is None else seed, **overrides)
 
 
-def build_policy(recipe: Recipe, spec) -> VLAPolicy:
+def build_policy(recipe: Recipe, spec) -> FlowPolicy:
     """The tiny pi0 (or pi0.5) of the recipe, randomly initialised from its seed."""
     tok = build_word_tokenizer(words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS), EXTRA_WORDS]))
     heads = 4
@@ -122,17 +122,14 @@ def build_policy(recipe: Recipe, spec) -> VLAPolicy:
         from vlafast.flow.noise_head import NoiseHead
 
         noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
-    return VLAPolicy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
+    return flow_policy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
 
 
-def ensure_noise_head(policy: VLAPolicy, recipe: Recipe) -> None:
+def ensure_noise_head(policy: FlowPolicy, recipe: Recipe) -> None:
     """Give ``policy`` a fresh Flow-Noise head (drawn from torch's global RNG) when the recipe
     trains with Flow-Noise and the policy (e.g. an SFT checkpoint) has none."""
-    if recipe.rl.method == "flow_noise" and policy.noise_head is None:
-        from vlafast.flow.noise_head import NoiseHead
-
-        cfg = policy.model.cfg
-        policy.noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
+    if recipe.rl.method == "flow_noise":
+        policy.attach_noise_head()
 
 
 def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
@@ -141,26 +138,67 @@ def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
     return collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
 
 
-def save_policy(policy: VLAPolicy, recipe: Recipe, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Policy weights + recipe in one file, written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"recipe": recipe.to_json(), "policy": policy.state_dict(), "extra": extra or {}}, tmp)
+def save_policy(policy: FlowPolicy, recipe: Recipe, folder: str | Path) -> Path:
+    """The policy with its recipe in its spec, as ``vlafast.policies.save`` writes it (a folder
+    of JSON + safetensors, each file written atomically)."""
+    policy._spec = dataclasses.replace(policy.spec, recipe=recipe.to_json())
+    return policies.save(policy, folder)
 
 
-def load_policy(path: str | Path) -> tuple[VLAPolicy, Recipe, Any]:
-    """(policy, recipe, env) from a file written by ``save_policy``."""
+def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
+                device: str = "cpu") -> tuple[FlowPolicy, Recipe, Any]:
+    """(policy, recipe, env) of a policy folder, the recipe updated with ``overrides`` (partial
+    recipe JSON). A run trained here carries its recipe; its policy is rebuilt from it (the same
+    random draws as when it was trained) and given the saved weights. Any other flow policy (a
+    LeRobot / openpi pi0 or pi0.5) needs ``overrides["env"]`` and is bound to that env."""
+    policy = policies.load(path, device=device)
+    if not isinstance(policy, FlowPolicy):
+        raise policies.PolicyError(f"{path} holds a {policy.spec.family} policy; this job needs a flow policy "
+                                   "(pi0 / pi0.5): its RL is on the denoising log-probs")
+    overrides = dict(overrides or {})
+    carried = policy.spec.recipe
+    if carried is None and not overrides.get("env"):
+        raise policies.PolicyError(f"{path} was not trained here, so it carries no env: give the env "
+                                   "(--env libero:<suite> | maniskill:<task> | ur5e-reach)")
+    base = Recipe.from_json(carried) if carried is not None else None
+    recipe = Recipe.from_json({**(base.to_json() if base else {}), **overrides})
+    env = build_env(recipe)
+    try:
+        if base is not None:
+            rebuilt = build_policy(base, env.spec)
+            if policy.noise_head is not None:
+                rebuilt.attach_noise_head()
+            rebuilt.load_state_dict(policy.state_dict())
+            policy = rebuilt
+        policy.bind(env.spec, exec_horizon=recipe.exec_horizon)
+    except BaseException:
+        env.close()
+        raise
+    return policy, recipe, env
+
+
+def convert_legacy(path: str | Path, folder: str | Path) -> Path:
+    """A ``policy.pt`` written by vlafast before policy folders -> a policy folder. It is read
+    with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so
+    a crafted file cannot run code; what it holds is then checked against the recipe's model."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no policy checkpoint at {path} (write one with `vlafast train sft`)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    missing = {"recipe", "policy"} - set(state)
-    if missing:
-        raise ValueError(f"{path} is not a vlafast policy checkpoint: missing {sorted(missing)}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError variants
+        raise policies.PolicyError(f"{path} is not a plain vlafast policy.pt (refused by the weights-only loader: "
+                                   f"{str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not {"recipe", "policy"} <= set(state):
+        raise policies.PolicyError(f"{path} is not a vlafast policy.pt: it needs 'recipe' and 'policy' entries")
     recipe = Recipe.from_json(state["recipe"])
     env = build_env(recipe)
-    policy = build_policy(recipe, env.spec)
-    policy.load_state_dict(state["policy"])
-    return policy, recipe, env
+    try:
+        policy = build_policy(recipe, env.spec)
+        if any(k.startswith("noise_head.") for k in state["policy"]):
+            policy.attach_noise_head()
+        policy.load_state_dict(state["policy"])
+    finally:
+        env.close()
+    return save_policy(policy, recipe, folder)
 
 
 def dump(recipe: Recipe) -> str:

@@ -1,6 +1,6 @@
 """SFT, evaluation and on-policy RL (PPO / GRPO) for flow VLAs on ``VecEnv`` environments.
 
-Everything here is plain functions over a ``VLAPolicy`` and an environment; the CLI and the
+Everything here is plain functions over a ``FlowPolicy`` and an environment; the CLI and the
 demo only wire them. Axes: N chunk steps per rollout, B environments, M = N * B samples.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -25,7 +24,7 @@ from vlafast.flow import sampler as flow
 from vlafast.flow.sampler import FlowNoiseConfig, element_log_probs
 from vlafast.rl.buffer import Rollout
 from vlafast.rl.losses import PPOConfig, explained_variance, gae, group_advantages, ppo_loss
-from vlafast.rl.policy import Batch, VLAPolicy
+from vlafast.policies import Batch, FlowPolicy
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class Demos:
     def __len__(self) -> int:
         return sum(a.shape[0] for a in self.actions)
 
-    def sample(self, policy: VLAPolicy, size: int, rng: np.random.Generator) -> tuple[Batch, Tensor]:
+    def sample(self, policy: FlowPolicy, size: int, rng: np.random.Generator) -> tuple[Batch, Tensor]:
         """A random minibatch of (observation, expert chunk) pairs."""
         steps = rng.integers(0, len(self.actions), size)
         rows = rng.integers(0, self.actions[0].shape[0], size)
@@ -119,7 +118,7 @@ def collect_demos(env, episodes: int, horizon: int, exec_horizon: int, seed: int
     return demos
 
 
-def sft(policy: VLAPolicy, demos: Demos, *, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+def sft(policy: FlowPolicy, demos: Demos, *, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
         progress: bool = True) -> list[float]:
     """Flow-matching behaviour cloning on ``demos``; returns the loss per step."""
     rng = np.random.default_rng(seed)
@@ -147,48 +146,6 @@ def sft(policy: VLAPolicy, demos: Demos, *, steps: int, batch_size: int = 32, lr
 # evaluation
 
 
-@torch.no_grad()
-def evaluate(policy: VLAPolicy, env, *, episodes: int, seed: int, num_steps: int = 4,
-             sampler=None, progress: bool = True) -> dict[str, Any]:
-    """Evaluation on fixed seeds: success rate, return, and the behaviour metric (mean
-    end-effector displacement per step, when the env reports it). Deterministic ODE sampling
-    with ``num_steps`` unless ``sampler`` (a flow sampler config, e.g. the training Flow-SDE)
-    is given. Each env runs whole episodes; exactly ``episodes`` are counted."""
-    policy.eval()
-    cfg = sampler if sampler is not None else policy.sampler_config("ode", num_steps)
-    gen = torch.Generator(device=policy.device).manual_seed(seed)
-    obs = env.reset(seed=seed)
-    B = env.spec.num_envs
-    records: list[dict[str, Any]] = []
-    started = [0] * B                      # episodes begun by each env
-    per_env = math.ceil(episodes / B)
-    bar = tqdm(total=episodes, desc="eval", disable=not progress, leave=False)
-    while len(records) < episodes:
-        actions, _, _ = policy.act(policy.observe(obs), cfg, gen)
-        instr = list(obs["instruction"])
-        obs, _, term, trunc, info = env.step(actions)
-        for i in np.where(term | trunc)[0]:
-            if started[i] < per_env and len(records) < episodes:
-                records.append({
-                    "env": int(i), "index": started[i],  # env i's n-th episode: pairs runs episode by episode
-                    "instruction": instr[i], "success": bool(info["success"][i]),
-                    "return": float(info["episode_return"][i]),
-                    "speed": float(info.get("episode_speed", np.full(B, np.nan))[i]),
-                })
-                bar.update(1)
-            started[i] += 1
-    bar.close()
-    success = np.array([r["success"] for r in records], float)
-    out = {
-        "episodes": len(records),
-        "success_rate": float(success.mean()),
-        "success_ci95": float(1.96 * math.sqrt(max(success.mean() * (1 - success.mean()), 1e-12) / len(records))),
-        "return": float(np.mean([r["return"] for r in records])),
-        "records": records,
-    }
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # RL
 
@@ -199,7 +156,7 @@ def new_stats() -> dict[str, list]:
     return {"success": [], "return": [], "env_steps": [], "chunks": []}
 
 
-def truncation_values(policy: VLAPolicy, terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any]) -> Tensor:
+def truncation_values(policy: FlowPolicy, terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any]) -> Tensor:
     """[B] V(final observation) where an episode hit its time limit (0 elsewhere): the return
     a time limit cuts off, which the collectors add as gamma * V to the last chunk's reward.
     Envs without ``info["final_obs"]`` (LIBERO, ManiSkill adapters) treat truncation as terminal."""
@@ -212,7 +169,7 @@ def truncation_values(policy: VLAPolicy, terminated: np.ndarray, truncated: np.n
     return out
 
 
-def collect(policy: VLAPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: torch.Generator,
+def collect(policy: FlowPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: torch.Generator,
             stats: dict[str, list], gamma: float = 0.99) -> tuple[Rollout, Obs, Tensor]:
     """PPO rollout: n_chunks chunk steps of every env with auto-reset -> (rollout, last obs,
     last value [B]). Truncated chunks earn gamma * V(final obs) on top of their reward.
@@ -235,7 +192,7 @@ def collect(policy: VLAPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: t
     return ro, obs, last_value
 
 
-def collect_groups(policy: VLAPolicy, env, seed: int, group_size: int, sampler_cfg, gen: torch.Generator,
+def collect_groups(policy: FlowPolicy, env, seed: int, group_size: int, sampler_cfg, gen: torch.Generator,
                    stats: dict[str, list], first_env: int = 0) -> tuple[Rollout, Tensor]:
     """GRPO rollout: envs reset in groups of ``group_size`` sharing a seed (same task), each
     runs exactly one episode -> (rollout with valid masks, episode returns [B]). ``env`` may
@@ -263,7 +220,7 @@ def collect_groups(policy: VLAPolicy, env, seed: int, group_size: int, sampler_c
     return ro, torch.from_numpy(returns)
 
 
-def collect_state_groups(policy: VLAPolicy, env, obs: Obs, n_chunks: int, group_size: int, sampler_cfg,
+def collect_state_groups(policy: FlowPolicy, env, obs: Obs, n_chunks: int, group_size: int, sampler_cfg,
                          gen: torch.Generator, stats: dict[str, list], *, gamma: float = 0.99, lam: float = 0.95,
                          bootstrap: bool = True) -> tuple[Rollout, Obs, Tensor, Tensor | None]:
     """GRPO over states (simulators only: it needs ``env.rehearse``): at each of n_chunks chunk
@@ -335,7 +292,7 @@ def _elements_per_chunk(trace) -> Tensor | float:
     return float(m.sum().clamp_min(1.0)) if m.ndim == 1 else m.sum(-1).clamp_min(1.0)
 
 
-def policy_gradient_cosine(policy: VLAPolicy, batch: Batch, trace, adv: Tensor, idx: Tensor, envs: Tensor,
+def policy_gradient_cosine(policy: FlowPolicy, batch: Batch, trace, adv: Tensor, idx: Tensor, envs: Tensor,
                            params: list[Tensor], micro_batch: int) -> float:
     """Cosine between the policy gradients (of -mean(A * log pi)) of the samples of even and of
     odd envs: two independent rollouts of the same policy. Near 0, the update follows noise
@@ -353,7 +310,7 @@ def policy_gradient_cosine(policy: VLAPolicy, batch: Batch, trace, adv: Tensor, 
     return float(grads[0] @ grads[1] / denom) if denom > 0 else float("nan")
 
 
-def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
+def update(policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
            actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None,
            shuffle: torch.Generator, train_actor: bool = True,
            bc: tuple[float, Callable[[], Tensor]] | None = None, grad_cosine: bool = False,
@@ -450,7 +407,7 @@ def update(policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor |
     return out
 
 
-def rl_sampler(policy: VLAPolicy, cfg: RLConfig) -> flow.SamplerConfig:
+def rl_sampler(policy: FlowPolicy, cfg: RLConfig) -> flow.SamplerConfig:
     """The stochastic sampler RL collects and updates with."""
     return policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
 
@@ -469,7 +426,7 @@ def stream_seed(seed: int, worker: int, iteration: int) -> int:
     return seed + 1_000_003 * worker + 7_919 * iteration
 
 
-def collect_iteration(policy: VLAPolicy, env, obs: Obs | None, cfg: RLConfig, it: int, seed: int,
+def collect_iteration(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, it: int, seed: int,
                       gen: torch.Generator, stats: dict[str, list], first_env: int = 0
                       ) -> tuple[Rollout, Obs | None, Tensor, Tensor | None]:
     """One update's rollout by ``cfg.algo`` -> (rollout [N, B], next obs, advantages [N, B],
@@ -514,10 +471,10 @@ class Learners(Protocol):
     """More learner ranks for the update (``vlafast.rl.dist.LearnerGroup``): ``start`` them with
     this process's state, then ``update`` has ``update``'s signature."""
 
-    def start(self, policy: VLAPolicy, actor_opt: torch.optim.Optimizer,
+    def start(self, policy: FlowPolicy, actor_opt: torch.optim.Optimizer,
               critic_opt: torch.optim.Optimizer | None) -> None: ...
 
-    def update(self, policy: VLAPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
+    def update(self, policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
                actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None, shuffle: torch.Generator,
                **kwargs: Any) -> dict[str, float]: ...
 
@@ -526,7 +483,7 @@ class Collector(Protocol):
     """Where an update's rollout comes from: ``collect(policy, iteration, stats)`` -> (rollout,
     advantages, critic targets or None, extra scalars for the metrics row)."""
 
-    def collect(self, policy: VLAPolicy, iteration: int, stats: dict[str, list]
+    def collect(self, policy: FlowPolicy, iteration: int, stats: dict[str, list]
                 ) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]: ...
 
 
@@ -539,7 +496,7 @@ class LocalCollector:
         self.env, self.cfg, self.seed, self.gen, self.first_env = env, cfg, seed, gen, first_env
         self.obs: Obs | None = None
 
-    def collect(self, policy: VLAPolicy, iteration: int, stats: dict[str, list]
+    def collect(self, policy: FlowPolicy, iteration: int, stats: dict[str, list]
                 ) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]:
         if self.obs is None:
             self.obs = self.env.reset(seed=reset_seeds(self.seed, iteration, self.first_env, self.env.spec.num_envs))
@@ -548,7 +505,7 @@ class LocalCollector:
         return ro, adv, ret, {}
 
 
-def make_optimizers(policy: VLAPolicy, cfg: RLConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+def make_optimizers(policy: FlowPolicy, cfg: RLConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """(actor AdamW, critic AdamW or None without a critic) over ``policy.rl_parameters()``."""
     actor, critic = policy.rl_parameters()
     betas = cfg.ppo.betas
@@ -566,7 +523,7 @@ def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]
         log.warning("checkpoint has no %r (written by an older vlafast): it starts from its seed", key)
 
 
-def train_rl(policy: VLAPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str | Path | None = None,
+def train_rl(policy: FlowPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str | Path | None = None,
              demos: Demos | None = None,
              resume: bool = False, progress: bool = True,
              on_iteration: Callable[[int, dict[str, float]], None] | None = None,

@@ -1,0 +1,209 @@
+"""The one evaluator: ``run_episodes(policy, env, cfg)`` runs a fixed number of episodes per
+task and ``summarise`` gives success rates with 95% Wilson intervals per task and overall.
+
+``vlafast eval``, ``vlafast train``'s evaluations, ``vlafast steer``'s behaviour runs and the
+demo all call it. Episodes: each env runs a fixed quota of episodes (the first ones it
+starts), so short (successful) episodes are not over-counted; quotas split each task's
+episodes over the envs of that task (``env_quotas``). Sampling is deterministic (ODE, seeded
+generator) unless a sampler is given. A few episodes can be kept as frames (one per chunk:
+observations come at chunk ends; cameras side by side) for GIFs.
+
+Axes: B envs, E executed actions per chunk, A_env the env's action dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from vlafast._io import atomic_path
+from vlafast.envs.base import Obs
+
+Z95 = 1.959963984540054  # standard normal quantile at 0.975
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default); (0, 1) for n = 0."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # the ends are exactly 0 at k = 0 and 1 at k = n (analytically; rounding would give 1 - 1e-16)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def env_quotas(task_of_env: Sequence[Any], episodes: int) -> list[int]:
+    """Episodes each env runs so that every task gets ``episodes``: split across the envs of
+    that task in order (env r of P gets episodes // P, plus one for r < episodes % P)."""
+    quotas, seen = [], {}
+    peers = {t: sum(1 for u in task_of_env if u == t) for t in task_of_env}
+    for t in task_of_env:
+        r = seen.get(t, 0)
+        seen[t] = r + 1
+        quotas.append(episodes // peers[t] + (1 if r < episodes % peers[t] else 0))
+    return quotas
+
+
+# -- the episode loop -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    episodes: int = 10                  # per task
+    num_steps: int | None = None        # denoise steps (None: the model's)
+    videos: int = 0                     # episodes kept as frames (GIFs)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("episodes", 1), ("videos", 0), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.num_steps is not None and (isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int)
+                                           or self.num_steps < 1):
+            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
+
+
+def _frame(obs: Obs, cameras: Sequence[str], i: int) -> np.ndarray:
+    return np.concatenate([obs["images"][c][i] for c in cameras], axis=1)  # [H, V*W, 3]
+
+
+@torch.no_grad()
+def run_episodes(policy, env, cfg: EvalConfig = EvalConfig(), *, sampler=None,
+                 progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Run every env's quota of episodes with ``policy`` (bound to ``env`` here). Returns
+    (episodes, videos): one record per counted episode (env, index: the env's n-th episode,
+    task_id, instruction, success, length, return, speed: mean end-effector displacement per
+    step where the env reports it, error) in completion order, and up to ``cfg.videos``
+    {"env", "task_id", "success", "frames": [H, W', 3] list} of the first episodes of envs
+    0, 1, .... ``sampler``: a flow sampler config instead of the deterministic ODE."""
+    spec = env.spec
+    policy.bind(spec)
+    if hasattr(policy, "eval"):
+        policy.eval()
+    B = spec.num_envs
+    task_ids = [int(t) for t in getattr(env, "task_ids", [0] * B)]
+    quotas = env_quotas(task_ids, cfg.episodes)
+    started = [0] * B
+    gen = torch.Generator(device=getattr(policy, "device", torch.device("cpu"))).manual_seed(cfg.seed)
+    kw = {} if sampler is None else {"sampler": sampler}
+    obs = env.reset(seed=cfg.seed)
+    filming = {i: [_frame(obs, spec.cameras, i)] for i in range(min(cfg.videos, B)) if quotas[i] > 0}
+    videos: list[dict] = []
+    records: list[dict] = []
+    total = sum(quotas)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="episodes", unit="ep", leave=False)
+    try:
+        while len(records) < total:
+            chunk = policy.act_obs(obs, generator=gen, num_steps=cfg.num_steps, **kw)
+            instructions = list(obs["instruction"])
+            obs, _, terminated, truncated, info = env.step(chunk)
+            errors = info.get("errors") or [None] * B
+            speeds = info.get("episode_speed", np.full(B, np.nan))
+            for i in range(B):
+                ended = bool(terminated[i] or truncated[i])
+                if i in filming and not ended:
+                    filming[i].append(_frame(obs, spec.cameras, i))
+                if not ended:
+                    continue
+                started[i] += 1
+                if started[i] > quotas[i]:
+                    continue
+                rec = {"env": i, "index": started[i] - 1, "task_id": task_ids[i],
+                       "instruction": info["instruction"][i] if "instruction" in info else instructions[i],
+                       "success": bool(info["success"][i]), "length": int(info["episode_length"][i]),
+                       "return": float(info["episode_return"][i]), "speed": float(speeds[i]), "error": errors[i]}
+                records.append(rec)
+                if bar is not None:
+                    bar.update(1)
+                if i in filming:
+                    videos.append({"env": i, "task_id": task_ids[i], "success": rec["success"], "frames": filming.pop(i)})
+    finally:
+        if bar is not None:
+            bar.close()
+    return records, videos
+
+
+def evaluate(policy, env, *, episodes: int, seed: int, num_steps: int | None = None, sampler=None,
+             progress: bool = True) -> dict[str, Any]:
+    """``episodes`` per task on fixed seeds -> {"episodes", "success_rate", "success_ci95" (Wilson
+    [lo, hi]), "return", "records"}: what training runs, the demo and steering report."""
+    records, _ = run_episodes(policy, env, EvalConfig(episodes=episodes, num_steps=num_steps, seed=seed),
+                              sampler=sampler, progress=progress)
+    o = summarise(records)["overall"]
+    return {"episodes": o["episodes"], "success_rate": o["success_rate"], "success_ci95": o["ci95"],
+            "return": o["return"], "records": records}
+
+
+# -- summaries ----------------------------------------------------------------------------------
+
+def summarise(records: Sequence[dict]) -> dict[str, Any]:
+    """Per-task and overall success with 95% Wilson intervals, mean return and speed."""
+    tasks: dict[int, dict] = {}
+    for r in records:
+        t = tasks.setdefault(r["task_id"], {"task_id": r["task_id"], "instruction": r["instruction"],
+                                            "episodes": 0, "successes": 0, "errors": 0, "lengths": []})
+        t["episodes"] += 1
+        t["successes"] += int(r["success"])
+        t["errors"] += int(r["error"] is not None)
+        t["lengths"].append(r["length"])
+    rows = []
+    for t in sorted(tasks.values(), key=lambda t: t["task_id"]):
+        lo, hi = wilson_interval(t["successes"], t["episodes"])
+        rows.append({"task_id": t["task_id"], "instruction": t["instruction"], "episodes": t["episodes"],
+                     "successes": t["successes"], "success_rate": t["successes"] / t["episodes"],
+                     "ci95": [lo, hi], "mean_length": float(np.mean(t["lengths"])), "errors": t["errors"]})
+    n, s = sum(r["episodes"] for r in rows), sum(r["successes"] for r in rows)
+    lo, hi = wilson_interval(s, n)
+    returns = [r["return"] for r in records]
+    return {"tasks": rows, "overall": {"episodes": n, "successes": s, "success_rate": s / n if n else 0.0,
+                                       "ci95": [lo, hi], "return": float(np.mean(returns)) if returns else math.nan}}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def format_summary(summary: dict[str, Any], title: str = "") -> str:
+    """A markdown table: one row per task and an overall row."""
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| task | instruction | episodes | success | 95% CI (Wilson) | mean length |",
+              "|---:|---|---:|---:|---|---:|"]
+    for r in summary["tasks"]:
+        lines.append(f"| {r['task_id']} | {r['instruction']} | {r['episodes']} | {pct(r['success_rate'])} "
+                     f"({r['successes']}) | {pct(r['ci95'][0])} - {pct(r['ci95'][1])} | {r['mean_length']:.0f} |")
+    o = summary["overall"]
+    lines.append(f"| all | | {o['episodes']} | {pct(o['success_rate'])} ({o['successes']}) | "
+                 f"{pct(o['ci95'][0])} - {pct(o['ci95'][1])} | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_gif(path: str | os.PathLike, frames: Sequence[np.ndarray], frame_s: float) -> Path:
+    """frames: uint8 [H, W, 3] each -> an endlessly looping GIF, written atomically."""
+    from PIL import Image
+
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=max(20, int(round(1000 * frame_s))), loop=0)
+    return Path(path)
+
+
+__all__ = ["EvalConfig", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]
