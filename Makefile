@@ -61,7 +61,8 @@ $(LIBERO_STAMP):
 # ManiSkill3 runs in .venv (torch). SAPIEN needs a Vulkan device even for state observations;
 # without a CUDA GPU, Debian bookworm-backports' Mesa lavapipe (25.0.7, which has the
 # VK_KHR_external_semaphore_fd that Debian 12's own 22.3 lacks) is unpacked into
-# .venv/vulkan-cpu (nothing installed system-wide). If that fails, the ManiSkill tests skip.
+# .venv/vulkan-cpu (nothing installed system-wide; tools/lavapipe.py). If that fails, the ManiSkill
+# tests skip.
 MANISKILL_SPEC ?= mani-skill==3.0.1
 MANISKILL_STAMP := $(VENV)/.vlafast-maniskill-installed
 
@@ -72,7 +73,7 @@ $(MANISKILL_STAMP): $(STAMP)
 	echo "maniskill: installing $(MANISKILL_SPEC) into $(VENV)"; \
 	$(BIN)/python -m pip install -q "$(MANISKILL_SPEC)"; \
 	if ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(BIN)/python -c "from vlafast.envs.maniskill import install_lavapipe as f; print('maniskill: Vulkan driver', f())" \
+	  $(BIN)/python -m tools.lavapipe \
 	    || echo "maniskill: no software Vulkan driver could be unpacked; ManiSkill tests will skip"; \
 	fi; \
 	touch $@
@@ -97,18 +98,20 @@ wheel: setup
 # budgeted plan run from the source tree by the image's own python3 (no venv). Each step's log,
 # junit XML and CSV rows land in $(OUT) as soon as the step ends; summary.txt has a line a step.
 # Afterwards: `vlafast bench import $(OUT)` files the rows into bench/results and the README.
+# The developer tools run as modules from the checkout's root (`python -m tools.X`: tools/ is not
+# in the wheel), so both `vlafast` and `tools` import from the tree.
 OUT    ?= gpu-check-out
 BUDGET ?= 420
 gpu-check:
-	$(PYTHON) -m vlafast.gpucheck --out $(OUT) --budget $(BUDGET)
+	$(PYTHON) -m tools.gpucheck --out $(OUT) --budget $(BUDGET)
 
 # On the CPU: AOT-compile every Triton kernel config the launchers can pick for sm_90
 # ($(OUT)/aot.json; fails on a compile error or a spill above the bound), then dry-run the
 # gpu-check plan at the default budget (skip logic) and with no limit (every step checked).
 gpu-rehearsal: setup
-	env -u TRITON_INTERPRET $(BIN)/python -m vlafast.ops.aot --out $(OUT)
-	$(BIN)/python -m vlafast.gpucheck --dry-run --out $(OUT)/plan --budget $(BUDGET)
-	$(BIN)/python -m vlafast.gpucheck --dry-run --out $(OUT)/plan-all --budget 100000
+	env -u TRITON_INTERPRET $(BIN)/python -m tools.aot --out $(OUT)
+	$(BIN)/python -m tools.gpucheck --dry-run --out $(OUT)/plan --budget $(BUDGET)
+	$(BIN)/python -m tools.gpucheck --dry-run --out $(OUT)/plan-all --budget 100000
 
 clean:
 	rm -rf build dist $(VENV) $(LIBERO_VENV) runs gpu-check-out *.egg-info

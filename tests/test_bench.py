@@ -127,7 +127,8 @@ def test_a_benchmark_whose_extra_is_missing_is_skipped_by_name(monkeypatch, caps
     leaves it out of its plan."""
     import dataclasses
 
-    from vlafast import bench, gpucheck
+    from tools import gpucheck
+    from vlafast import bench
 
     fake = dataclasses.replace(bench.BENCHMARKS["servo-timing"], needs=("no_such_module_here",))
     assert fake.missing() == ["no_such_module_here"] and bench.BENCHMARKS["servo-timing"].missing() == []

@@ -1,12 +1,14 @@
 """The GPU harvest on the CPU: its plan runner (deadline, caps, streaming), its dry run, the
 suite's collection without the simulators, reduced benchmark repetitions, `bench import`, the
-in-place `_C` build and the sm_90 AOT rehearsal of every Triton kernel config."""
+in-place `_C` build and the sm_90 AOT rehearsal of every Triton kernel config; and that this
+tooling (tools/) stays out of the runtime package."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from vlafast import gpucheck
+from tools import gpucheck
+from tools.gpucheck import Step, run_plan
+from tools.harvest import BEGIN, END, import_run
 from vlafast.bench import core
-from vlafast.bench.harvest import BEGIN, END, import_run
-from vlafast.gpucheck import Step, run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +81,7 @@ def test_headline_steps_fit_the_default_budget_at_their_caps():
 @pytest.mark.slow
 def test_dry_run_of_the_whole_plan(tmp_path):
     """Every test selection of the plan collects at least one test; every benchmark's options parse."""
-    r = subprocess.run([sys.executable, "-m", "vlafast.gpucheck", "--dry-run", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "tools.gpucheck", "--dry-run", "--out", str(tmp_path),
                         "--budget", "100000"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = (tmp_path / "summary.txt").read_text().splitlines()[1:-1]
@@ -158,6 +160,36 @@ def test_bench_import_errors(tmp_path):
         import_run(tmp_path, tmp_path / "r", None)
 
 
+def test_bench_import_command_runs_from_a_checkout_only(tmp_path, monkeypatch, capsys):
+    """`vlafast bench import` loads the checkout's tools/harvest.py; an installed wheel has none."""
+    import vlafast
+    from vlafast.cli import main
+
+    run, results = tmp_path / "run", tmp_path / "results"
+    run.mkdir()
+    core.write_rows(_rows("NVIDIA H200", 1.5, "2026-12-04T10:00:00+00:00"), run / "05-bench-vocab-topk.csv")
+    assert main(["bench", "import", str(run), "--results-dir", str(results), "--readme", "", "--no-plots"]) == 0
+    assert [r["median_ms"] for r in core.read_rows(results / "nvidia-h200.csv")] == ["1.5"]
+    monkeypatch.setattr(vlafast, "__file__", str(tmp_path / "site-packages" / "vlafast" / "__init__.py"))
+    assert main(["bench", "import", str(run), "--results-dir", str(results)]) == 2
+    assert "runs from a source checkout" in capsys.readouterr().err
+
+
+def test_tooling_stays_out_of_the_runtime_package():
+    """tools/ is not in the wheel: no vlafast module imports it or keeps a copy, and the real-time
+    loop imports no matplotlib (its reports are vlafast.robot.report's)."""
+    pkg = ROOT / "vlafast"
+    assert not [old for old in ("gpucheck.py", "bench/harvest.py", "ops/aot.py", "rl/compare.py") if (pkg / old).exists()]
+    importers = [str(p) for p in pkg.rglob("*.py")
+                 if re.search(r"^\s*(from|import)\s+tools\b", p.read_text(), re.M)]
+    assert importers == []
+    assert "install_lavapipe" not in (pkg / "envs" / "maniskill.py").read_text()
+    code = ("import sys, vlafast.robot.runner, vlafast.cli.robot; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stdout[-2000:] + r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_build_c_inplace_without_pip(tmp_path):
     """The GPU image may lack scikit-build-core: `_C` compiles with the system compiler alone."""
@@ -170,7 +202,7 @@ def test_build_c_inplace_without_pip(tmp_path):
 
 def test_aot_records_every_launcher_branch():
     """The launchers, driven on CPU tensors, reach every kernel and config they can pick."""
-    r = subprocess.run([sys.executable, "-c", "from vlafast.ops import aot; import json; "
+    r = subprocess.run([sys.executable, "-c", "from tools import aot; import json; "
                         "print(json.dumps([(l.kernel, l.config) for l in aot.launches()]))"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
@@ -191,7 +223,7 @@ def test_aot_records_every_launcher_branch():
 
 
 def test_aot_problems_of():
-    from vlafast.ops.aot import MAX_SPILL_BYTES, SM90_MAX_SHARED, problems_of
+    from tools.aot import MAX_SPILL_BYTES, SM90_MAX_SHARED, problems_of
 
     ok = {"ok": True, "spill_store_bytes": 0, "shared_bytes": 1024}
     assert problems_of(ok) == []
@@ -203,7 +235,7 @@ def test_aot_problems_of():
 @pytest.mark.slow
 def test_aot_compiles_every_config_for_sm90(tmp_path):
     """`make gpu-rehearsal`'s compile: every variant compiles for sm_90 within the spill bound."""
-    r = subprocess.run([sys.executable, "-m", "vlafast.ops.aot", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "tools.aot", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
                        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     doc = json.loads((tmp_path / "aot.json").read_text())

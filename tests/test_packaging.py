@@ -50,6 +50,9 @@ def test_wheel_is_manylinux_small_and_clean(built):
     names = zipfile.ZipFile(wheel).namelist()
     assert "vlafast/assets/ur5e.xml" in names and "vlafast/envs/libero_worker.py" in names
     assert not any("libtorch" in n for n in names)
+    # Developer tooling lives in tools/, which the wheel does not ship, nor its old homes.
+    tooling = ("vlafast/gpucheck.py", "vlafast/bench/harvest.py", "vlafast/ops/aot.py", "vlafast/rl/compare.py")
+    assert not [n for n in names if n.startswith("tools/") or n in tooling]
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ SAPIEN needs a Vulkan device even for state observations (scene materials are cr
 load). NVIDIA's driver provides one; on a CPU-only machine Mesa's lavapipe >= 24.3 does
 (``VK_KHR_external_semaphore_fd``; Debian 12's own Mesa 22.3 lacks it): ``make maniskill``
 unpacks Debian bookworm-backports' mesa-vulkan-drivers (25.0.7) into ``.venv/vulkan-cpu/``
-(``install_lavapipe``) and this module points ``VK_ICD_FILENAMES`` at it when no other driver
-is configured and there is no CUDA device (``find_vulkan_icd``).
+(``tools/lavapipe.py``, from a source checkout) and this module points ``VK_ICD_FILENAMES`` at it
+when no other driver is configured and there is no CUDA device (``find_vulkan_icd``).
 
 Observations: ``obs_mode="state"``: state = ManiSkill's flat state vector, no images;
 ``obs_mode="rgb"``: images {camera: uint8 [B, H, W, 3]} per ManiSkill sensor (PickCube:
@@ -27,14 +27,10 @@ Axes: B envs, T actions per chunk, A action dim, S state dim.
 
 from __future__ import annotations
 
-import glob
 import logging
 import multiprocessing as mp
 import os
 import pathlib
-import re
-import shutil
-import subprocess
 import sys
 from typing import Any, Sequence
 
@@ -60,9 +56,10 @@ CONTROL_HZ_DEFAULT = 20.0
 
 def find_vulkan_icd() -> str | None:
     """The Vulkan driver manifest SAPIEN should use when none is configured: the lavapipe that
-    ``install_lavapipe`` put into this venv (``<sys.prefix>/vulkan-cpu/lvp_icd.json``). None if
-    ``VK_ICD_FILENAMES`` / ``VK_DRIVER_FILES`` is set or there is no such file (SAPIEN then
-    looks for a system driver, e.g. NVIDIA's)."""
+    ``make maniskill`` (``tools/lavapipe.py``) put into this venv
+    (``<sys.prefix>/vulkan-cpu/lvp_icd.json``). None if ``VK_ICD_FILENAMES`` /
+    ``VK_DRIVER_FILES`` is set or there is no such file (SAPIEN then looks for a system driver,
+    e.g. NVIDIA's)."""
     if os.environ.get("VK_ICD_FILENAMES") or os.environ.get("VK_DRIVER_FILES"):
         return None
     icd = pathlib.Path(sys.prefix) / "vulkan-cpu" / "lvp_icd.json"
@@ -93,39 +90,6 @@ def renderer_unavailable() -> str | None:
     except RuntimeError as exc:
         return f"SAPIEN has no Vulkan device here: {exc}"
     return None
-
-
-def install_lavapipe(dest: str | os.PathLike[str] | None = None) -> str:
-    """Unpack Mesa's software Vulkan driver (lavapipe) from the Debian release's backports into
-    ``dest`` (default ``<sys.prefix>/vulkan-cpu``) without installing it system-wide, and write
-    ``lvp_icd.json`` pointing at it. Needs apt-get and dpkg (Debian 12 here); the mirror is the
-    one the system's apt sources already use. Returns the manifest's path."""
-    dest = pathlib.Path(dest or pathlib.Path(sys.prefix) / "vulkan-cpu").resolve()
-    if not (shutil.which("apt-get") and shutil.which("dpkg")):
-        raise RuntimeError("install_lavapipe needs apt-get and dpkg (a Debian system)")
-    release = dict(line.strip().split("=", 1) for line in open("/etc/os-release") if "=" in line)
-    codename = release.get("VERSION_CODENAME", "").strip('"')
-    sources = "\n".join(open(f).read() for f in glob.glob("/etc/apt/sources.list.d/*.sources")
-                        + glob.glob("/etc/apt/sources.list") if os.path.isfile(f))
-    uris = [u for u in re.findall(r"(?:URIs:|deb)\s+(https?://\S+)", sources) if "security" not in u]
-    if not codename or not uris:
-        raise RuntimeError(f"cannot tell the Debian release ({codename!r}) or its mirror from /etc/apt")
-    lists = dest / "apt-lists"
-    (lists / "partial").mkdir(parents=True, exist_ok=True)
-    (dest / "sources.list").write_text(f"deb {uris[0]} {codename}-backports main\n")
-    opts = [f"-oDir::Etc::SourceList={dest / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={lists}"]
-    subprocess.run(["apt-get", *opts, "-qq", "update"], check=True)
-    for old in dest.glob("mesa-vulkan-drivers_*.deb"):
-        old.unlink()
-    subprocess.run(["apt-get", *opts, "-qq", "download", f"mesa-vulkan-drivers/{codename}-backports"],
-                   check=True, cwd=dest)
-    (deb,) = dest.glob("mesa-vulkan-drivers_*.deb")
-    subprocess.run(["dpkg", "-x", str(deb), str(dest / "root")], check=True)
-    (lib,) = (dest / "root").glob("usr/lib/*/libvulkan_lvp.so")
-    manifest = dest / "lvp_icd.json"
-    manifest.write_text('{"file_format_version": "1.0.0", "ICD": {"library_path": "%s", "api_version": "1.3.0"}}\n' % lib)
-    return str(manifest)
 
 
 def flatten_obs(obs: Any, obs_mode: str) -> tuple[dict[str, np.ndarray], np.ndarray]:

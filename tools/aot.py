@@ -7,7 +7,7 @@ forced to ``triton`` and ``JITFunction.run`` replaced by a recorder. Each distin
 target (default ``cuda`` sm_90), and ptxas reports registers, spills and local memory per thread;
 Triton's metadata gives the shared memory per block.
 
-``python -m vlafast.ops.aot --out DIR`` writes ``DIR/aot.json`` and exits non-zero when a
+``python -m tools.aot --out DIR`` writes ``DIR/aot.json`` and exits non-zero when a
 variant does not compile or spills more than ``MAX_SPILL_BYTES``. It must run without
 ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` gives functions that cannot compile).
 """
@@ -253,7 +253,7 @@ def rehearse(out_dir: str | os.PathLike, arch: int = 90, max_spill: int = MAX_SP
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlafast.ops.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for aot.json")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90)")
     p.add_argument("--max-spill", type=int, default=MAX_SPILL_BYTES, help="bytes of spill stores allowed per thread")

@@ -6,7 +6,7 @@ the model-level GPU tests, then the rest. Every step has its own cap; a shared d
 step whose minimum no longer fits. As soon as a step ends, its log, junit XML and CSV rows are in
 OUT and ``summary.txt`` has its line, so a run killed at the window's end keeps all it finished.
 
-    python -m vlafast.gpucheck --out DIR [--budget 420] [--dry-run]
+    python -m tools.gpucheck --out DIR [--budget 420] [--dry-run]     # from the checkout's root
 
 It runs from the source tree on whatever python3 runs it (the GPU image's: no venv, no
 network); ``_C`` is compiled in place when no build of it imports, and the summary says if that
@@ -70,7 +70,7 @@ def plan() -> list[Step]:
 
     gpu = ("-m", "gpu or vulkan")
     steps = [
-        Step("build-C", "cmd", ("-m", "vlafast.gpucheck", "--build-c"), cap=60, need=10),
+        Step("build-C", "cmd", ("-m", "tools.gpucheck", "--build-c"), cap=60, need=10),
         Step("info", "cmd", ("-m", "vlafast", "info"), cap=20, need=5),
         Step("tests-kernels", "tests", (*gpu, *KERNEL_TESTS), cap=60, need=20),
         Step("tests-flow", "tests", (*gpu, *FLOW_TESTS), cap=40, need=15),
@@ -111,7 +111,7 @@ def _argv(step: Step, out: Path, index: int, python: str, dry: bool) -> list[str
     if step.kind == "bench":
         name, *options = step.args
         if dry:
-            code = ("import sys; from vlafast.cli import _bench_parser; "
+            code = ("import sys; from vlafast.cli.bench import _bench_parser; "
                     "print(_bench_parser(sys.argv[1]).parse_args(sys.argv[2:]))")
             return [python, "-c", code, name, *options]
         return [python, "-m", "vlafast", "bench", name, *options, "--out", f"{stem}.csv"]
@@ -270,7 +270,7 @@ def _cmd_build_c() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlafast.gpucheck", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="folder for logs, junit XML, CSV rows and summary.txt")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help=f"seconds in all (default {DEFAULT_BUDGET:.0f})")
     p.add_argument("--dry-run", action="store_true", help="check each step instead of running it (CPU)")
