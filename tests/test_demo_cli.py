@@ -16,30 +16,37 @@ def test_train_sft_ppo_resume_eval(tmp_path, capsys):
     cfg.write_text(json.dumps(SMALL))
     run1, run2 = tmp_path / "sft", tmp_path / "ppo"
     assert main(["train", "sft", "--config", str(cfg), "--out", str(run1), "--no-progress"]) == 0
-    assert (run1 / "policy.pt").exists() and json.loads((run1 / "summary.json").read_text())["phase"] == "sft"
-    assert main(["train", "ppo", "--init", str(run1 / "policy.pt"), "--out", str(run2), "--iterations", "1",
+    assert (run1 / "policy" / "policy.json").exists() and (run1 / "policy" / "model.safetensors").exists()
+    assert json.loads((run1 / "summary.json").read_text())["phase"] == "sft"
+    assert main(["train", "ppo", "--init", str(run1), "--out", str(run2), "--iterations", "1",
                  "--no-progress"]) == 0
     assert main(["train", "ppo", "--out", str(run2), "--resume", "--iterations", "2", "--no-progress"]) == 0
     history = json.loads((run2 / "metrics.json").read_text())
     assert [h["iteration"] for h in history] == [1, 2]
-    assert main(["eval", "--checkpoint", str(run2 / "policy.pt"), "--episodes", "4", "--no-progress"]) == 0
+    assert main(["eval", "--policy", str(run2), "--episodes", "4", "--no-progress"]) == 0
     assert "success" in capsys.readouterr().out
     run3 = tmp_path / "grpo"
-    assert main(["train", "grpo", "--init", str(run1 / "policy.pt"), "--out", str(run3), "--groups", "state",
+    assert main(["train", "grpo", "--init", str(run1 / "policy"), "--out", str(run3), "--groups", "state",
                  "--iterations", "1", "--no-progress"]) == 0
     recipe = json.loads((run3 / "recipe.json").read_text())
     assert recipe["rl"]["algo"] == "grpo" and recipe["rl"]["grpo_groups"] == "state"
 
 
-def test_train_errors(tmp_path):
-    with pytest.raises(SystemExit, match="needs --init"):
-        main(["train", "ppo", "--out", str(tmp_path / "x")])
+def test_train_errors(tmp_path, capsys):
+    """Usage errors: exit 2 and one sentence on stderr (no traceback); --debug raises instead."""
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    assert "needs --init" in error(["train", "ppo", "--out", str(tmp_path / "x")])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"num_envz": 3}))
-    with pytest.raises(ValueError, match=r"unknown recipe keys \['num_envz'\]"):
-        main(["train", "sft", "--config", str(bad), "--out", str(tmp_path / "y")])
-    with pytest.raises(FileNotFoundError, match="no policy checkpoint"):
-        main(["eval", "--checkpoint", str(tmp_path / "none.pt")])
+    assert "unknown recipe keys ['num_envz']" in error(["train", "sft", "--config", str(bad), "--out", str(tmp_path / "y")])
+    assert "no checkpoint at" in error(["eval", "--policy", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        main(["--debug", "eval", "--policy", str(tmp_path / "none")])
 
 
 @pytest.mark.slow

@@ -269,7 +269,7 @@ def test_scaling_benchmark_rows(cluster):
     """`vlafast bench rollout --workers ...`: one row per worker count, in the common schema, with
     the in-process baseline of the same run and the weight-sync cost."""
     from vlafast.bench import rollout
-    from vlafast.cli import _bench_parser
+    from vlafast.cli.bench import _bench_parser
 
     args = _bench_parser("rollout").parse_args(["--workers", "1", "2", "--envs", "4", "--chunks", "1", "--repeats", "1"])
     rows = rollout.run(args)

@@ -13,7 +13,7 @@ from vlafast.cli import main
 
 
 def test_serve_robot_null_backend_runs_and_reports(capsys):
-    assert main(["serve-robot", "--backend", "null", "--seconds", "0.8", "--no-realtime", "--latency-ms", "5"]) == 0
+    assert main(["robot", "run", "--backend", "null", "--seconds", "0.8", "--no-realtime", "--latency-ms", "5"]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if "cycles" in ln]
     assert len(lines) >= 2  # live readout lines, then the summary
@@ -22,7 +22,7 @@ def test_serve_robot_null_backend_runs_and_reports(capsys):
 
 def test_serve_robot_writes_the_cycle_report(tmp_path, capsys):
     """--report: the per-cycle record (with the commands' jerk from the MuJoCo backend's log)."""
-    assert main(["serve-robot", "--backend", "mujoco", "--seconds", "1.0", "--no-realtime", "--latency-ms", "20",
+    assert main(["robot", "run", "--backend", "mujoco", "--seconds", "1.0", "--no-realtime", "--latency-ms", "20",
                  "--report", str(tmp_path)]) == 0
     assert "wrote" in capsys.readouterr().out
     with open(tmp_path / "cycles.csv") as f:
@@ -77,7 +77,7 @@ def test_robot_run_on_ur_rtde_against_the_fake_controller(capsys):
 def test_serve_robot_ctrl_c_stops_cleanly():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlafast.cli", "serve-robot", "--backend", "mujoco", "--no-realtime"],
+        [sys.executable, "-m", "vlafast.cli", "robot", "run", "--backend", "mujoco", "--no-realtime"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         # A runner started in the background (CI, `cmd &`) inherits SIGINT as ignored; give the
         # child the default disposition so Ctrl-C reaches it as it would from a terminal.

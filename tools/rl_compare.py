@@ -26,8 +26,9 @@ import torch
 
 from vlafast.eval import evaluate
 from vlafast._io import atomic_write_text
-from vlafast.rl.checkpoint_eval import wilson_interval
+from vlafast.eval import wilson_interval
 from vlafast.rl.losses import PPOConfig
+from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
 from vlafast.rl.train import RLConfig
 
 COLUMNS = ("method", "seed", "env_steps", "success", "ci_low", "ci_high", "episodes", "updates", "seconds")
@@ -39,8 +40,8 @@ COLUMNS = ("method", "seed", "env_steps", "success", "ci_low", "ci_high", "episo
 _PPO = dict(algo="ppo", chunks_per_rollout=16, critic_warmup=3, bc_coef=0.0,
             ppo=PPOConfig(actor_lr=1e-5, critic_lr=1e-3, minibatch=256, micro_batch=128, epochs=4, target_kl=0.05))
 METHODS: dict[str, dict[str, Any]] = {
-    "ppo_flow_sde": dict(num_envs=32, rl=dict(_PPO, method="flow_sde")),
-    "ppo_flow_noise": dict(num_envs=32, rl=dict(_PPO, method="flow_noise")),
+    "ppo_flow_sde": dict(num_envs=32, rl=dict(_PPO, sampler=FlowSDE())),
+    "ppo_flow_noise": dict(num_envs=32, rl=dict(_PPO, sampler=FlowNoise())),
     # The demo's GRPO over states, horizon-correct (r + gamma V(end state)); needs a simulator.
     "grpo_states_sim_only": dict(num_envs=16, rl=dict(algo="grpo", grpo_groups="state", rehearsal_bootstrap=True,
                                                       critic_warmup=3)),
@@ -67,7 +68,7 @@ def _evaluate(policy, recipe, episodes: int) -> dict[str, Any]:
 
     env = build_env(recipe, num_envs=16)  # the same fixed episodes for every method
     try:
-        ev = evaluate(policy, env, episodes=episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+        ev = evaluate(policy, env, episodes=episodes, seed=recipe.seed + 100, num_steps=recipe.rl.sampler.num_steps,
                         progress=False)
     finally:
         env.close()

@@ -87,7 +87,9 @@ def run_episodes(policy, env, cfg: EvalConfig = EvalConfig(), *, sampler=None,
     """Run every env's quota of episodes with ``policy`` (bound to ``env`` here). Returns
     (episodes, videos): one record per counted episode (env, index: the env's n-th episode,
     task_id, instruction, success, length, return, speed: mean end-effector displacement per
-    step where the env reports it, error) in completion order, and up to ``cfg.videos``
+    step where the env reports it (NaN elsewhere), action_norm: mean norm of the first three
+    action dims over the chunks sent in the episode (a speed proxy for delta end-effector
+    actions; the chunk that ends an episode counts whole), error) in completion order, and up to ``cfg.videos``
     {"env", "task_id", "success", "frames": [H, W', 3] list} of the first episodes of envs
     0, 1, .... ``sampler``: a flow sampler config instead of the deterministic ODE."""
     spec = env.spec
@@ -98,6 +100,7 @@ def run_episodes(policy, env, cfg: EvalConfig = EvalConfig(), *, sampler=None,
     task_ids = [int(t) for t in getattr(env, "task_ids", [0] * B)]
     quotas = env_quotas(task_ids, cfg.episodes)
     started = [0] * B
+    moved, executed = np.zeros(B), np.zeros(B)  # per env: action norm (first 3 dims) summed, actions sent
     gen = torch.Generator(device=getattr(policy, "device", torch.device("cpu"))).manual_seed(cfg.seed)
     kw = {} if sampler is None else {"sampler": sampler}
     obs = env.reset(seed=cfg.seed)
@@ -113,6 +116,8 @@ def run_episodes(policy, env, cfg: EvalConfig = EvalConfig(), *, sampler=None,
     try:
         while len(records) < total:
             chunk = policy.act_obs(obs, generator=gen, num_steps=cfg.num_steps, **kw)
+            moved += np.linalg.norm(np.asarray(chunk)[:, :, :3], axis=-1).sum(axis=1)
+            executed += chunk.shape[1]
             instructions = list(obs["instruction"])
             obs, _, terminated, truncated, info = env.step(chunk)
             errors = info.get("errors") or [None] * B
@@ -124,12 +129,15 @@ def run_episodes(policy, env, cfg: EvalConfig = EvalConfig(), *, sampler=None,
                 if not ended:
                     continue
                 started[i] += 1
+                action_norm = moved[i] / max(executed[i], 1.0)
+                moved[i] = executed[i] = 0.0
                 if started[i] > quotas[i]:
                     continue
                 rec = {"env": i, "index": started[i] - 1, "task_id": task_ids[i],
                        "instruction": info["instruction"][i] if "instruction" in info else instructions[i],
                        "success": bool(info["success"][i]), "length": int(info["episode_length"][i]),
-                       "return": float(info["episode_return"][i]), "speed": float(speeds[i]), "error": errors[i]}
+                       "return": float(info["episode_return"][i]), "speed": float(speeds[i]),
+                       "action_norm": float(action_norm), "error": errors[i]}
                 records.append(rec)
                 if bar is not None:
                     bar.update(1)
@@ -206,4 +214,78 @@ def write_gif(path: str | os.PathLike, frames: Sequence[np.ndarray], frame_s: fl
     return Path(path)
 
 
-__all__ = ["EvalConfig", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]
+# -- benchmark envs ------------------------------------------------------------------------------
+
+ENV_PREFIXES = ("libero:", "maniskill:")
+
+
+def check_env_name(name: str) -> None:
+    if not isinstance(name, str) or not name.startswith(ENV_PREFIXES) or not name.split(":", 1)[1]:
+        raise ValueError(f"--env must be libero:<suite> (e.g. libero:libero_10) or maniskill:<task> "
+                         f"(e.g. maniskill:PickCube-v1), got {name!r}; built-in tasks are evaluated "
+                         "from their own run folder without --env")
+
+
+def benchmark_env(env_name: str, *, seed: int, tasks: Sequence[int] | None = None, num_envs: int | None = None,
+                  overrides: dict[str, Any] | None = None):
+    """(env, make_env overrides used) for ``libero:<suite>`` (one env per task by default) or
+    ``maniskill:<task>`` (RGB observations); names and task ids are checked before any env starts."""
+    from vlafast.envs import make_env
+
+    check_env_name(env_name)
+    if num_envs is not None and (isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1):
+        raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+    overrides = dict(overrides or {})
+    kind, name = env_name.split(":", 1)
+    if kind == "libero":
+        from vlafast.envs.libero import NUM_TASKS
+
+        if tasks is None and name not in NUM_TASKS:
+            raise ValueError(f"unknown LIBERO suite {name!r}: known {', '.join(NUM_TASKS)} (or pass --tasks)")
+        task_list = list(tasks) if tasks is not None else list(range(NUM_TASKS[name]))
+        overrides["task_ids"] = task_list
+        n = num_envs or len(task_list)
+    else:
+        if tasks is not None:
+            raise ValueError("--tasks applies to LIBERO suites; a ManiSkill env name is one task")
+        overrides.setdefault("obs_mode", "rgb")
+        n = num_envs or 1
+    return make_env(env_name, n, seed=seed, **overrides), overrides
+
+
+def evaluate_on_env(policy, env_name: str, *, cfg: EvalConfig = EvalConfig(videos=2), out: str | os.PathLike | None = None,
+                    tasks: Sequence[int] | None = None, num_envs: int | None = None,
+                    env_overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``policy`` on a benchmark env (``benchmark_env``), ``cfg.episodes`` per task; write
+    ``summary.json``, ``summary.md`` and GIFs into ``out``; returns the summary."""
+    import datetime as _dt
+    import json
+
+    from vlafast._io import atomic_write_text
+
+    check_env_name(env_name)
+    out = Path(out) if out is not None else Path("runs") / f"eval-{env_name.replace(':', '-')}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    env, overrides = benchmark_env(env_name, seed=cfg.seed, tasks=tasks, num_envs=num_envs, overrides=env_overrides)
+    try:
+        records, videos = run_episodes(policy, env, cfg, progress=progress)
+        control_hz, n = env.spec.control_hz, env.spec.num_envs
+    finally:
+        env.close()
+    summary = summarise(records)
+    spec = getattr(policy, "spec", None)
+    summary["config"] = {"policy": getattr(spec, "source", ""), "env": env_name, "family": getattr(spec, "family", ""),
+                         "exec_horizon": policy.exec_horizon, "num_envs": n, **dataclasses.asdict(cfg),
+                         "env_overrides": overrides}
+    summary["episodes"] = records
+    summary["videos"] = []
+    for v in videos:
+        name = f"task{v['task_id']:02d}_env{v['env']:02d}_{'success' if v['success'] else 'failure'}.gif"
+        write_gif(out / "videos" / name, v["frames"], policy.exec_horizon / control_hz)
+        summary["videos"].append(f"videos/{name}")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out / "summary.md", format_summary(summary, env_name))
+    summary["out"] = str(out)
+    return summary
+
+
+__all__ = ["EvalConfig", "benchmark_env", "check_env_name", "evaluate_on_env", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]

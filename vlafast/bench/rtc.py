@@ -94,7 +94,7 @@ def ratio_ci(eps: list[dict], base: list[dict], key: str, samples: int = 2000, s
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    from vlafast.rl.checkpoint_eval import wilson_interval
+    from vlafast.eval import wilson_interval
 
     t0 = time.perf_counter()
     model, make_observe, loss = train_policy(args.sft_steps)

@@ -1,4 +1,4 @@
-"""Mechanistic interpretability and steering (DESIGN §2).
+"""Mechanistic interpretability and steering (docs/architecture.md §2).
 
 * ``NeuronDictionary``: every MLP neuron's value vector projected onto the output vocabulary
   (fused top-k op), saved as one safetensors file; ``search`` / ``explain``.

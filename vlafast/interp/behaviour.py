@@ -1,4 +1,4 @@
-"""Steered vs unsteered behaviour on the built-in UR5e reach task (DESIGN §2, issue point 6).
+"""Steered vs unsteered behaviour on the built-in UR5e reach task (docs/architecture.md §2, issue point 6).
 
 The paper's behaviour metric is the mean end-effector displacement per control step (LIBERO-
 Long: baseline 0.38, "fast" cluster 0.56, "slow" cluster 0.25). Here the env reports it per
@@ -63,6 +63,8 @@ def train_tiny_policy(recipe=None, *, progress: bool = False):
 def action_layers(policy) -> list[str]:
     """VLM layers whose MLPs can change pi0's actions: all but the last (whose MLP only feeds the
     prefix output, never the K/V the expert reads; see ``Pi0Policy.mlps``)."""
+    if callable(getattr(policy, "action_layers", None)):
+        return policy.action_layers()
     model = policy.model if hasattr(policy, "model") else policy
     depth = model.cfg.vlm.depth
     return [f"vlm.{l}" for l in range(depth - 1)]
@@ -195,12 +197,14 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
     for name, plan in {"baseline": None, **plans}.items():
         with plan.applied(policy) if plan is not None else contextlib.nullcontext():
             raw[name] = episode_records(policy, env, episodes=episodes, seed=seed, num_steps=num_steps)
-    base = np.array([r["speed"] for r in raw["baseline"]])
+    # the env's end-effector speed where it reports one (the built-in task), else the actions' norm
+    metric = "speed" if all(np.isfinite(r["speed"]) for r in raw["baseline"]) else "action_norm"
+    base = np.array([r[metric] for r in raw["baseline"]])
     runs = {}
     for name, records in raw.items():
         if [r["instruction"] for r in records] != [r["instruction"] for r in raw["baseline"]]:
             raise RuntimeError(f"run {name!r} saw other episodes than the baseline; the env is not seed-deterministic")
-        speed = np.array([r["speed"] for r in records])
+        speed = np.array([r[metric] for r in records])
         plan = plans.get(name)
         runs[name] = {
             "speed": float(speed.mean()),
@@ -211,7 +215,7 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
             "by_word": speed_by_word(records),
             "neurons": len(plan) if isinstance(plan, SteeringPlan) else 0,
         }
-    return {"episodes": episodes, "seed": seed, "runs": runs}
+    return {"episodes": episodes, "seed": seed, "metric": metric, "runs": runs}
 
 
 def format_comparison(result: dict[str, Any]) -> str:
@@ -220,8 +224,9 @@ def format_comparison(result: dict[str, Any]) -> str:
     words = list(next(iter(runs.values()))["by_word"])
     head = (f"{'plan':<14}{'neurons':>8}{'speed':>8}{'95% CI':>16}{'delta':>8}{'95% CI':>16}{'success':>9}"
             + "".join(f"{w:>9}" for w in words))
-    lines = [f"mean end-effector speed, mm per control step ({result['episodes']} episodes, seed {result['seed']})",
-             head]
+    what = ("mean end-effector speed, mm per control step" if result.get("metric", "speed") == "speed"
+            else "mean action norm (first 3 dims) x 1000 per action")
+    lines = [f"{what} ({result['episodes']} episodes, seed {result['seed']})", head]
     for name, r in runs.items():
         lo, hi = r["speed_ci95"]
         dlo, dhi = r["delta_ci95"]

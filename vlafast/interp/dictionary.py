@@ -2,7 +2,7 @@
 
 Neuron i of layer l writes ``h_i * down_proj.weight[:, i]`` into the residual stream; that
 column (its *value vector*, width D) projected onto the vocabulary matrix E [V, D] gives
-logits whose top-k tokens say what the neuron promotes (DESIGN §2, arXiv 2509.00328). The
+logits whose top-k tokens say what the neuron promotes (docs/architecture.md §2, arXiv 2509.00328). The
 projection runs through the fused ``vocab_topk_chunked`` op, so the [N, V] logits are never
 materialised (pi0: 152 GB of them).
 
@@ -66,7 +66,9 @@ def model_mlps(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model if hasattr(model, "mlps") else model.model
+    """The model itself: a policy wrapper's ``.model`` when it has one."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "mlps") else model
 
 
 def vocab_surface(model: nn.Module) -> tuple[Tensor, Tensor]:

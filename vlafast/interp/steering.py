@@ -1,7 +1,7 @@
 """Steering plans: clamp chosen MLP neurons (or add a direction) inside the model, without hooks.
 
 ``SteeringPlan`` clamps the activations h_S entering ``down_proj`` of a neuron set S to alpha.
-Instead of editing h, it corrects the MLP output in place (DESIGN §2):
+Instead of editing h, it corrects the MLP output in place (docs/architecture.md §2):
 
     y' = W h  - W_S h_S + alpha W_S 1  =  y + W_S (alpha - h_S)
 
@@ -60,7 +60,8 @@ def _check_alpha(alpha: float) -> float:
 
 
 def _is_decoder(model: nn.Module) -> bool:
-    inner = model if hasattr(model, "mlps") else model.model
+    inner = getattr(model, "model", None)
+    inner = inner if inner is not None and hasattr(inner, "mlps") else model
     return hasattr(inner, "decode_step")
 
 

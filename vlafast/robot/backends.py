@@ -207,6 +207,20 @@ class MujocoUR5eBackend:
         with self._lock:
             return self._q.copy(), self._q_ns
 
+    def render(self, size: int = 224, camera: str | int = -1) -> np.ndarray:
+        """uint8 [size, size, 3]: the arm at its latest simulated joint positions, from ``camera``
+        (a camera of the model, or -1: MuJoCo's free camera). Renders a private copy of the state
+        on the caller's thread (the inference thread), never touching the stepping thread's."""
+        mj = self._mj
+        if getattr(self, "_render_model", None) is not self.model or self._renderer.height != size:
+            self._render_model, self._render_data = self.model, mj.MjData(self.model)
+            self._renderer = mj.Renderer(self.model, size, size)
+        q, _ = self.read_q()
+        self._render_data.qpos[:DOF] = q
+        mj.mj_forward(self.model, self._render_data)
+        self._renderer.update_scene(self._render_data, camera=camera)
+        return self._renderer.render().copy()
+
     def log(self) -> dict[str, np.ndarray]:
         """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated), late: [N]
         (the step ran with a target issued more than 3 steps earlier: the servo loop or this
@@ -225,23 +239,31 @@ class URRTDEBackend:
     """A real UR (e-series 500 Hz, CB3 125 Hz) through ur_rtde (``pip install vlafast[robot]``).
 
     The servoJ stream runs in a child process, not a thread of this one: ur_rtde's Python
-    bindings keep the GIL while they wait (``waitPeriod``, the RTDE round trips), and a Python
-    thread that must run every 2 ms in a process whose other threads run Python (the policy's
-    inference) waits up to ``sys.getswitchinterval()`` (5 ms) for the GIL at each call. Measured
-    against the loopback controller (``vlafast.robot.fake_ur``): next to one busy Python thread,
-    a forwarding thread ran 181 periods/s of 500 (433 with a 0.2 ms switch interval).
+    bindings keep the GIL while they wait (the RTDE round trips), and a Python thread that must
+    run every 2 ms in a process whose other threads run Python (the policy's inference) waits up
+    to ``sys.getswitchinterval()`` (5 ms) for the GIL at each call. Measured against the loopback
+    controller (``vlafast.robot.fake_ur``): next to one busy Python thread, a forwarding thread
+    ran 181 periods/s of 500 (433 with a 0.2 ms switch interval).
 
     So the servo thread publishes each target into shared memory (``_C.SharedMailboxBackend``,
-    a seqlock: no lock, no GIL), and the child (its own interpreter) runs ur_rtde's pacing:
-    ``t = initPeriod(); servoJ(newest q, 0, 0, 1/hz, lookahead, gain); waitPeriod(t)``; when the
-    servo loop has braked to rest it calls ``servoStop()``. ``close()`` also stops the control
-    script and disconnects; ``forwarder_stats`` then holds the child's period statistics. q in
-    rad; speed and acceleration are unused by servoJ (ur_rtde's docs), the servo loop enforces
-    our limits before the target gets here. ``read_q`` reads this process's own
-    ``RTDEReceiveInterface`` (its data thread is ur_rtde's; the call returns the cached sample).
-    ``watchdog_hz`` (default 10, 0: off) arms the controller's RTDE watchdog when the loop
-    starts: if the forwarder stalls or dies, the controller stops the program by itself within
-    1 / watchdog_hz.
+    a seqlock: no lock, no GIL), and the child (its own interpreter) runs on its own clock:
+    every period (absolute deadlines, asleep in between: a process that sleeps is woken promptly
+    on a busy machine, where ur_rtde's ``waitPeriod`` spins the end of each period) it sends
+    ``servoJ(newest q, 0, 0, 1/hz, lookahead, gain)`` when the servo loop published a new target,
+    and ``kickWatchdog()`` when it did not. The controller's RTDE watchdog (``watchdog_hz``,
+    default 10, 0: off; armed when the loop starts) therefore watches this process only: it
+    stops the program by itself within 1 / watchdog_hz if the forwarder stalls or dies, and a
+    late servo thread or a busy policy process never trips it. Whether the plan is fresh is the
+    servo loop's own chunk watchdog's to judge (it brakes to rest); should the servo thread
+    publish nothing for ``SERVO_SILENCE_S`` while servoing, the forwarder stops servoing and
+    reports it. When the servo loop has braked to rest the child calls ``servoStop()``.
+    ``close()`` also stops the control script and disconnects; ``forwarder_stats`` then holds
+    the child's period statistics. A refused command becomes ``error`` with the reason: the RTDE
+    watchdog (the controller heard nothing for 1 / watchdog_hz), a protective stop, or a program
+    stopped by someone else. q in rad; speed and acceleration are unused by servoJ (ur_rtde's
+    docs), the servo loop enforces our limits before the target gets here. ``read_q`` reads this
+    process's own ``RTDEReceiveInterface`` (its data thread is ur_rtde's; the call returns the
+    cached sample).
     """
 
     def __init__(self, host: str, hz: float = 500.0, lookahead: float = 0.1, gain: float = 300.0,
@@ -306,10 +328,13 @@ class URRTDEBackend:
         self._watch.start()
 
     def _watch_child(self, loop: Any) -> None:
-        """Turn a failure of the child (an exception, or its death) into a stop of the servo loop."""
+        """Turn a failure of the child (an exception, a refused command, or its death) into a stop
+        of the servo loop."""
         while not self._closed.is_set():
             if self._pipe.poll(0.05):
                 kind, value = self._reply(0.0, "the run")
+                if kind == "refused":
+                    kind, value = "error", self._refusal(value)
                 if kind == "error":
                     self.error = RuntimeError(value)
                     loop.request_stop(f"ur-rtde failed: {value}")
@@ -321,6 +346,15 @@ class URRTDEBackend:
                 self.error = RuntimeError(f"the ur-rtde forwarder process died (exit code {self._proc.exitcode})")
                 loop.request_stop(f"ur-rtde failed: {self.error}")
                 return
+
+    def _refusal(self, info: dict[str, Any]) -> str:
+        """Why the controller refused a command, from its state as this process's receive
+        interface last saw it."""
+        try:
+            runtime_state, protective = int(self._rtde_r.getRuntimeState()), bool(self._rtde_r.isProtectiveStopped())
+        except Exception:  # noqa: BLE001 - the state is a hint; the refusal is reported either way
+            runtime_state, protective = None, False
+        return refusal_message(info["what"], info["gap_s"], self.watchdog_hz, runtime_state, protective)
 
     def read_q(self) -> tuple[np.ndarray, int]:
         t_ns = load_C().monotonic_ns()
@@ -368,18 +402,38 @@ def _release_shm(shm: shared_memory.SharedMemory) -> None:
         pass
 
 
+RUNTIME_PAUSED = 4  # RTDE runtime_state: what rtde_set_watchdog's default action leaves the program in
+SERVO_SILENCE_S = 1.0  # no new target from a servoing loop for this long: the servo thread is gone
+
+
+def refusal_message(what: str, gap_s: float, watchdog_hz: float, runtime_state: int | None, protective: bool) -> str:
+    """The sentence a user reads when the controller refused ``what`` (servoJ, kickWatchdog):
+    ``gap_s`` is the forwarder's longest silence just before (seconds between its commands),
+    ``runtime_state`` and ``protective`` the controller's state (None: unknown)."""
+    if watchdog_hz > 0 and (gap_s > 1.0 / watchdog_hz or runtime_state == RUNTIME_PAUSED):
+        return (f"RTDE watchdog tripped: the controller heard nothing from the servoJ forwarder for over "
+                f"{1e3 / watchdog_hz:.0f} ms (watchdog_hz={watchdog_hz:g}) and stopped the program, the forwarder's "
+                f"last silence being {gap_s * 1e3:.0f} ms (an overloaded machine or network delays it)")
+    if protective:
+        return f"{what} refused: the robot is in a protective stop (clear it on the pendant, then restart)"
+    return (f"{what} refused: the control script is not running (stopped on the pendant or dashboard, "
+            f"or not in remote control?)")
+
+
 def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead: float, gain: float,
                       watchdog_hz: float) -> None:
-    """The child process of URRTDEBackend: connect, then stream the newest servo target each
-    period until the servo loop has braked to rest and the parent says ``close``. With
-    ``watchdog_hz`` the controller's RTDE watchdog is armed at the start: should this process
-    stall or die, the controller stops the program itself after 1 / watchdog_hz."""
+    """The child process of URRTDEBackend: connect, then each period (absolute deadlines) send
+    servoJ with the newest servo target, or kickWatchdog when there is none, until the parent
+    says ``close``; servoStop once the servo loop has braked to rest. With ``watchdog_hz`` the
+    controller's RTDE watchdog is armed at the start: should this process stall or die, the
+    controller stops the program itself after 1 / watchdog_hz. A refused command is sent to the
+    parent as ``("refused", {"what", "gap_s"})``, other failures as ``("error", text)``."""
     try:
         import rtde_control
     except ImportError as exc:
         pipe.send(("error", f"ur_rtde is not installed (pip install 'vlafast[robot]'): {exc}"))
         return
-    read = load_C().read_shared_target
+    C = load_C()
     shm = shared_memory.SharedMemory(name=shm_name)  # spawn children share the parent's resource tracker
     rtde_c = None
     try:
@@ -389,41 +443,46 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
         shm.close()
         return
     pipe.send(("ready", None))
-    period, servoing, seq_last, gaps = 1.0 / hz, False, 0, []
+    period_ns, silence_ns = int(round(1e9 / hz)), int(SERVO_SILENCE_S * 1e9)
+    servoing, seq_last, servoj_calls, gaps = False, 0, 0, []
     try:
         if pipe.recv() == "start":
             if watchdog_hz > 0:
                 rtde_c.setWatchdog(watchdog_hz)
-            t_prev = time.monotonic()
+            last_ns = fresh_ns = deadline = C.monotonic_ns()
             while not pipe.poll():
-                t_start = rtde_c.initPeriod()
-                seq, _t_ns, q, _v, stopped = read(shm.buf)
-                if stopped or seq == 0:  # braked to rest, or nothing commanded yet
-                    if stopped and servoing:
-                        rtde_c.servoStop()
-                        servoing = False
-                    if watchdog_hz > 0:
-                        rtde_c.kickWatchdog()
-                    rtde_c.waitPeriod(t_start)
-                    continue
-                if seq > seq_last:
-                    if not rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, period, lookahead, gain):
-                        raise RuntimeError("servoJ refused the target (control script not running: stopped on the "
-                                           "pendant or dashboard, protective stop, or not in remote control?)")
-                    servoing, seq_last = True, seq
-                now = time.monotonic()
-                gaps.append(now - t_prev)
-                t_prev = now
-                rtde_c.waitPeriod(t_start)
+                seq, _t_ns, q, _v, stopped = C.read_shared_target(shm.buf)
+                now = C.monotonic_ns()
+                if stopped and servoing:  # braked to rest
+                    what, ok, servoing = "servoStop", rtde_c.servoStop(), False
+                elif seq > seq_last and not stopped:
+                    what, ok = "servoJ", rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, 1.0 / hz, lookahead, gain)
+                    servoing, seq_last, fresh_ns, servoj_calls = True, seq, now, servoj_calls + 1
+                elif servoing and now - fresh_ns > silence_ns:
+                    rtde_c.servoStop()
+                    raise RuntimeError(f"the servo loop published no target for {SERVO_SILENCE_S:g} s while servoing "
+                                       "(its thread stalled or died); servoing stopped")
+                else:  # nothing new (not started, at rest, or the servo thread is late): keep the watchdog fed
+                    what, ok = "kickWatchdog", rtde_c.kickWatchdog() if watchdog_hz > 0 else True
+                if not ok and what != "servoStop":  # the controller's view may lag ours: the last 0.5 s count
+                    silence = max([now - last_ns, *gaps[-int(hz) // 2:]])
+                    pipe.send(("refused", {"what": what, "gap_s": silence * 1e-9}))
+                    rtde_c.disconnect()
+                    return
+                gaps.append(now - last_ns)
+                last_ns = now
+                deadline += period_ns
+                if deadline <= C.monotonic_ns():  # this process was late: the next deadline still ahead, no burst
+                    deadline += ((C.monotonic_ns() - deadline) // period_ns + 1) * period_ns
+                C.sleep_until_ns(deadline, 0.0)
         if servoing:
             rtde_c.servoStop()
         rtde_c.stopScript()
         rtde_c.disconnect()
-        g = np.asarray(gaps[1:] or [0.0]) * 1e3
-        late = int(sum(gap > 1.5 * period for gap in gaps))
-        pipe.send(("stats", {"periods": len(gaps), "late": late, "hz": float(len(gaps) / max(sum(gaps), 1e-9)),
-                             "p50_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)),
-                             "max_ms": float(g.max())}))
+        g = np.asarray(gaps[1:] or [0], dtype=np.float64) * 1e-6  # ms between the commands sent
+        pipe.send(("stats", {"periods": len(g), "servoj": servoj_calls, "late": int((g > 1.5e3 / hz).sum()),
+                             "hz": float(len(g) * 1e3 / max(g.sum(), 1e-9)), "p50_ms": float(np.median(g)),
+                             "p99_ms": float(np.percentile(g, 99)), "max_ms": float(g.max())}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         try:
             if rtde_c is not None:

@@ -1,11 +1,11 @@
-"""`vlafast robot run` (old name: `serve-robot`): the real-time loop with a live readout.
+"""`vlafast robot run | fake-ur`: the real-time loop with a live readout, and a loopback UR controller.
 
-Policies: ``sinusoid`` (scripted) or ``pi0-reach``, the tiny flow-matching pi0 of
-``vlafast.robot.reach`` (trained on first use, about a minute on a CPU, then loaded from
-``--reach-weights``) moving to ``--target``, with real-time chunking (``--rtc``), temporal
-ensembling (``--ensemble``) or the blend alone. Other model policies (pi0 / pi0.5 checkpoints,
-OpenVLA) plug in through ``vlafast.robot.RealtimeRunner`` from Python: any callable
-``policy(q [6], t_s) -> chunk [T, 6]`` with a ``dt`` attribute (``Pi0ChunkPolicy`` wraps a pi0).
+Policies: ``sinusoid`` (scripted), ``pi0-reach`` (the tiny flow-matching pi0 of
+``vlafast.robot.reach``, trained on first use, about a minute on a CPU, then loaded from
+``--reach-weights``, moving to ``--target``), or a policy folder (``vlafast.policies.load``)
+whose actions are joint positions: it sees the MuJoCo backend's rendered camera, the joint
+positions as its state and ``--prompt``. Chunks switch with real-time chunking (``--rtc``),
+temporal ensembling (``--ensemble``) or the blend alone.
 """
 
 from __future__ import annotations
@@ -15,16 +15,35 @@ import os
 import sys
 
 from vlafast.robot.backends import make_backend
-from vlafast.robot.policies import POLICIES, Delayed, Pi0ChunkPolicy, make_policy
-from vlafast.robot.runner import RealtimeRunner, write_cycle_report
-from vlafast.robot.servo import ServoConfig, format_stats
+from vlafast.robot.policies import Delayed, Pi0ChunkPolicy
+from vlafast.robot.report import write_cycle_report
+from vlafast.robot.runner import RealtimeRunner
+from vlafast.robot.servo import DOF, ServoConfig, format_stats
+
+
+def add_parser(sub) -> None:
+    from vlafast.robot import fake_ur
+
+    p = sub.add_parser("robot", help="real-time UR5e control: run (servo loop + policy) | fake-ur (loopback controller)")
+    robot_sub = p.add_subparsers(dest="robot_cmd", required=True)
+    r = robot_sub.add_parser("run", help="async loop: inference thread + C++ servo on mujoco | ur-rtde | null; "
+                             "scripted, pi0-reach or a policy folder (RTC, ensembling); per-cycle report")
+    add_arguments(r)
+    r.set_defaults(func=run)
+    r = robot_sub.add_parser("fake-ur", help="a UR controller on loopback (RTDE, dashboard, script ports) that ur_rtde "
+                             "drives: try `robot run --backend ur-rtde --host 127.0.0.1` against it")
+    fake_ur.add_arguments(r)
+    r.set_defaults(func=fake_ur.main)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["mujoco", "ur-rtde", "null"], default="mujoco")
     p.add_argument("--host", default="", help="robot IP address (ur-rtde)")
-    p.add_argument("--policy", choices=[*sorted(POLICIES), "pi0-reach"], default="sinusoid",
-                   help="scripted sinusoid, or the tiny pi0 reaching --target (other models: vlafast.robot.RealtimeRunner)")
+    p.add_argument("--policy", default="sinusoid",
+                   help="sinusoid (scripted), pi0-reach (the tiny pi0 reaching --target), or a policy folder whose "
+                        "actions are joint positions")
+    p.add_argument("--prompt", default="", help="the instruction a policy folder is given")
+    p.add_argument("--tokenizer", default=None, help="a policy folder's tokenizer (default: its own)")
     p.add_argument("--hz", type=float, default=500.0, help="servo rate: 500 (e-series) or 125 (CB3)")
     p.add_argument("--seconds", type=float, default=None, help="run time (default: until Ctrl-C)")
     p.add_argument("--amplitude", type=float, default=0.2, help="sinusoid amplitude per joint (rad)")
@@ -67,16 +86,82 @@ def _reach_policy(args: argparse.Namespace):
     return (Delayed(policy, args.latency_ms / 1e3) if args.latency_ms else policy), target
 
 
-def main(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> None:
+    """Every number in range before anything starts: one sentence naming the argument."""
+    import math
+
+    def need(name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)}")
+
+    finite = {k: getattr(args, k) for k in ("hz", "amplitude", "freq", "latency_ms", "blend", "ensemble",
+                                            "lookahead", "gain")}
+    for name, v in finite.items():
+        need(name, math.isfinite(v), "a finite number")
+    need("hz", 1.0 <= args.hz <= 1000.0, "in [1, 1000] (500 for e-series, 125 for CB3)")
+    need("seconds", args.seconds is None or (math.isfinite(args.seconds) and args.seconds > 0), "> 0")
+    need("amplitude", 0.0 <= args.amplitude <= 1.0, "in [0, 1] rad (the sinusoid's swing per joint)")
+    need("freq", 0.0 < args.freq <= 5.0, "in (0, 5] Hz")
+    need("latency_ms", args.latency_ms >= 0, ">= 0")
+    need("chunk_exec", args.chunk_exec >= 1, ">= 1")
+    need("blend", args.blend >= 0, ">= 0")
+    need("ensemble", 0.0 <= args.ensemble < 1.0, "in [0, 1)")
+    need("num_steps", args.num_steps >= 1, ">= 1")
+    need("sft_steps", args.sft_steps >= 1, ">= 1")
     if args.ensemble and args.rtc:
-        raise SystemExit("choose one of --rtc and --ensemble")
+        raise ValueError("choose one of --rtc and --ensemble")
+
+
+def _folder_policy(args: argparse.Namespace, robot):
+    """A joint-position policy folder as a real-time chunk policy: the backend's rendered camera,
+    the joint positions as state, ``--prompt`` as instruction."""
+    import numpy as np
+
+    from vlafast import policies
+    from vlafast.policies.spec import EnvBinding
+
+    policy = policies.load(args.policy, args.tokenizer)
+    if not isinstance(policy, policies.FlowPolicy):
+        raise policies.PolicyError(f"{args.policy} is a {policy.spec.family} policy; the robot loop drives flow "
+                                   "policies (pi0 / pi0.5) whose actions are joint positions")
+    if policy.spec.action_space not in ("joint_position", "unknown"):
+        raise policies.PolicyError(f"{args.policy} outputs {policy.spec.action_space} actions (task space); the UR5e "
+                                   "loop streams joint positions: use a joint-space policy")
+    render = getattr(robot, "render", None)
+    if render is None:
+        raise policies.PolicyError(f"--policy {args.policy} needs camera images: use --backend mujoco (it renders the "
+                                   f"arm); the {args.backend} backend has no camera here")
+    cameras = policy.spec.env.cameras[:1] if policy.spec.env is not None else ("robot",)
+    policy.bind(EnvBinding(cameras=cameras, action_dim=DOF, state_dim=DOF))
+    size = policy.model.cfg.vision.image_size
+
+    def observe(q, t):
+        image = render(size)[None]
+        obs = {"images": {cameras[0]: image}, "state": np.asarray(q, np.float32)[None], "instruction": [args.prompt]}
+        return policy.observe(obs).as_pi0()
+
+    dt = 1.0 / 20.0 if policy.spec.recipe is None else 1.0 / policy.spec.recipe.get("control_hz", 20.0)
+    return Pi0ChunkPolicy(policy.model, observe, dt=dt, guided=args.rtc, num_steps=args.num_steps, noise_seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from vlafast.robot.policies import POLICIES, make_policy
+
+    _check(args)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for policy folders; read when mujoco is imported
     kw = {"lookahead": args.lookahead, "gain": args.gain} if args.backend == "ur-rtde" else {}
     robot = make_backend(args.backend, host=args.host, hz=args.hz, **kw)
     target = None
     if args.policy == "pi0-reach":
         policy, target = _reach_policy(args)
-    else:
+    elif args.policy in POLICIES:
         policy = make_policy(args.policy, amplitude=args.amplitude, freq_hz=args.freq, latency_s=args.latency_ms / 1e3)
+    else:
+        policy = _folder_policy(args, robot)
+        if args.latency_ms:
+            policy = Delayed(policy, args.latency_ms / 1e3)
     cfg = ServoConfig(hz=args.hz, realtime=not args.no_realtime, cpu=args.cpu, interp=args.interp)
     runner = RealtimeRunner(policy, robot, hz=args.hz, chunk_exec=args.chunk_exec, blend_s=args.blend, config=cfg,
                             ensemble=args.ensemble)

@@ -1,0 +1,5 @@
+import sys
+
+from vlafast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""`vlafast steer --policy PATH [--env NAME]`: clamp keyword clusters of neurons and compare the
+behaviour (speed, success) with the unsteered policy on the same episodes, with intervals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("steer", help="clamp keyword clusters; print steered vs unsteered behaviour on the same episodes")
+    p.add_argument("--policy", "--checkpoint", dest="policy", default=None,
+                   help="any supported policy folder (default: train the tiny built-in policy now)")
+    p.add_argument("--env", default=None, help="libero:<suite> | maniskill:<task> (default: the policy's own task)")
+    p.add_argument("--tokenizer", default=None, help="the model's tokenizer (default: the policy folder's own)")
+    p.add_argument("--tasks", default=None, help="with a LIBERO --env: task ids, comma separated")
+    p.add_argument("--max-episode-steps", type=int, default=None, help="with --env: step budget per episode")
+    p.add_argument("--dictionary", default=None, help="a dictionary of this policy (default: build it, k=--k)")
+    p.add_argument("--cluster", nargs="+", default=["fast", "slow"],
+                   help="ready keyword sets (fast slow up down care) to clamp, one run each")
+    p.add_argument("--alpha", type=float, default=4.0, help="clamp value (default 4)")
+    p.add_argument("--max-neurons", type=int, default=None, help="keep the strongest N neurons of each cluster (default all)")
+    p.add_argument("-k", "--k", type=int, default=3, help="top-k of the dictionary built here (default 3: a ~40-word vocabulary)")
+    p.add_argument("--direction", type=float, default=None,
+                   help="also run the mean-difference direction baseline (quickly - slowly) at +-this alpha; 0: skip "
+                        "(default 1 on the built-in task, 0 elsewhere)")
+    p.add_argument("--controls", type=int, default=0,
+                   help="random neuron sets of each cluster's size to run as controls (default 0)")
+    p.add_argument("--episodes", type=int, default=32, help="episodes per run (a multiple of the env count)")
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import math
+
+    from vlafast._io import atomic_write_text
+    from vlafast.cli.eval import parse_tasks, positive
+    from vlafast.interp import NeuronDictionary
+    from vlafast.interp import behaviour as bh
+
+    positive("episodes", args.episodes)
+    positive("controls", args.controls, 0)
+    positive("k", args.k)
+    positive("max_neurons", args.max_neurons)
+    positive("max_episode_steps", args.max_episode_steps)
+    if not math.isfinite(args.alpha):
+        raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
+    if args.env:
+        from vlafast import policies
+        from vlafast.eval import benchmark_env
+
+        policy = policies.load(args.policy, args.tokenizer) if args.policy else None
+        if policy is None:
+            raise ValueError("--env needs --policy (the built-in policy trains on its own task)")
+        overrides = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
+        env, _ = benchmark_env(args.env, seed=args.seed, tasks=parse_tasks(args.tasks), overrides=overrides)
+        policy.bind(env.spec)
+    elif args.policy:
+        from vlafast.rl.recipe import load_policy
+
+        policy, _, env = load_policy(args.policy)
+    else:
+        print("no --policy: training the tiny built-in policy (SFT on scripted demos) ...", flush=True)
+        policy, env = bh.train_tiny_policy(progress=True)
+    try:
+        policy.eval()
+        direction = args.direction if args.direction is not None else (0.0 if args.env else 1.0)
+        d = None
+        if args.dictionary:
+            d = NeuronDictionary.load(args.dictionary)
+            if not d.matches(policy):
+                raise ValueError(f"--dictionary {args.dictionary} was built from other weights than this policy")
+        plans = bh.default_plans(policy, env, dictionary=d, clusters=tuple(args.cluster), alpha=args.alpha, k=args.k,
+                                 max_neurons=args.max_neurons, direction_alpha=direction, controls=args.controls)
+        for name in args.cluster:
+            if name not in plans:
+                print(f"cluster {name!r}: no neuron of layers {bh.action_layers(policy)} has its words in its top-k")
+        result = bh.steering_comparison(policy, env, plans, episodes=args.episodes, seed=args.seed)
+    finally:
+        env.close()
+    print(bh.format_comparison(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
+    return 0
