@@ -97,10 +97,11 @@ def test_cuda_graph_of_the_euler_loop_matches_eager(pi05):
 
 @pytest.mark.gpu
 def test_cuda_graph_of_the_rtc_guided_loop_matches_eager():
-    """Real-time chunking captured once (prefix, weights, prefix cache and state as static
-    inputs, the vector-Jacobian products inside the graph) replays eager guided sampling for
-    a new observation and a new executing plan."""
-    from vlafast.robot.rtc import guided_sample, prefix_weights
+    """Real-time chunking captured once (the guided ODE sampler with prefix, weights, prefix
+    cache and state as static inputs, the vector-Jacobian products inside the graph) replays
+    eager guided sampling for a new observation and a new executing plan."""
+    from vlafast import flow
+    from vlafast.flow import RTCGuidance, prefix_weights
 
     cfg = Pi0Config.tiny()
     policy = random_policy(cfg).cuda()
@@ -113,13 +114,13 @@ def test_cuda_graph_of_the_rtc_guided_loop_matches_eager():
     masks = [prefix_weights(cfg.horizon, d, 2).float().cuda() for d in (1, 3)]
     noise = torch.randn(2, cfg.horizon, cfg.action_dim, device="cuda")
     with torch.no_grad():
-        cache = policy.embed_prefix(obs[0].images, obs[0].image_masks, obs[0].tokens, obs[0].token_masks)
-        state = policy.prepare_state(obs[0].state).clone()
+        ctx = policy.encode(obs[0])
+        state, cache = ctx.state, ctx.cache
         target, weights = (t.clone() for t in policy._rtc_targets(plans[0], masks[0], 2))  # noqa: SLF001
+        guidance = RTCGuidance(target, weights, 5.0)
 
         def loop():
-            return guided_sample(lambda xt, t: policy.velocity(xt, t, state, cache), noise, target, weights,
-                                 cfg.num_steps, 5.0)
+            return flow.sample(flow.ode(cfg.num_steps), policy.velocity_fn(), ctx, noise, guidance=guidance)[0]
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -463,6 +463,33 @@ def test_velocity_fn_drives_the_flow_sampler(pi05):
     assert v.shape == noise.shape and h.shape == (2, cfg.horizon, cfg.expert.width)
 
 
+@pytest.mark.parametrize("pi05", VARIANTS, ids=IDS)
+def test_sample_actions_is_the_flow_ode_sampler(pi05):
+    """sample_actions is flow.sample(flow.ode(K), velocity_fn(), encode(obs), noise), with RTC its
+    guidance option on the normalised, padded targets: bit for bit, noise from the generator
+    drawn as torch.randn([B, T, A])."""
+    from vlafast import flow
+
+    cfg = Pi0Config.tiny(pi05=pi05, num_steps=3)
+    policy = random_policy(cfg, seed=6)
+    obs = random_obs(cfg, batch=2, views=1, tokens=3, seed=7)
+    shape = (2, cfg.horizon, cfg.action_dim)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    ctx = policy.encode(obs)
+    want, _ = flow.sample(flow.ode(3), policy.velocity_fn(), ctx, noise)
+    assert torch.equal(policy.sample_actions(obs, noise=noise), want)
+    assert torch.equal(policy.sample_actions(obs, generator=torch.Generator().manual_seed(8)), want)
+    want5, _ = flow.sample(flow.ode(5), policy.velocity_fn(), ctx, noise)
+    assert torch.equal(policy.sample_actions(obs, noise=noise, num_steps=5), want5)
+    prefix = torch.randn(2, cfg.horizon, 4, generator=torch.Generator().manual_seed(9))
+    w = flow.prefix_weights(cfg.horizon, d=2, s=2)
+    target, weights = policy._rtc_targets(prefix, w, 2)  # noqa: SLF001
+    guided, _ = flow.sample(flow.ode(3), policy.velocity_fn(), ctx, noise,
+                            guidance=flow.RTCGuidance(target, weights, 2.0))
+    assert torch.equal(policy.sample_actions(obs, noise=noise, prefix=prefix, prefix_weights=w, max_guidance=2.0), guided)
+    assert not torch.equal(guided, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # real-time chunking (RTC) in sample_actions
 
@@ -501,7 +528,7 @@ def direct_rtc_sample(sd, cfg, obs, noise, state, steps, target, weights, beta):
 
 @pytest.mark.parametrize("pi05", VARIANTS, ids=IDS)
 def test_rtc_sample_matches_a_direct_jacobian_implementation(pi05):
-    from vlafast.robot.rtc import prefix_weights
+    from vlafast.flow import prefix_weights
 
     cfg = Pi0Config.tiny(pi05=pi05, num_steps=3)
     policy = random_policy(cfg, seed=3)

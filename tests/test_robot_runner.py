@@ -406,7 +406,7 @@ def test_pi0_chunk_policy_samples_with_rtc_and_drives_the_runner():
 
     from vlafast.models.normalize import FeatureStats
     from vlafast.robot.policies import Pi0ChunkPolicy
-    from vlafast.robot.rtc import prefix_weights
+    from vlafast.flow import prefix_weights
 
     model, observe = _tiny_joint_pi0()
     policy = Pi0ChunkPolicy(model, observe, dt=0.04, noise_seed=4)

@@ -14,7 +14,10 @@ dtype (float32 or float64); a bf16 model casts inside velocity_fn.
 
 Methods (each stochastic step is Gaussian, x' = mean + sigma * eps):
 
-* ODE: deterministic, no log-prob.
+* ODE: deterministic, no log-prob. ``guidance=RTCGuidance(prefix, weights, max_guidance)``
+  (``vlafast.flow.rtc``) turns every step into a guided one for real-time chunking: the
+  plain step plus d c_tau J^T W (Y - x0_hat), a vector-Jacobian product through the denoised
+  estimate x0_hat = x - t v. W = 0 gives the plain step.
 * Flow-SDE(a, hybrid): sigma_t = a * sqrt(t / (1 - t)), with 1 - t_1 (= d) in the
   denominator at t = 1 where 1 - t is 0 (as RLinf does), so sigma_0 = a * sqrt(K);
   mean = x - d [v + sigma_t^2 / (2t) (x + (1 - t) v)], std = sigma_t * sqrt(d).
@@ -48,6 +51,7 @@ from typing import Any, Callable, Union
 import torch
 
 from vlafast.flow.noise_head import NoiseHead
+from vlafast.flow.rtc import RTCGuidance, guided_step
 from vlafast.ops.gaussian_step import gaussian_step, gaussian_terms_ref
 
 VelocityOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -445,6 +449,24 @@ def _stochastic(config: SamplerConfig, index: torch.Tensor | None, B: int, devic
     return torch.full((B, K), not isinstance(config, ODEConfig), device=device, dtype=torch.bool)
 
 
+def _guided_transition(
+    config: SamplerConfig,
+    velocity_fn: VelocityFn,
+    ctx: Any,
+    x: torch.Tensor,
+    t_row: torch.Tensor,
+    t: float,
+    grid: _Grid,
+    targets: tuple[torch.Tensor, torch.Tensor],
+    guidance: RTCGuidance,
+) -> torch.Tensor:
+    """One RTC-guided ODE step from x [B, T, A] at t (t_row: [B] the same time as a tensor)."""
+    def velocity(xg: torch.Tensor) -> torch.Tensor:
+        return _call_velocity(config, velocity_fn, xg, t_row, ctx)[0]
+
+    return guided_step(velocity, x, t, grid.delta, *targets, guidance.max_guidance)
+
+
 def _sample_impl(
     config: SamplerConfig,
     velocity_fn: VelocityFn,
@@ -453,6 +475,7 @@ def _sample_impl(
     mask: torch.Tensor | None,
     generator: torch.Generator | None,
     grid: _Grid,
+    guidance: RTCGuidance | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The K-step loop, free of host syncs and H2D copies so a CUDA graph can capture it."""
     B = noise.shape[0]
@@ -461,11 +484,19 @@ def _sample_impl(
     index, eps = _draw(config, noise, generator)
     t_rows = _t_rows(grid, B)
     stochastic = _stochastic(config, index, B, device)
+    if guidance is not None:
+        times = time_grid(K)
+        targets = guidance.targets(noise.dtype)
     x = noise
     chain, means, sigmas = [x], [], []
     step_lp: list[torch.Tensor] = []
     step_h: list[torch.Tensor] = []
     for k in range(K):
+        if guidance is not None:  # ODE only (checked in ``sample``): the guided step is the mean
+            x = _guided_transition(config, velocity_fn, ctx, x, t_rows[k], times[k], grid, targets, guidance)
+            chain.append(x)
+            means.append(x)
+            continue
         rows = None
         if isinstance(config, FlowSDEConfig):
             rows = _sde_rows(grid, k, stochastic[:, k] if index is not None else None)
@@ -523,6 +554,7 @@ def sample(
     *,
     generator: torch.Generator | None = None,
     action_mask: torch.Tensor | None = None,
+    guidance: RTCGuidance | None = None,
 ) -> tuple[torch.Tensor, DenoiseTrace]:
     """Denoise ``noise`` [B, T, A] in K steps. Returns (actions [B, T, A], DenoiseTrace).
 
@@ -530,13 +562,24 @@ def sample(
     default generator is used when None. ``action_mask`` [T, A] or [B, T, A] selects the
     executed part of the chunk the log-probs are summed over (all of it when None). Runs
     without autograd; gradients come from ``log_prob`` / ``evaluate`` on the trace.
+    ``guidance`` (ODE only): real-time chunking towards a prefix, ``RTCGuidance``; each step
+    then runs one vector-Jacobian product through velocity_fn (under grad mode).
     """
     _check_noise(noise)
     _check_generator(generator, noise.device)
     mask = _flat_mask(action_mask, noise.shape, noise.device)
+    if guidance is not None:
+        if not isinstance(guidance, RTCGuidance):
+            raise TypeError(f"guidance must be a vlafast.flow.RTCGuidance, got {type(guidance).__name__}")
+        if not isinstance(config, ODEConfig):
+            raise ValueError(
+                f"guidance (real-time chunking) runs with the ODE sampler only, got {type(config).__name__}: "
+                f"sample with flow.ode(num_steps={config.num_steps}), or drop guidance= for RL rollouts"
+            )
+        guidance.check(noise)
     grid = _grid_for(config, noise.device, noise.dtype)
     with torch.no_grad():
-        out = _sample_impl(config, velocity_fn, ctx, noise, mask, generator, grid)
+        out = _sample_impl(config, velocity_fn, ctx, noise, mask, generator, grid, guidance)
     trace = _trace_from(config, out, action_mask)
     return trace.actions, trace
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlafast import flow
 from vlafast.models.gemma import GemmaConfig, GemmaLayer, GemmaMLP, RMSNorm, attention, attention_bias, rope_cos_sin
 from vlafast.models.normalize import Normalizer
 from vlafast.models.siglip import Projector, SiglipConfig, SiglipVisionTower
@@ -464,7 +465,8 @@ class Pi0Policy(nn.Module):
                        generator: torch.Generator | None = None, num_steps: int | None = None,
                        prefix: Tensor | None = None, prefix_weights: Tensor | None = None,
                        max_guidance: float = 5.0) -> Tensor:
-        """Plain Euler inference from t = 1 (noise) to t = 0, dt = -1/K.
+        """Plain Euler inference from t = 1 (noise) to t = 0, dt = -1/K: ``flow.sample`` with
+        ``flow.ode(K)`` over ``velocity_fn()`` and ``encode(obs)``.
 
         noise: [B, T, A] (default: standard normal from ``generator``) -> actions [B, T, A_out]
         unnormalised when the policy has a normaliser (A_out = the stats' action dim), else the
@@ -472,10 +474,10 @@ class Pi0Policy(nn.Module):
 
         Real-time chunking (RTC): with ``prefix`` [B, T, A_out] (the chunk the robot is executing,
         resampled at this chunk's waypoint times, in the output space above) and
-        ``prefix_weights`` [T] or [B, T] (the soft mask ``vlafast.robot.rtc.prefix_weights(T, d,
+        ``prefix_weights`` [T] or [B, T] (the soft mask ``vlafast.flow.prefix_weights(T, d,
         s)``: 1 on the d waypoints the robot executes while this call runs, measured by the
         caller, decaying to 0 at T - s; 0 where the executing plan has run out), every Euler step
-        is guided towards the prefix (``vlafast.robot.rtc.guided_sample``, pseudo-inverse
+        is guided towards the prefix (``flow.RTCGuidance``, pseudo-inverse
         guidance capped at ``max_guidance``), in the model's normalised space and on the output's
         action dims only. Tensor ops only: capturable in a CUDA graph with static inputs.
         """
@@ -488,20 +490,14 @@ class Pi0Policy(nn.Module):
             raise ValueError(f"noise must be [B, T, A] = {list(shape)}, got {list(noise.shape)}")
         if (prefix is None) != (prefix_weights is None):
             raise ValueError("real-time chunking needs both prefix [B, T, A_out] and prefix_weights [T] or [B, T]")
-        state = self.prepare_state(obs.state)
-        cache = self.embed_prefix(obs.images, obs.image_masks, obs.tokens, obs.token_masks)
-        x = noise.float()
+        ctx = self.encode(obs)
+        guidance = None
         if prefix is not None:
-            from vlafast.robot.rtc import guided_sample
-
             target, weights = self._rtc_targets(prefix, prefix_weights, B)
-            x = guided_sample(lambda xt, t: self.velocity(xt, t, state, cache), x, target, weights, K, max_guidance)
-        else:
-            for k in range(K):
-                t = torch.full((B,), 1.0 - k / K, device=x.device)
-                x = x - self.velocity(x, t, state, cache) / K
+            guidance = flow.RTCGuidance(target, weights, max_guidance)
+        x, _ = flow.sample(flow.ode(K), self.velocity_fn(), ctx, noise.float(), guidance=guidance)
         if self.normalizer is None:
-            return x
+            return x.contiguous()  # a view of the trace's chain [B, K+1, T, A]
         return self.normalizer.unnormalize_actions(x[..., : self.normalizer.action_dim])
 
 

@@ -13,9 +13,9 @@ still clamps acceleration as a last line of defence.
 
 Guided real-time chunking: a policy with ``guided = True`` and ``horizon`` (T) is called as
 ``policy(q, t, prefix=Y, weights=W)`` with Y: [T, 6] the plan being executed, sampled at the new
-chunk's waypoint times, and W: [T] the RTC soft mask (``vlafast.robot.rtc.prefix_weights``: 1 on
+chunk's waypoint times, and W: [T] the RTC soft mask (``vlafast.flow.prefix_weights``: 1 on
 the d waypoints the last inference took, decaying to 0 at T - chunk_exec; 0 where Y's plan has
-run out). The policy's sampler freezes that prefix (``vlafast.robot.rtc.guided_sample``); the
+run out). The policy's sampler freezes that prefix (``vlafast.flow.RTCGuidance``); the
 blend above still runs and then has (almost) nothing to hide.
 """
 
@@ -154,7 +154,7 @@ class RealtimeRunner:
         if self._guided:
             if not getattr(policy, "horizon", 0) > chunk_exec:
                 raise ValueError("a guided policy needs an attribute horizon (T) > chunk_exec")
-            from vlafast.robot.rtc import prefix_weights  # imports torch: here, not between observe and push
+            from vlafast.flow import prefix_weights  # imports torch: here, not between observe and push
 
             self._prefix_weights = prefix_weights
         self.last_inference_s = 0.0
