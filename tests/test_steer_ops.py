@@ -78,7 +78,7 @@ def test_direction_matches_reference(shape, dtype, alpha_form, mask_form):
 @pytest.mark.parametrize("gather", ["caller", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_correction_is_the_exact_clamp(dtype, gather):
-    # DESIGN §2: down_proj(h) + correction == down_proj(h with h_S := alpha).
+    # docs/architecture.md §2: down_proj(h) + correction == down_proj(h with h_S := alpha).
     B, T, F, D = 3, 7, 50, 37
     g = torch.Generator().manual_seed(1)
     h = torch.randn(B, T, F, generator=g)

@@ -1,6 +1,6 @@
 """Whole-model neuron dictionary (``NeuronDictionary.build``) vs the naive materialise-then-topk.
 
-On CUDA: the published sizes with random bf16 weights (DESIGN §7 targets: pi0 <= 1.0 s, OpenVLA
+On CUDA: the published sizes with random bf16 weights (docs/architecture.md §7 targets: pi0 <= 1.0 s, OpenVLA
 <= 0.3 s), end to end through the public API (per-layer fused projection + top-k, results
 copied to the host). The baseline is what the paper's reference code does, moved to the GPU
 to be fair: per layer, logits = values @ E^T in row chunks that fit the memory budget, then

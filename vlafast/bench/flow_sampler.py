@@ -3,7 +3,7 @@
 The velocity net is a stand-in for the pi0 action expert (gemma_300m: width 1024, d_ff 4096,
 18 layers) made of its per-token parts only: action in-projection + time embedding, L
 pre-norm gated-GELU MLP blocks, out-projection, bf16 weights; no attention over the prefix
-(DESIGN §3: the prefix KV cache is encoded once, outside this loop). Rows, per (B, K):
+(docs/architecture.md §3: the prefix KV cache is encoded once, outside this loop). Rows, per (B, K):
 
 * ``<method>`` vs ``ode`` in the same mode (eager / graphed): the cost of sampling with
   exact log-probs over plain ODE sampling (``ratio - 1`` is the overhead; target <= 5%);

@@ -2,7 +2,7 @@
 1/2/3 camera views, eager vs CUDA-graphed, and batched chunks/s.
 
 On CUDA: the published pi0 sizes with random weights in bf16 (realtime-vla anchors on an RTX
-4090: 20 / 27.3 / 36.8 ms for 1/2/3 views; DESIGN §7 target <= 12 ms for 2 views on an H100).
+4090: 20 / 27.3 / 36.8 ms for 1/2/3 views; docs/architecture.md §7 target <= 12 ms for 2 views on an H100).
 Backends: ``eager`` (the baseline), ``graph-loop`` (prefix eager, the K expert steps replayed
 from one CUDA graph reading static prefix K/V buffers) and ``graph-all`` (prefix and steps in
 one graph). On CPU: the tiny config in fp32, eager only, so ``vlafast bench all`` stays quick.

@@ -15,7 +15,7 @@ from vlafast.bench.core import Row
 
 log = logging.getLogger(__name__)
 
-JITTER_BUDGET_US = 200.0  # DESIGN §7: 500 Hz, p99 jitter <= 200 us, 0 missed
+JITTER_BUDGET_US = 200.0  # docs/architecture.md §7: 500 Hz, p99 jitter <= 200 us, 0 missed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

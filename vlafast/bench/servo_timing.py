@@ -11,7 +11,7 @@ from vlafast.bench.core import Row
 
 log = logging.getLogger(__name__)
 
-JITTER_BUDGET_US = 200.0  # DESIGN §7: 500 Hz with p99 jitter <= 200 us
+JITTER_BUDGET_US = 200.0  # docs/architecture.md §7: 500 Hz with p99 jitter <= 200 us
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ layers, so the graph's own launch cost does not dominate) and timed per layer:
 * ``+ add_direction_``: the MLP plus ``y += mask * alpha * direction``.
 
 ``achieved`` is the overhead in percent of the baseline and ``peak`` the 2 % budget
-(DESIGN §7), so ``pct_peak`` is the share of the budget used. On a CPU the variants run
+(docs/architecture.md §7), so ``pct_peak`` is the share of the budget used. On a CPU the variants run
 eagerly at a tiny width (no graphs): the numbers only prove the path works.
 """
 

@@ -10,7 +10,7 @@ holding the whole ``sample_actions`` call (as ``vlafast bench pi0``'s graph-all)
 * ``DirectionPlan``: a vector added after one VLM layer.
 
 ``achieved`` is the overhead in percent of the plain chunk and ``peak`` the 2 % budget
-(DESIGN §7), so ``pct_peak`` is the share of the budget used. Each graph's output is checked
+(docs/architecture.md §7), so ``pct_peak`` is the share of the budget used. Each graph's output is checked
 against the eager run under the same plan. On a CPU the tiny config runs eagerly (no graphs):
 the numbers only prove the path works.
 """

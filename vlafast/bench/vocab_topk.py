@@ -1,6 +1,6 @@
 """Fused value-vector -> vocab top-k against matmul + torch.topk and against the bare matmul.
 
-Shapes (DESIGN §2): OpenVLA N=11008 per layer, V=32064, D=4096, 32 layers (352,256 vectors);
+Shapes (docs/architecture.md §2): OpenVLA N=11008 per layer, V=32064, D=4096, 32 layers (352,256 vectors);
 pi0 Gemma-2B N=16384 per layer, V=257152, D=2048, 18 layers (294,912 vectors). ``layer`` times
 ``vocab_topk`` on one layer; ``model`` times ``vocab_topk_chunked`` on the whole model. Both
 baselines run in chunks whose bf16 logits take at most 2 GiB: (a) ``torch.topk(chunk @ E.T)``,

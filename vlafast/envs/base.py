@@ -1,4 +1,4 @@
-"""The vector-env protocol every environment adapter implements (DESIGN §5).
+"""The vector-env protocol every environment adapter implements (docs/architecture.md §5).
 
 Axes: B environments, T actions per chunk, A action dim, S state dim, H x W images.
 

@@ -1,4 +1,4 @@
-"""In-place steering additions inside an MLP, safe under CUDA graph capture (DESIGN §2).
+"""In-place steering additions inside an MLP, safe under CUDA graph capture (docs/architecture.md §2).
 
 ``steer_correction_(y, h_sel, W_sel, alpha, mask)`` clamps the selected neurons without hooks:
 with ``y = down_proj(h)``, the exact clamp ``h_S := alpha`` is

@@ -1,4 +1,4 @@
-"""Fused value-vector -> vocabulary projection with a streaming top-k (DESIGN §2).
+"""Fused value-vector -> vocabulary projection with a streaming top-k (docs/architecture.md §2).
 
 ``vocab_topk(values, embedding, k)`` returns what ``torch.topk(values @ embedding.T, k)``
 means, without ever materialising the ``[N, V]`` logits:
