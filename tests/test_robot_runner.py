@@ -368,7 +368,8 @@ def test_cycle_report_files(tmp_path):
     policy = SinusoidPolicy(amplitude=0.1, dt=0.02, horizon=30, ramp_s=0.5, latency_s=0.01)
     runner = RealtimeRunner(policy, RecordingBackend(3000), hz=500.0, chunk_exec=5, config=CFG)
     s = runner.run(0.5)
-    from vlafast.robot.runner import CYCLE_FIELDS, write_cycle_report
+    from vlafast.robot.report import write_cycle_report
+    from vlafast.robot.runner import CYCLE_FIELDS
 
     t = np.arange(0.0, 0.5, 0.002) + runner.cycles[0]["obs_s"]
     log = {"t_cmd": np.repeat(t, 2), "target": np.repeat(policy.reference(t), 2, axis=0)}  # each command twice
