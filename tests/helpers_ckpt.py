@@ -73,8 +73,10 @@ def _tensors(policy: Pi0Policy, prefix: str, dtype: torch.dtype) -> dict[str, to
 
 def write_lerobot(folder: Path, policy: Pi0Policy, stats: dict, *, dtype: torch.dtype = torch.float32,
                   drop: tuple[str, ...] = (), extra: dict[str, torch.Tensor] | None = None,
-                  legacy_stats: bool = False, with_stats: bool = True) -> Path:
-    """LeRobot layout: config.json, model.safetensors (``model.`` prefix), processor stats."""
+                  legacy_stats: bool = False, with_stats: bool = True, sizes: bool = False) -> Path:
+    """LeRobot layout: config.json, model.safetensors (``model.`` prefix), processor stats.
+    ``sizes``: also record the exact (tiny) sizes in config.json's ``vlafast_config`` so the
+    folder loads without ``config=`` (``vlafast.policies.load``, the CLI)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = policy.cfg
     sd = _tensors(policy, "model.", dtype)
@@ -101,6 +103,8 @@ def write_lerobot(folder: Path, policy: Pi0Policy, stats: dict, *, dtype: torch.
         "paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m",
         "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode},
     }
+    if sizes:
+        meta["vlafast_config"] = cfg.to_json()
     (folder / "config.json").write_text(json.dumps(meta))
     return folder
 
@@ -126,6 +130,7 @@ def grpo_over_states_smoke(env, image_size: int, patch_size: int, max_tokens: in
     from vlafast.models.siglip import SiglipConfig
     from vlafast.rl import train as T
     from vlafast.rl.losses import PPOConfig
+    from vlafast.rl.sampler_spec import FlowSDE
     from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
 
     torch.manual_seed(0)
@@ -137,7 +142,7 @@ def grpo_over_states_smoke(env, image_size: int, patch_size: int, max_tokens: in
                          state_dim=env.spec.state_dim, horizon=4, num_steps=2)
     pol = flow_policy(Pi0Policy(cfg), tok, env.spec, exec_horizon=2, max_tokens=max_tokens)
     before = [p.detach().clone() for p in pol.rl_parameters()[0]]
-    rl = T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=2, chunks_per_rollout=2, num_steps=2,
+    rl = T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=2, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2),
                     critic_warmup=1, ppo=PPOConfig(actor_lr=1e-3, micro_batch=8))
     hist = T.train_rl(pol, env, rl, seed=0, progress=False)
     assert [h["iteration"] for h in hist] == [1, 2] and hist[-1]["env_steps"] > 0

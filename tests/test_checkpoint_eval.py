@@ -1,8 +1,9 @@
-"""`vlafast eval --env ...`: a published-layout pi0 / pi0.5 checkpoint on a benchmark VecEnv.
+"""`vlafast eval --policy ... --env ...`: a published-layout pi0 / pi0.5 checkpoint on a benchmark VecEnv.
 
 Fast tests: the Wilson interval against a numeric inversion of the score test, the episode
 quotas, the observation adapter on synthetic observations against an independent build of
-the model inputs (images, prompt tokens incl. pi0.5's discretised state, state), the errors.
+the model inputs (images, prompt tokens incl. pi0.5's discretised state, state) built by the
+policy layer's processor, the errors.
 Slow test: the CLI end to end on real LIBERO (two libero_10 tasks in .venv-libero workers, a
 tiny LeRobot-layout pi0 written by the test, 6-step episodes).
 """
@@ -23,8 +24,10 @@ from vlafast.envs.maniskill import renderer_unavailable
 from vlafast.models import Pi0Config
 from vlafast.models.pi0 import preprocess_images
 from vlafast.models.pi0_load import load_pi0
-from vlafast.rl import checkpoint_eval as ce
-from vlafast.policies import build_word_tokenizer
+from vlafast import eval as ev
+from vlafast import policies
+from vlafast.policies import FlowPolicy, PolicySpec, Pi0Processor, ProcessorConfig, PromptTokenizer, build_word_tokenizer
+from vlafast.policies.processors import MAX_TOKENS, paligemma_prompt_ids
 
 LIBERO_A, LIBERO_S = 7, 8  # LIBERO action / state dims
 
@@ -49,23 +52,23 @@ def _wilson_by_inversion(k: int, n: int, z: float = 1.959963984540054) -> tuple[
 
 @pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (0, 2), (1, 2), (0, 10), (3, 7), (5, 10), (10, 10), (37, 50), (1, 97)])
 def test_wilson_interval_matches_the_score_test_inversion(k, n):
-    lo, hi = ce.wilson_interval(k, n)
+    lo, hi = ev.wilson_interval(k, n)
     rlo, rhi = _wilson_by_inversion(k, n)
     assert abs(lo - rlo) < 1e-9 and abs(hi - rhi) < 1e-9  # measured max 2e-16 (bisection to 2^-200)
     assert lo <= k / n <= hi
 
 
 def test_wilson_interval_edges():
-    assert ce.wilson_interval(0, 0) == (0.0, 1.0)
+    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
     # a published value: 0 successes of 10 -> [0, 0.2775] (Wilson 1927; e.g. Brown, Cai & DasGupta 2001)
-    assert abs(ce.wilson_interval(0, 10)[1] - 0.2775) < 1e-4
+    assert abs(ev.wilson_interval(0, 10)[1] - 0.2775) < 1e-4
     with pytest.raises(ValueError, match="successes <= n"):
-        ce.wilson_interval(3, 2)
+        ev.wilson_interval(3, 2)
 
 
 @pytest.mark.parametrize("tasks,episodes", [([0], 1), ([0, 1], 3), ([0, 1, 0, 1, 0], 7), ([2, 2, 2], 1), ([5, 3], 13)])
 def test_env_quotas_give_every_task_its_episodes(tasks, episodes):
-    quotas = ce.env_quotas(tasks, episodes)
+    quotas = ev.env_quotas(tasks, episodes)
     for t in set(tasks):
         mine = [q for q, u in zip(quotas, tasks) if u == t]
         assert sum(mine) == episodes and max(mine) - min(mine) <= 1
@@ -95,6 +98,17 @@ def _load(ck):
     return load_pi0(folder, config=cfg)
 
 
+def _adapter(model, tok, spec, max_tokens=None, exec_horizon=5) -> FlowPolicy:
+    """The published-checkpoint policy (PaliGemma prompts) around ``model``, bound to ``spec``."""
+    pcfg = ProcessorConfig(prompt="paligemma", max_tokens=max_tokens or MAX_TOKENS[model.cfg.variant])
+    pspec = PolicySpec(family=model.cfg.variant, model=model.cfg.to_json(), processor=pcfg, exec_horizon=exec_horizon)
+    return FlowPolicy(model, Pi0Processor(model, tok, pcfg), pspec, critic=False).bind(spec)
+
+
+def _inputs(policy: FlowPolicy, obs):
+    return policy.model_inputs(obs)
+
+
 def _spec(cameras=("image", "wrist_image"), state_dim=LIBERO_S, action_dim=LIBERO_A, size=32) -> EnvSpec:
     return EnvSpec(num_envs=3, action_dim=action_dim, state_dim=state_dim, cameras=cameras,
                    image_size=(size, size), max_episode_steps=10, control_hz=20.0)
@@ -112,11 +126,11 @@ def _obs(spec: EnvSpec, seed=0):
 
 def test_pi0_adapter_builds_the_model_inputs(tmp_path, tokenizer_path):
     policy = _load(_checkpoint(tmp_path / "ck", pi05=False))
-    tok = ce.PromptTokenizer(tokenizer_path)
+    tok = PromptTokenizer(tokenizer_path)
     spec = _spec(cameras=("wrist_image", "image"))
     obs = _obs(spec)
-    adapter = ce.ObsAdapter(policy, tok, spec)
-    x = adapter(obs)
+    adapter = _adapter(policy, tok, spec, exec_horizon=3)
+    x = _inputs(adapter, obs)
 
     frames = np.stack([obs["images"]["wrist_image"], obs["images"]["image"]], axis=1)
     torch.testing.assert_close(x.images, preprocess_images(torch.from_numpy(frames), policy.cfg.vision.image_size),
@@ -134,13 +148,13 @@ def test_pi0_adapter_builds_the_model_inputs(tmp_path, tokenizer_path):
 
     # actions: the first exec_horizon steps and the env's action dims of the policy's own sample
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    chunk = adapter.actions(obs, exec_horizon=3, num_steps=2, generator=g1)
+    chunk = adapter.act_obs(obs, num_steps=2, generator=g1)
     ref = policy.sample_actions(x, generator=g2, num_steps=2)
     assert chunk.shape == (3, 3, LIBERO_A) and chunk.dtype == np.float64
     np.testing.assert_allclose(chunk, ref[:, :3, :LIBERO_A].double().numpy(), rtol=0, atol=0)
 
     # a prompt longer than max_tokens is cut (masked padding does not change the actions)
-    short = ce.ObsAdapter(policy, tok, spec, max_tokens=4)(obs)
+    short = _inputs(_adapter(policy, tok, spec, max_tokens=4), obs)
     assert short.tokens.shape == (3, 4) and short.tokens[2].tolist() == expected[2][:4]
 
 
@@ -154,13 +168,13 @@ def test_pi0_prompt_has_the_tokenizers_bos_and_a_separate_newline(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(" "), behavior="removed")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tok.save(str(tmp_path / "tok.json"))
-    pt = ce.PromptTokenizer(tmp_path / "tok.json")
-    assert ce.prompt_ids(pt, " pick_up the\nbowl ", None) == [2, 4, 5, 6, 7, 3]
+    pt = PromptTokenizer(tmp_path / "tok.json")
+    assert paligemma_prompt_ids(pt, " pick_up the\nbowl ", None) == [2, 4, 5, 6, 7, 3]
     policy = _load(_checkpoint(tmp_path / "ck", pi05=False))
     spec = _spec()
     obs = _obs(spec)
     obs["instruction"] = ["pick up", "the bowl", "pick up the bowl"]
-    x = ce.ObsAdapter(policy, pt, spec)(obs)
+    x = _inputs(_adapter(policy, pt, spec), obs)
     assert x.tokens.tolist() == [[2, 4, 5, 3, 0, 0], [2, 6, 7, 3, 0, 0], [2, 4, 5, 6, 7, 3]]
     assert x.token_masks.sum(1).tolist() == [4, 4, 6]
 
@@ -171,7 +185,7 @@ def test_pi05_adapter_puts_the_discretised_state_in_the_prompt(tmp_path, tokeniz
     spec = _spec()
     obs = _obs(spec, seed=3)
     obs["state"] = obs["state"] * 0.6  # mostly inside [q01, q99]
-    x = ce.ObsAdapter(policy, ce.PromptTokenizer(tokenizer_path), spec)(obs)
+    x = _inputs(_adapter(policy, PromptTokenizer(tokenizer_path), spec), obs)
     assert x.state is None
     # independent reference: LeRobot quantile normalisation, zero padding to 8, np.digitize bins
     q01, q99 = np.array(stats["state"]["q01"]), np.array(stats["state"]["q99"])
@@ -194,56 +208,62 @@ def test_pi05_adapter_puts_the_discretised_state_in_the_prompt(tmp_path, tokeniz
 @pytest.mark.parametrize("name", ["ur5e-reach", "libero", "libero:", "gym:CartPole-v1", "maniskill"])
 def test_unknown_env_name_is_refused_before_anything_loads(name, tmp_path, tokenizer_path):
     with pytest.raises(ValueError, match="libero:<suite>"):
-        ce.evaluate_checkpoint(tmp_path / "nowhere", name, tokenizer_path)
+        ev.evaluate_on_env(None, name)
 
 
 def test_unknown_libero_suite_is_refused_before_the_env_starts(tmp_path, tokenizer_path):
-    ck, cfg = _checkpoint(tmp_path / "ck", pi05=False)
     with pytest.raises(ValueError, match="unknown LIBERO suite 'libero_11'"):
-        ce.evaluate_checkpoint(ck, "libero:libero_11", tokenizer_path, config=cfg)
+        ev.benchmark_env("libero:libero_11", seed=0)
 
 
 def test_missing_checkpoint_and_tokenizer(tmp_path, tokenizer_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint .* not found"):
-        ce.evaluate_checkpoint(tmp_path / "nowhere", "libero:libero_10", tokenizer_path)
+    with pytest.raises(policies.PolicyError, match="no checkpoint at .*nowhere"):
+        policies.load(tmp_path / "nowhere", tokenizer_path)
     ck, _ = _checkpoint(tmp_path / "ck", pi05=False)
     with pytest.raises(FileNotFoundError, match="tokenizer file .* not found"):
-        ce.evaluate_checkpoint(ck, "libero:libero_10", tmp_path / "tokenizer.json")
+        policies.load(ck, tmp_path / "tokenizer.json")
+    with pytest.raises(policies.PolicyError, match="has no tokenizer.json: pass tokenizer="):
+        policies.load(ck)
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     big = tmp_path / "big.json"
     build_word_tokenizer([f"w{i}" for i in range(120)]).save(str(big))  # 122 ids
-    ck, cfg = _checkpoint(tmp_path / "ck", pi05=False, vocab=97)
+    cfg = Pi0Config.tiny(action_dim=8, state_dim=8, vocab_size=97)
+    ck = write_lerobot(tmp_path / "ck", random_policy(cfg), stats_for(LIBERO_A, LIBERO_S), sizes=True)
     with pytest.raises(ValueError, match="122 tokens but the model's embedding only 97"):
-        ce.evaluate_checkpoint(ck, "libero:libero_10", big, config=cfg)  # refused before the LIBERO workers start
+        policies.load(ck, big)  # refused when loading, before any env starts
     with pytest.raises(ValueError, match="122 tokens but the model's embedding only 97"):
-        ce.ObsAdapter(load_pi0(ck, config=cfg), ce.PromptTokenizer(big), _spec())
+        _adapter(load_pi0(ck, config=cfg), PromptTokenizer(big), _spec())
 
 
 def test_env_mismatch_errors(tmp_path, tokenizer_path):
     policy = _load(_checkpoint(tmp_path / "ck", pi05=False))
-    tok = ce.PromptTokenizer(tokenizer_path)
-    with pytest.raises(ValueError, match="outputs 7 action dims, the env needs 9"):
-        ce.ObsAdapter(policy, tok, _spec(action_dim=9))
+    tok = PromptTokenizer(tokenizer_path)
+    with pytest.raises(ValueError, match="the env has 9 action dims but this pi0 outputs 7"):
+        _adapter(policy, tok, _spec(action_dim=9))
     with pytest.raises(ValueError, match="state statistics have 8 dims but the env's state 6"):
-        ce.ObsAdapter(policy, tok, _spec(state_dim=6))
+        _adapter(policy, tok, _spec(state_dim=6))
     with pytest.raises(ValueError, match="no camera images|has none"):
-        ce.ObsAdapter(policy, tok, _spec(cameras=()))
+        _adapter(policy, tok, _spec(cameras=()))
 
 
-def test_cli_dispatches_env_evaluations(tmp_path, tokenizer_path):
+def test_cli_dispatches_env_evaluations(tmp_path, tokenizer_path, capsys):
     from vlafast.cli import main
 
-    with pytest.raises(SystemExit, match="needs --tokenizer"):
-        main(["eval", "--checkpoint", str(tmp_path), "--env", "libero:libero_10"])
-    with pytest.raises(SystemExit, match="--tasks must be comma-separated integers"):
-        main(["eval", "--checkpoint", str(tmp_path), "--env", "libero:libero_10", "--tokenizer", str(tokenizer_path),
-              "--tasks", "0,one"])
-    with pytest.raises(SystemExit, match="--tokenizer, --videos apply to benchmark envs"):
-        main(["eval", "--checkpoint", str(tmp_path / "policy.pt"), "--tokenizer", "t.json", "--videos", "3"])
-    with pytest.raises(ValueError, match="libero:<suite>"):  # reached checkpoint_eval, not the policy.pt path
-        main(["eval", "--checkpoint", str(tmp_path), "--env", "gym:CartPole-v1", "--tokenizer", str(tokenizer_path)])
+    def error(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    ck, _ = _checkpoint(tmp_path / "ck", pi05=False)
+    assert "has no tokenizer.json: pass tokenizer= (--tokenizer)" in error(
+        ["eval", "--policy", str(ck), "--env", "libero:libero_10"])
+    assert "--tasks must be comma-separated integers" in error(
+        ["eval", "--policy", str(ck), "--env", "libero:libero_10", "--tokenizer", str(tokenizer_path), "--tasks", "0,one"])
+    assert "--tokenizer, --videos apply to benchmark envs" in error(
+        ["eval", "--policy", str(tmp_path), "--tokenizer", "t.json", "--videos", "3"])
+    assert "libero:<suite>" in error(  # reached the benchmark path, not the built-in task's
+        ["eval", "--policy", str(ck), "--env", "gym:CartPole-v1", "--tokenizer", str(tokenizer_path)])
 
 
 # -- for real: LIBERO ------------------------------------------------------------------------------
@@ -253,9 +273,10 @@ def test_tiny_lerobot_pi0_on_real_libero(tmp_path, tokenizer_path, capsys):
     ck, cfg = _checkpoint(tmp_path / "ck", pi05=False)
     out = tmp_path / "run"
     budget, horizon = 6, 3  # steps per episode, actions per chunk: 2 chunks an episode
-    run = ce.EvalConfig(episodes=2, exec_horizon=horizon, num_steps=2, videos=2, seed=3)
-    summary = ce.evaluate_checkpoint(
-        ck, "libero:libero_10", tokenizer_path, cfg=run, out=out, tasks=[0, 1], num_envs=2, config=cfg,
+    run = ev.EvalConfig(episodes=2, num_steps=2, videos=2, seed=3)
+    policy = _adapter(load_pi0(ck, config=cfg), PromptTokenizer(tokenizer_path), _spec(), exec_horizon=horizon)
+    summary = ev.evaluate_on_env(
+        policy, "libero:libero_10", cfg=run, out=out, tasks=[0, 1], num_envs=2,
         env_overrides={"max_episode_steps": budget, "render_size": 96, "image_size": 64}, progress=False)
     assert json.loads((out / "summary.json").read_text())["tasks"] == summary["tasks"]
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
@@ -296,10 +317,11 @@ def test_tiny_lerobot_pi0_on_real_maniskill(tmp_path, tokenizer_path):
     cfg = Pi0Config.tiny(action_dim=8, state_dim=32, vocab_size=400)
     ck = write_lerobot(tmp_path / "ck", random_policy(cfg), stats_for(LIBERO_A, state_dim))
     budget, horizon = 6, 3
-    summary = ce.evaluate_checkpoint(
-        ck, "maniskill:PickCube-v1", tokenizer_path, cfg=ce.EvalConfig(episodes=2, exec_horizon=horizon, num_steps=2,
-                                                                       videos=1, seed=1),
-        out=tmp_path / "run", num_envs=2, config=cfg, progress=False,
+    policy = _adapter(load_pi0(ck, config=cfg), PromptTokenizer(tokenizer_path),
+                      _spec(cameras=("base_camera",), state_dim=state_dim), exec_horizon=horizon)
+    summary = ev.evaluate_on_env(
+        policy, "maniskill:PickCube-v1", cfg=ev.EvalConfig(episodes=2, num_steps=2, videos=1, seed=1),
+        out=tmp_path / "run", num_envs=2, progress=False,
         env_overrides={"sim_backend": "physx_cpu", "image_size": 48, "max_episode_steps": budget})
     (task,) = summary["tasks"]
     assert task["episodes"] == 2 and task["instruction"] == "pick up the red cube and move it to the green goal"

@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     torch.manual_seed(0)
     policy, env = bh.train_tiny_policy(RECIPE)
-    path = tmp_path_factory.mktemp("policy") / "policy.pt"
+    path = tmp_path_factory.mktemp("policy") / "policy"
     save_policy(policy, RECIPE, path)
     yield policy, env, path
     env.close()
@@ -81,7 +81,7 @@ def test_steering_comparison_measures_speed(trained):
 def test_dictionary_and_steer_cli(trained, tmp_path, capsys):
     policy, _, path = trained
     out = tmp_path / "d.safetensors"
-    assert main(["dictionary", "build", "--checkpoint", str(path), "-o", str(out), "-k", "3", "--bottom-k"]) == 0
+    assert main(["dictionary", "build", "--policy", str(path), "-o", str(out), "-k", "3", "--bottom-k"]) == 0
     d = NeuronDictionary.load(out)
     assert d.k == 3 and d.layers == ("vlm.0", "vlm.1") and d.bottom_ids is not None
     assert d.matches(policy)
@@ -93,7 +93,7 @@ def test_dictionary_and_steer_cli(trained, tmp_path, capsys):
     assert main(["dictionary", "explain", str(out), "1", "7"]) == 0
     assert capsys.readouterr().out.strip() == str(d.explain(1, 7))
     js = tmp_path / "steer.json"
-    assert main(["steer", "--checkpoint", str(path), "--dictionary", str(out), "--cluster", "fast",
+    assert main(["steer", "--policy", str(path), "--dictionary", str(out), "--cluster", "fast",
                  "--max-neurons", "4", "--controls", "1",
                  "--episodes", "8", "--direction", "0", "--json", str(js)]) == 0
     text = capsys.readouterr().out
@@ -115,9 +115,9 @@ def test_random_control_matches_plan_sizes():
     assert all(0 <= i < 80 for i in a.neurons["vlm.0"]) and all(0 <= i < 56 for i in a.neurons["expert.1"])
 
 
-def test_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--model pi0 or --model openvla"):
-        main(["dictionary", "build", "--checkpoint", str(tmp_path), "-o", str(tmp_path / "d.safetensors")])
+def test_errors(tmp_path, capsys):
+    assert main(["dictionary", "build", "--policy", str(tmp_path), "-o", str(tmp_path / "d.safetensors")]) == 2
+    assert "is not a policy folder: expected policy.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="towards must be one of"):
         bh.speed_direction(None, None, towards="sideways")
     plan = SteeringPlan([(0, 1)])

@@ -138,7 +138,7 @@ def _folder_policy(args: argparse.Namespace, robot):
     def observe(q, t):
         image = render(size)[None]
         obs = {"images": {cameras[0]: image}, "state": np.asarray(q, np.float32)[None], "instruction": [args.prompt]}
-        return policy.observe(obs).as_pi0()
+        return policy.model_inputs(obs)
 
     dt = 1.0 / 20.0 if policy.spec.recipe is None else 1.0 / policy.spec.recipe.get("control_hz", 20.0)
     return Pi0ChunkPolicy(policy.model, observe, dt=dt, guided=args.rtc, num_steps=args.num_steps, noise_seed=args.seed)

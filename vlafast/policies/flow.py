@@ -151,9 +151,13 @@ class FlowPolicy(nn.Module):
 
     # -- model calls -------------------------------------------------------------------------
 
+    def model_inputs(self, obs: Obs):
+        """Env observation -> the model's ``Pi0Observation`` (pi0.5: the state is in the prompt)."""
+        return self.observe(obs).as_pi0(with_state=not self.model.cfg.is_pi05)
+
     def context(self, batch: Batch) -> Pi0Context:
         """Encode the prefix once (no gradient: the VLM is frozen in RL)."""
-        return self.model.encode(batch.as_pi0())
+        return self.model.encode(batch.as_pi0(with_state=not self.model.cfg.is_pi05))
 
     def velocity_fn(self, x: Tensor, t: Tensor, ctx: Pi0Context) -> tuple[Tensor, Tensor]:
         """The sampler's velocity function: (v [B, T, A] fp32, expert hidden [B, T, D])."""
@@ -217,7 +221,7 @@ class FlowPolicy(nn.Module):
         norm = self.model.normalizer
         if norm is not None:
             actions = norm.unnormalize_actions(actions[..., : norm.action_dim])
-        return actions[:, : self.exec_horizon, : self.env_spec.action_dim].float().cpu().numpy()
+        return actions[:, : self.exec_horizon, : self.env_spec.action_dim].double().cpu().numpy()
 
     @torch.no_grad()
     def act(
@@ -245,7 +249,8 @@ class FlowPolicy(nn.Module):
         noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=generator, device=self.device)
         u = torch.rand(B, generator=generator, device=self.device)
         t = (u ** (1.0 / 1.5)) * 0.999 + 0.001  # inverse CDF of Beta(1.5, 1)
-        return self.model.flow_matching_loss(batch.as_pi0(), actions.to(self.device), noise=noise, time=t).mean()
+        return self.model.flow_matching_loss(batch.as_pi0(with_state=not self.model.cfg.is_pi05), actions.to(self.device),
+                                             noise=noise, time=t).mean()
 
     def rl_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(actor, critic) parameters for RL: the expert side of pi0 (+ noise head); the VLM

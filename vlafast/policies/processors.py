@@ -166,8 +166,10 @@ class Batch:
 
         return Batch(*(torch.cat([padded(b, f.name) for b in batches]) for f in dataclasses.fields(Batch)))
 
-    def as_pi0(self) -> Pi0Observation:
-        return Pi0Observation(self.images, self.image_masks, self.tokens, self.token_masks, self.state)
+    def as_pi0(self, with_state: bool = True) -> Pi0Observation:
+        """The model's inputs; pi0.5 reads its state from the prompt (``with_state=False``)."""
+        return Pi0Observation(self.images, self.image_masks, self.tokens, self.token_masks,
+                              self.state if with_state else None)
 
 
 def check_cameras(obs: Obs, cameras: Sequence[str]) -> None:
