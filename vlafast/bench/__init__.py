@@ -51,6 +51,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                   needs=("mujoco",)),
         Benchmark("ur-rtde", "vlafast.bench.ur_rtde", "ur_rtde servoJ rate next to inference: child-process forwarder vs a Python thread, real ur_rtde on the loopback UR controller",
                   needs=("rtde_control",)),
+        Benchmark("fast-tokenizer", "vlafast.bench.fast_tokenizer",
+                  "FAST action tokenizer encode / decode per chunk: batched codec vs FAST's processor loop (NumPy / SciPy)"),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }
