@@ -97,7 +97,7 @@ wheel: setup
 # On a lent GPU machine (torch preinstalled, no network, a ~8-minute window): a prioritised,
 # budgeted plan run from the source tree by the image's own python3 (no venv). Each step's log,
 # junit XML and CSV rows land in $(OUT) as soon as the step ends; summary.txt has a line a step.
-# Afterwards: `vlafast bench import $(OUT)` files the rows into bench/results and the README.
+# Afterwards: `vlafast bench import $(OUT)` files the rows into bench/results and docs/benchmarks.md.
 # The developer tools run as modules from the checkout's root (`python -m tools.X`: tools/ is not
 # in the wheel), so both `vlafast` and `tools` import from the tree.
 OUT    ?= gpu-check-out

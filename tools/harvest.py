@@ -3,7 +3,7 @@
 After ``make gpu-check OUT=DIR`` the rows sit in DIR/*.csv, one file per benchmark step. This
 merges them into ``bench/results/<device>.csv`` (same key -> the newer row), keeps the run's
 ``summary.txt`` beside it as ``<device>.gpu-check.txt``, regenerates that device's plots and
-rewrites the README's numbers table (between the ``bench-table`` markers) from every results
+rewrites docs/benchmarks.md's numbers table (between the ``bench-table`` markers) from every results
 file. Every file is written whole or not at all (write-then-rename).
 """
 
@@ -43,7 +43,7 @@ def readme_table(results_dir: str | os.PathLike) -> str:
 
 
 def update_readme(readme: str | os.PathLike, results_dir: str | os.PathLike) -> bool:
-    """Rewrite the table between the markers; False when the README has no markers."""
+    """Rewrite the table between the markers; False when the document has no markers."""
     readme = Path(readme)
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -55,7 +55,7 @@ def update_readme(readme: str | os.PathLike, results_dir: str | os.PathLike) -> 
 
 
 def import_run(run_dir: str | os.PathLike, results_dir: str | os.PathLike = "bench/results",
-               readme: str | os.PathLike | None = "README.md", plots: bool = True) -> list[Path]:
+               readme: str | os.PathLike | None = "docs/benchmarks.md", plots: bool = True) -> list[Path]:
     """File the rows of a gpu-check folder; return the files written."""
     from vlafast.bench.plot import plot_results
 

@@ -117,10 +117,11 @@ def _cmd_bench_import(rest: list[str]) -> int:
     import_run = harvest.import_run
 
     q = argparse.ArgumentParser(prog="vlafast bench import",
-                                description="file a `make gpu-check OUT=DIR` run into bench/results and the README")
+                                description="file a `make gpu-check OUT=DIR` run into bench/results and docs/benchmarks.md")
     q.add_argument("dir", help="the OUT folder of gpu-check")
     q.add_argument("--results-dir", default="bench/results")
-    q.add_argument("--readme", default="README.md", help="README whose bench-table is rewritten ('' for none)")
+    q.add_argument("--readme", default="docs/benchmarks.md",
+                   help="the document whose bench-table is rewritten ('' for none)")
     q.add_argument("--no-plots", action="store_true")
     a = q.parse_args(rest)
     for path in import_run(a.dir, a.results_dir, a.readme or None, plots=not a.no_plots):

@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--env", default=None, help="libero:<suite> | maniskill:<task> (default: the policy's own task)")
     p.add_argument("--tokenizer", default=None, help="the model's tokenizer (default: the policy folder's own)")
     p.add_argument("--tasks", default=None, help="with a LIBERO --env: task ids, comma separated")
+    p.add_argument("--unnorm-key", default=None, help="OpenVLA: the dataset statistics to unnormalise with")
     p.add_argument("--max-episode-steps", type=int, default=None, help="with --env: step budget per episode")
     p.add_argument("--dictionary", default=None, help="a dictionary of this policy (default: build it, k=--k)")
     p.add_argument("--cluster", nargs="+", default=["fast", "slow"],
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         from vlafast import policies
         from vlafast.eval import benchmark_env
 
-        policy = policies.load(args.policy, args.tokenizer) if args.policy else None
+        policy = policies.load(args.policy, args.tokenizer, unnorm_key=args.unnorm_key) if args.policy else None
         if policy is None:
             raise ValueError("--env needs --policy (the built-in policy trains on its own task)")
         overrides = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}

@@ -106,6 +106,15 @@ class OpenVLAConfig:
                            layer_scale=False)
         return cls(dino, siglip, LlamaConfig.tiny(vocab_size=32_064))
 
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "OpenVLAConfig":
+        """The config from ``to_json``'s dict (a TypeError names an unknown or missing field)."""
+        d = dict(d)
+        return cls(ViTConfig(**d.pop("vision")), ViTConfig(**d.pop("fused_vision")), LlamaConfig(**d.pop("llm")), **d)
+
     @property
     def vision_dim(self) -> int:
         return self.vision.width + self.fused_vision.width

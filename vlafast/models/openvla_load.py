@@ -107,6 +107,11 @@ def load_openvla(
     root = path if path.is_dir() else path.parent
     meta_file = root / "config.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if config is None and "vlafast_config" in meta:  # sizes other than the published ones (e.g. tiny test models)
+        try:
+            config = OpenVLAConfig.from_json(meta["vlafast_config"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{meta_file}: vlafast_config is not an OpenVLAConfig ({exc})") from None
     if config is None:
         if not meta:
             raise CheckpointError(f"no config.json in {root}: pass config=OpenVLAConfig.openvla_7b() (or your sizes)")

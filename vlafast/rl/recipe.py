@@ -22,6 +22,8 @@ from vlafast.models.siglip import SiglipConfig
 from vlafast.rl.losses import PPOConfig
 from vlafast import policies
 from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
+from vlafast.rl import sampler_spec
+from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
 from vlafast.rl.train import Demos, RLConfig, collect_demos
 
 # Words the tiny tokenizer knows: the task's own plus the paper's steering keywords, so the
@@ -60,7 +62,7 @@ class Recipe:
     # (PPO with GAE, episode GRPO) did not beat the noise at this budget (README, "The demo").
     # The demo keeps the myopic score (the chunk's own reward, no critic) that its README figures
     # were measured with; `python -m tools.rl_compare` runs the horizon-correct variant.
-    rl: RLConfig = RLConfig(algo="grpo", grpo_groups="state", group_size=8, method="flow_sde", iterations=200,
+    rl: RLConfig = RLConfig(algo="grpo", grpo_groups="state", group_size=8, sampler=FlowSDE(), iterations=200,
                             chunks_per_rollout=4, bc_coef=1.0, rehearsal_bootstrap=False, critic_warmup=0,
                             ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=128, epochs=2))
 
@@ -69,7 +71,9 @@ class Recipe:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Recipe":
-        """A recipe from (partial) JSON: unknown keys raise, nested rl / rl.ppo are merged."""
+        """A recipe from (partial) JSON: unknown keys raise, nested rl / rl.ppo / rl.sampler are
+        merged. RL configs of older recipes (flat ``method`` / ``num_steps`` / ``sde_a`` /
+        ``sde_hybrid``) become the sampler spec."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -81,7 +85,9 @@ class Recipe:
             ppo = PPOConfig(**{**dataclasses.asdict(base.rl.ppo), **rl.pop("ppo", {})})
             if "betas" in rl or "betas" in data.get("rl", {}).get("ppo", {}):
                 ppo = dataclasses.replace(ppo, betas=tuple(ppo.betas))
-            data["rl"] = RLConfig(**{**{k: v for k, v in dataclasses.asdict(base.rl).items() if k != "ppo"}, **rl}, ppo=ppo)
+            sampler = sampler_spec.from_rl_json(rl, base.rl.sampler)
+            rest = {k: v for k, v in dataclasses.asdict(base.rl).items() if k not in ("ppo", "sampler")}
+            data["rl"] = RLConfig(**{**rest, **rl}, ppo=ppo, sampler=sampler)
         return dataclasses.replace(base, **data)
 
 
@@ -115,10 +121,10 @@ def build_policy(recipe: Recipe, spec) -> FlowPolicy:
                           depth=recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads)
     cfg = Pi0Config.tiny(pi05=recipe.pi05, vision=vision, vlm=g, expert=g, vocab_size=tok.get_vocab_size(),
                          action_dim=max(4, spec.action_dim), state_dim=max(spec.state_dim, 8),
-                         horizon=recipe.horizon, num_steps=recipe.rl.num_steps)
+                         horizon=recipe.horizon, num_steps=recipe.rl.sampler.num_steps)
     torch.manual_seed(recipe.seed)
     noise_head = None
-    if recipe.rl.method == "flow_noise":
+    if isinstance(recipe.rl.sampler, FlowNoise):
         from vlafast.flow.noise_head import NoiseHead
 
         noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
@@ -128,13 +134,16 @@ def build_policy(recipe: Recipe, spec) -> FlowPolicy:
 def ensure_noise_head(policy: FlowPolicy, recipe: Recipe) -> None:
     """Give ``policy`` a fresh Flow-Noise head (drawn from torch's global RNG) when the recipe
     trains with Flow-Noise and the policy (e.g. an SFT checkpoint) has none."""
-    if recipe.rl.method == "flow_noise":
+    if isinstance(recipe.rl.sampler, FlowNoise):
         policy.attach_noise_head()
 
 
 def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
     """The recipe's scripted demonstrations (deterministic in its seed): what SFT learns from
     and what the RL phase's BC anchor (``rl.bc_coef``) replays."""
+    if not callable(getattr(env, "expert_chunk", None)):
+        raise ValueError(f"env {recipe.env} has no scripted expert to demonstrate with: SFT and the RL phase's BC "
+                         "anchor need one (set rl.bc_coef to 0 for RL on this env)")
     return collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
 
 
@@ -143,6 +152,14 @@ def save_policy(policy: FlowPolicy, recipe: Recipe, folder: str | Path) -> Path:
     of JSON + safetensors, each file written atomically)."""
     policy._spec = dataclasses.replace(policy.spec, recipe=recipe.to_json())
     return policies.save(policy, folder)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recipe JSON ``base`` updated by ``overrides``, nested dicts (rl, rl.ppo, env_kwargs) key by key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
@@ -161,14 +178,18 @@ def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
         raise policies.PolicyError(f"{path} was not trained here, so it carries no env: give the env "
                                    "(--env libero:<suite> | maniskill:<task> | ur5e-reach)")
     base = Recipe.from_json(carried) if carried is not None else None
-    recipe = Recipe.from_json({**(base.to_json() if base else {}), **overrides})
+    # a checkpoint from elsewhere starts from plain RL settings, not the demo's tuning (which
+    # anchors on the built-in task's scripted demonstrations)
+    start = base if base is not None else dataclasses.replace(Recipe(), rl=RLConfig())
+    recipe = Recipe.from_json(merge(start.to_json(), overrides))
     env = build_env(recipe)
     try:
-        if base is not None:
-            rebuilt = build_policy(base, env.spec)
+        rebuilt = build_policy(base, env.spec) if base is not None else None
+        if rebuilt is not None and rebuilt.model.cfg == policy.model.cfg:  # the recipe's own model, not a checkpoint's
             if policy.noise_head is not None:
                 rebuilt.attach_noise_head()
             rebuilt.load_state_dict(policy.state_dict())
+            rebuilt.model.normalizer = policy.model.normalizer
             policy = rebuilt
         policy.bind(env.spec, exec_horizon=recipe.exec_horizon)
     except BaseException:

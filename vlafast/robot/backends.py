@@ -212,14 +212,23 @@ class MujocoUR5eBackend:
         (a camera of the model, or -1: MuJoCo's free camera). Renders a private copy of the state
         on the caller's thread (the inference thread), never touching the stepping thread's."""
         mj = self._mj
-        if getattr(self, "_render_model", None) is not self.model or self._renderer.height != size:
+        renderer = getattr(self, "_renderer", None)
+        if renderer is None or self._render_model is not self.model or renderer.height != size:
+            self._close_renderer()
             self._render_model, self._render_data = self.model, mj.MjData(self.model)
             self._renderer = mj.Renderer(self.model, size, size)
         q, _ = self.read_q()
         self._render_data.qpos[:DOF] = q
         mj.mj_forward(self.model, self._render_data)
         self._renderer.update_scene(self._render_data, camera=camera)
-        return self._renderer.render().copy()
+        image = self._renderer.render().copy()
+        _release_gl(self._renderer)
+        return image
+
+    def _close_renderer(self) -> None:
+        renderer, self._renderer = getattr(self, "_renderer", None), None
+        if renderer is not None:
+            renderer.close()
 
     def log(self) -> dict[str, np.ndarray]:
         """t: [N] (s, monotonic), target: [N, 6] (commanded), q: [N, 6] (simulated), late: [N]
@@ -233,6 +242,20 @@ class MujocoUR5eBackend:
 
     def close(self) -> None:
         self._fwd.close()
+        self._close_renderer()
+
+
+def _release_gl(renderer: Any) -> None:
+    """Leave the renderer's EGL context current on no thread: MuJoCo makes it current on the
+    creating thread for good, and closing it from another thread (the loop's, or the garbage
+    collector's) would then fail."""
+    ctx = getattr(renderer, "_gl_context", None)
+    if ctx is not None and os.environ.get("MUJOCO_GL") == "egl":
+        from mujoco import egl
+        from OpenGL import EGL
+
+        if isinstance(ctx, egl.GLContext) and egl.EGL_DISPLAY is not None:
+            EGL.eglMakeCurrent(egl.EGL_DISPLAY, EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, EGL.EGL_NO_CONTEXT)
 
 
 class URRTDEBackend:
@@ -249,14 +272,15 @@ class URRTDEBackend:
     a seqlock: no lock, no GIL), and the child (its own interpreter) runs on its own clock:
     every period (absolute deadlines, asleep in between: a process that sleeps is woken promptly
     on a busy machine, where ur_rtde's ``waitPeriod`` spins the end of each period) it sends
-    ``servoJ(newest q, 0, 0, 1/hz, lookahead, gain)`` when the servo loop published a new target,
-    and ``kickWatchdog()`` when it did not. The controller's RTDE watchdog (``watchdog_hz``,
-    default 10, 0: off; armed when the loop starts) therefore watches this process only: it
-    stops the program by itself within 1 / watchdog_hz if the forwarder stalls or dies, and a
-    late servo thread or a busy policy process never trips it. Whether the plan is fresh is the
-    servo loop's own chunk watchdog's to judge (it brakes to rest); should the servo thread
-    publish nothing for ``SERVO_SILENCE_S`` while servoing, the forwarder stops servoing and
-    reports it. When the servo loop has braked to rest the child calls ``servoStop()``.
+    ``servoJ(newest q, 0, 0, 1/hz, lookahead, gain)``, whether or not the servo loop published
+    a new target since (before the first target and at rest: ``kickWatchdog()``). The
+    controller's RTDE watchdog (``watchdog_hz``, default 10, 0: off; armed when the loop starts)
+    therefore watches this process only: it stops the program by itself within 1 / watchdog_hz
+    if the forwarder stalls or dies, and a late servo thread or a busy policy process never
+    trips it. Whether the plan is fresh is the servo loop's own chunk watchdog's to judge (it
+    brakes to rest); should the servo thread publish nothing for ``SERVO_SILENCE_S`` while
+    servoing, the forwarder stops servoing and reports it. When the servo loop has braked to
+    rest the child calls ``servoStop()``.
     ``close()`` also stops the control script and disconnects; ``forwarder_stats`` then holds
     the child's period statistics. A refused command becomes ``error`` with the reason: the RTDE
     watchdog (the controller heard nothing for 1 / watchdog_hz), a protective stop, or a program
@@ -423,8 +447,8 @@ def refusal_message(what: str, gap_s: float, watchdog_hz: float, runtime_state: 
 def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead: float, gain: float,
                       watchdog_hz: float) -> None:
     """The child process of URRTDEBackend: connect, then each period (absolute deadlines) send
-    servoJ with the newest servo target, or kickWatchdog when there is none, until the parent
-    says ``close``; servoStop once the servo loop has braked to rest. With ``watchdog_hz`` the
+    servoJ with the newest servo target (kickWatchdog before the first one and at rest) until
+    the parent says ``close``; servoStop once the servo loop has braked to rest. With ``watchdog_hz`` the
     controller's RTDE watchdog is armed at the start: should this process stall or die, the
     controller stops the program itself after 1 / watchdog_hz. A refused command is sent to the
     parent as ``("refused", {"what", "gap_s"})``, other failures as ``("error", text)``."""
@@ -455,14 +479,17 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
                 now = C.monotonic_ns()
                 if stopped and servoing:  # braked to rest
                     what, ok, servoing = "servoStop", rtde_c.servoStop(), False
-                elif seq > seq_last and not stopped:
+                elif seq > 0 and not stopped:  # the newest target every period, new or not: it feeds the watchdog
+                    if seq > seq_last:
+                        seq_last, fresh_ns = seq, now
+                    elif now - fresh_ns > silence_ns:
+                        rtde_c.servoStop()
+                        rtde_c.stopScript()
+                        raise RuntimeError(f"the servo loop published no target for {SERVO_SILENCE_S:g} s while "
+                                           "servoing (its thread stalled or died); servoing and the script stopped")
                     what, ok = "servoJ", rtde_c.servoJ([float(x) for x in q], 0.0, 0.0, 1.0 / hz, lookahead, gain)
-                    servoing, seq_last, fresh_ns, servoj_calls = True, seq, now, servoj_calls + 1
-                elif servoing and now - fresh_ns > silence_ns:
-                    rtde_c.servoStop()
-                    raise RuntimeError(f"the servo loop published no target for {SERVO_SILENCE_S:g} s while servoing "
-                                       "(its thread stalled or died); servoing stopped")
-                else:  # nothing new (not started, at rest, or the servo thread is late): keep the watchdog fed
+                    servoing, servoj_calls = True, servoj_calls + 1
+                else:  # nothing to servo yet, or at rest: keep the watchdog fed
                     what, ok = "kickWatchdog", rtde_c.kickWatchdog() if watchdog_hz > 0 else True
                 if not ok and what != "servoStop":  # the controller's view may lag ours: the last 0.5 s count
                     silence = max([now - last_ns, *gaps[-int(hz) // 2:]])
@@ -480,9 +507,10 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
         rtde_c.stopScript()
         rtde_c.disconnect()
         g = np.asarray(gaps[1:] or [0], dtype=np.float64) * 1e-6  # ms between the commands sent
-        pipe.send(("stats", {"periods": len(g), "servoj": servoj_calls, "late": int((g > 1.5e3 / hz).sum()),
-                             "hz": float(len(g) * 1e3 / max(g.sum(), 1e-9)), "p50_ms": float(np.median(g)),
-                             "p99_ms": float(np.percentile(g, 99)), "max_ms": float(g.max())}))
+        span_s = max(g.sum() * 1e-3, 1e-9)
+        pipe.send(("stats", {"periods": len(g), "late": int((g > 1.5e3 / hz).sum()), "hz": float(len(g) / span_s),
+                             "servoj": servoj_calls, "servoj_hz": float(servoj_calls / span_s),
+                             "p50_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)), "max_ms": float(g.max())}))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         try:
             if rtde_c is not None:
