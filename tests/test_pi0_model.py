@@ -352,7 +352,7 @@ def test_steer_slot_corrects_down_proj_output_and_removal_is_exact():
     S, alpha = torch.tensor([3, 17, 40]), 4.0
     W = mlp.down_proj.weight
 
-    def clamp(h, y):  # DESIGN §2: y + W_S (alpha 1 - h_S)
+    def clamp(h, y):  # docs/architecture.md §2: y + W_S (alpha 1 - h_S)
         return y + (alpha - h[..., S]) @ W[:, S].T
 
     seen = {}

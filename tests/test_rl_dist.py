@@ -23,13 +23,14 @@ from vlafast.rl.buffer import pool_slices  # noqa: E402
 from vlafast.rl.dist import DistConfig, LearnerGroup, RayCollector, split_envs, trainable_names  # noqa: E402
 from vlafast.rl.losses import PPOConfig  # noqa: E402
 from vlafast.rl.recipe import Recipe, build_env, build_policy, env_slice, save_policy  # noqa: E402
+from vlafast.rl.sampler_spec import FlowNoise, FlowSDE  # noqa: E402
 
 RECIPE = dataclasses.replace(Recipe(), num_envs=4, image_size=16, width=32, depth=1, horizon=6, exec_horizon=3,
                              demos=2, eval_episodes=4)
-GRPO_STATE = T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, method="flow_sde", num_steps=3, iterations=1,
+GRPO_STATE = T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, sampler=FlowSDE(num_steps=3), iterations=1,
                         chunks_per_rollout=2, rehearsal_bootstrap=False, critic_warmup=0,
                         ppo=PPOConfig(actor_lr=1e-3, minibatch=8, epochs=1))
-PPO = T.RLConfig(algo="ppo", method="flow_noise", num_steps=3, iterations=2, chunks_per_rollout=3, critic_warmup=1,
+PPO = T.RLConfig(algo="ppo", sampler=FlowNoise(num_steps=3), iterations=2, chunks_per_rollout=3, critic_warmup=1,
                  ppo=PPOConfig(actor_lr=1e-3, critic_lr=1e-3, minibatch=6, epochs=2))
 
 
@@ -113,7 +114,7 @@ def test_workers_share_the_rollout_distribution(cluster):
     """Two workers: each global env starts from the seed it has in-process (first observations
     equal), the workers draw distinct noise, and the sampled chunks' statistics agree with the
     in-process run's (|z| < 4 on the log-prob mean and each action dim's mean)."""
-    rl = dataclasses.replace(PPO, method="flow_sde", chunks_per_rollout=12)
+    rl = dataclasses.replace(PPO, sampler=FlowSDE(num_steps=3), chunks_per_rollout=12)
     recipe, env, pol = make(dataclasses.replace(RECIPE, num_envs=8), rl)
     local_stats, ray_stats = T.new_stats(), T.new_stats()
     ro_l, _, _, _ = T.LocalCollector(env, rl, 5, torch.Generator().manual_seed(5)).collect(pol, 0, local_stats)
@@ -247,7 +248,7 @@ def test_workers_on_libero_and_maniskill(cluster, name):
 
         if renderer_unavailable():
             pytest.skip(renderer_unavailable())
-    rl = dataclasses.replace(PPO, method="flow_sde", iterations=1, chunks_per_rollout=2, num_steps=2)
+    rl = dataclasses.replace(PPO, sampler=FlowSDE(num_steps=2), iterations=1, chunks_per_rollout=2)
     recipe, env, pol = make(SIM_RECIPES[name], rl)
     try:
         ro_l, _, _, _ = T.LocalCollector(env, rl, 1, torch.Generator().manual_seed(1)).collect(pol, 0, T.new_stats())
@@ -282,10 +283,10 @@ def test_scaling_benchmark_rows(cluster):
         assert extra["weight_bytes"] > 0 and rec["ratio"] != ""
 
 
-def test_cli_ray_options_need_workers(tmp_path):
+def test_cli_ray_options_need_workers(tmp_path, capsys):
     from vlafast.cli import main
 
-    with pytest.raises(SystemExit, match="options of the Ray mode: give --workers N too"):
-        main(["train", "ppo", "--init", str(tmp_path / "p.pt"), "--out", str(tmp_path), "--learners", "2"])
-    with pytest.raises(SystemExit, match="--workers applies to ppo/grpo"):
-        main(["train", "sft", "--out", str(tmp_path), "--workers", "2"])
+    assert main(["train", "ppo", "--init", str(tmp_path / "p"), "--out", str(tmp_path), "--learners", "2"]) == 2
+    assert "options of the Ray mode: give --workers N too" in capsys.readouterr().err
+    assert main(["train", "sft", "--out", str(tmp_path), "--workers", "2"]) == 2
+    assert "--workers applies to ppo/grpo" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Flow-matching sampling with exact log-probs: ODE, Flow-SDE, Flow-Noise (pi_RL, DESIGN §3).
+"""Flow-matching sampling with exact log-probs: ODE, Flow-SDE, Flow-Noise (pi_RL, docs/architecture.md §3).
 
 Conventions. A chunk x: [B, T, A] (B batch, T horizon, A action dim). Time runs on the grid
 t_k = 1 - k/K, k = 0..K, from noise (t=1) to action (t=0); delta d = 1/K; the ODE step is

@@ -1,6 +1,6 @@
 """pi0 / pi0.5 in plain torch: SigLIP + PaliGemma (Gemma-2B) + a Gemma action expert.
 
-Semantics (DESIGN §4, as LeRobot / openpi PyTorch compute them):
+Semantics (docs/architecture.md §4, as LeRobot / openpi PyTorch compute them):
 
 * Prefix = image tokens (SigLIP -> projector, neither scaled nor divided) followed by language
   tokens (embedding * sqrt(width)); the Gemma stacks do NOT rescale their inputs. The prefix
@@ -92,6 +92,16 @@ class Pi0Config:
     @property
     def is_pi05(self) -> bool:
         return self.variant == "pi05"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Pi0Config":
+        """The config from ``to_json``'s dict (a TypeError names an unknown or missing field)."""
+        d = dict(d)
+        return cls(vision=SiglipConfig(**d.pop("vision")), vlm=GemmaConfig(**d.pop("vlm")),
+                   expert=GemmaConfig(**d.pop("expert")), **d)
 
     @property
     def suffix_len(self) -> int:
