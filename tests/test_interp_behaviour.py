@@ -12,7 +12,7 @@ import torch
 from vlafast.cli import main
 from vlafast.interp import NeuronDictionary, SteeringPlan
 from vlafast.interp import behaviour as bh
-from vlafast.rl.recipe import Recipe, save_policy
+from vlafast.rl.recipe import Recipe, save_policy, train_tiny_policy
 from vlafast.eval import evaluate
 
 RECIPE = Recipe(num_envs=8, demos=16, sft_steps=60, sft_batch=16)  # mechanisms only: a weak policy will do
@@ -22,7 +22,7 @@ RECIPE = Recipe(num_envs=8, demos=16, sft_steps=60, sft_batch=16)  # mechanisms 
 def trained(tmp_path_factory):
     pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     torch.manual_seed(0)
-    policy, env = bh.train_tiny_policy(RECIPE)
+    policy, env = train_tiny_policy(RECIPE)
     path = tmp_path_factory.mktemp("policy") / "policy"
     save_policy(policy, RECIPE, path)
     yield policy, env, path

@@ -46,7 +46,7 @@ def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], ev
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vlafast.rl.jobs import speed_word
+    from vlafast.eval import speed_word
 
     names = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -142,12 +142,12 @@ def main(args: argparse.Namespace) -> int:
                    seed=recipe.seed, progress=progress)
     t_sft = time.perf_counter() - t0
     eval_seed = recipe.seed + 100
-    sde = policy.sampler_config(recipe.rl.method, recipe.rl.num_steps, recipe.rl.sde_a, hybrid=recipe.rl.sde_hybrid)
+    sde = T.rl_sampler(policy, recipe.rl)
 
     def evaluate(name: str) -> tuple[dict, dict]:
         """The same fixed seeds under ODE sampling and under the training sampler."""
         ode_ev = evaluate_policy(policy, env, episodes=recipe.eval_episodes, seed=eval_seed,
-                                 num_steps=recipe.rl.num_steps, progress=progress)
+                                 num_steps=recipe.rl.sampler.num_steps, progress=progress)
         sde_ev = evaluate_policy(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, sampler=sde, progress=progress)
         print(format_eval(f"{name} ODE", summarise_eval(ode_ev)))
         print(format_eval(f"{name} SDE", summarise_eval(sde_ev)))
@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
         ("SFT", f"{recipe.sft_steps} steps in {t_sft:.0f} s"),
         ("success SFT (ODE / SDE)", f"{pct(s_sft)} / {pct(s_sft_sde)} ({s_sft['episodes']} episodes each)"),
         (f"success SFT + {algo} (ODE / SDE)", f"{pct(s_rl)} / {pct(s_rl_sde)} ({s_rl['episodes']} episodes each)"),
-        (algo, f"{len(history)} updates ({recipe.rl.method}, K={recipe.rl.num_steps}) in {t_rl:.0f} s, "
+        (algo, f"{len(history)} updates ({recipe.rl.sampler.kind}, K={recipe.rl.sampler.num_steps}) in {t_rl:.0f} s, "
                 f"{np.mean([h['chunks_per_s'] for h in history]):.0f} chunks/s"),
         ("total", f"{time.perf_counter() - t_start:.0f} s"),
     ]
@@ -203,8 +203,8 @@ def main(args: argparse.Namespace) -> int:
 
 Task: {recipe.env}, {recipe.num_envs} parallel MuJoCo arms, {recipe.image_size} px camera, instructions with
 colour and speed words. Policy: tiny pi0 ({n_params / 1e6:.2f} M parameters, real structure). SFT on
-{demos.episodes} scripted episodes (few-shot on purpose), then {algo} on {recipe.rl.method} log-probs
-(K={recipe.rl.num_steps}, PPO-clip objective, BC anchor weight {recipe.rl.bc_coef:g} on the
+{demos.episodes} scripted episodes (few-shot on purpose), then {algo} on {recipe.rl.sampler.kind} log-probs
+(K={recipe.rl.sampler.num_steps}, PPO-clip objective, BC anchor weight {recipe.rl.bc_coef:g} on the
 demonstrations), evaluated on fixed seeds with deterministic ODE sampling
 and with the training sampler (SDE).
 

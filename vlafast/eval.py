@@ -160,6 +160,21 @@ def evaluate(policy, env, *, episodes: int, seed: int, num_steps: int | None = N
             "return": o["return"], "records": records}
 
 
+def speed_word(instruction: str) -> str:
+    """The instruction's speed word: "slowly", "quickly" or "(none)"."""
+    last = instruction.split()[-1]
+    return last if last in ("slowly", "quickly") else "(none)"
+
+
+def speed_by_word(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean end-effector displacement per step, grouped by the instruction's speed word."""
+    groups: dict[str, list[float]] = {"slowly": [], "(none)": [], "quickly": []}
+    for r in records:
+        if np.isfinite(r["speed"]):
+            groups[speed_word(r["instruction"])].append(r["speed"])
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
+
+
 # -- summaries ----------------------------------------------------------------------------------
 
 def summarise(records: Sequence[dict]) -> dict[str, Any]:
@@ -288,4 +303,4 @@ def evaluate_on_env(policy, env_name: str, *, cfg: EvalConfig = EvalConfig(video
     return summary
 
 
-__all__ = ["EvalConfig", "benchmark_env", "check_env_name", "evaluate_on_env", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]
+__all__ = ["EvalConfig", "benchmark_env", "speed_by_word", "speed_word", "check_env_name", "evaluate_on_env", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         policy, _, env = load_policy(args.policy)
     else:
         print("no --policy: training the tiny built-in policy (SFT on scripted demos) ...", flush=True)
-        policy, env = bh.train_tiny_policy(progress=True)
+        from vlafast.rl.recipe import train_tiny_policy
+
+        policy, env = train_tiny_policy(progress=True)
     try:
         policy.eval()
         direction = args.direction if args.direction is not None else (0.0 if args.env else 1.0)

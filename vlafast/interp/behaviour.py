@@ -1,16 +1,15 @@
-"""Steered vs unsteered behaviour on the built-in UR5e reach task (docs/architecture.md §2, issue point 6).
+"""Steered vs unsteered behaviour of any steerable policy on a ``VecEnv`` (docs/architecture.md §2).
 
 The paper's behaviour metric is the mean end-effector displacement per control step (LIBERO-
-Long: baseline 0.38, "fast" cluster 0.56, "slow" cluster 0.25). Here the env reports it per
-episode (``info["episode_speed"]``, metres per step); ``steering_comparison`` runs the same
+Long: baseline 0.38, "fast" cluster 0.56, "slow" cluster 0.25). The built-in UR5e task reports
+it per episode (``info["episode_speed"]``, metres per step); on other envs the mean norm of the
+first three action dims stands in (``vlafast.eval.run_episodes``'s ``action_norm``); ``steering_comparison`` runs the same
 fixed seed set once per plan (deterministic ODE sampling: every run sees the same episodes, so
 the only difference is the plan) and reports mean speed with a bootstrap 95 % interval, the
 difference to the unsteered run with a paired (episode by episode) bootstrap interval, and
 the means per instructed speed word.
 
-Also here: ``train_tiny_policy`` (the ``vlafast.rl.recipe`` tiny pi0 behaviour-cloned on the
-scripted expert: about 50 % success after 200-300 SFT steps, seconds on an idle CPU), the speed-word direction baseline
-(``speed_direction``: mean difference of VLM activations between "... quickly" and
+Also here: the speed-word direction baseline (``speed_direction``: mean difference of VLM activations between "... quickly" and
 "... slowly" prompts on the same scenes) and ``cluster_plans`` (keyword clusters from a
 neuron dictionary turned into plans, restricted to the VLM layers that can move the actions).
 
@@ -33,27 +32,6 @@ from vlafast.interp.dictionary import NeuronDictionary
 from vlafast.interp.steering import DirectionPlan, SteeringPlan
 
 SPEED_WORDS = ("slowly", "quickly")
-
-
-# ---------------------------------------------------------------------------------------------
-# the tiny built-in policy
-
-
-def train_tiny_policy(recipe=None, *, progress: bool = False):
-    """(policy, env): the recipe's tiny pi0 (``vlafast.rl.recipe``, default ``Recipe()``: the
-    built-in reach task, a word tokenizer that also knows the paper's steering keywords)
-    behaviour-cloned on the scripted expert for ``recipe.sft_steps`` steps."""
-    from vlafast.rl import train
-    from vlafast.rl.recipe import Recipe, build_env, build_policy
-
-    recipe = recipe or Recipe()
-    env = build_env(recipe)
-    policy = build_policy(recipe, env.spec)
-    demos = train.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1,
-                                progress=progress)
-    train.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
-              seed=recipe.seed, progress=progress)
-    return policy.eval(), env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +146,7 @@ def bootstrap_ci(x: np.ndarray, *, samples: int = 2000, seed: int = 0) -> tuple[
 
 @torch.no_grad()
 def episode_records(policy, env, *, episodes: int, seed: int, num_steps: int = 4) -> list[dict[str, Any]]:
-    """Deterministic (ODE) episodes on fixed seeds (``vlafast.rl.train.evaluate``), sorted by
+    """Deterministic (ODE) episodes on fixed seeds (``vlafast.eval.evaluate``), sorted by
     (env, index) so two runs under different plans can be compared episode by episode."""
     from vlafast.eval import evaluate
 
@@ -185,7 +163,7 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
     Returns {"episodes", "seed", "runs": {name: {"speed", "speed_ci95", "delta", "delta_ci95",
     "success_rate", "by_word": {word: speed}, "neurons"}}}.
     """
-    from vlafast.rl.jobs import speed_by_word
+    from vlafast.eval import speed_by_word
 
     if "baseline" in plans:
         raise ValueError("'baseline' is the unsteered run's name; call your plan something else")

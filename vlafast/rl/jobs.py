@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vlafast.eval import evaluate
+from vlafast.eval import evaluate, speed_by_word
 from vlafast.policies import FlowPolicy
 from vlafast._io import atomic_write_text
 from vlafast.rl import train as T
@@ -22,21 +22,6 @@ from vlafast.rl.recipe import (
     Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, env_slice, load_policy,
     save_policy,
 )
-
-
-def speed_word(instruction: str) -> str:
-    """The instruction's speed word: "slowly", "quickly" or "(none)"."""
-    last = instruction.split()[-1]
-    return last if last in ("slowly", "quickly") else "(none)"
-
-
-def speed_by_word(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean end-effector displacement per step, grouped by the instruction's speed word."""
-    groups: dict[str, list[float]] = {"slowly": [], "(none)": [], "quickly": []}
-    for r in records:
-        if np.isfinite(r["speed"]):
-            groups[speed_word(r["instruction"])].append(r["speed"])
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
 
 
 def summarise_eval(ev: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +39,7 @@ def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[s
     demos = collect_recipe_demos(recipe, env, progress=progress)
     losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
                    seed=recipe.seed, progress=progress)
-    ev = evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+    ev = evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.sampler.num_steps,
                     progress=progress)
     summary = {"phase": "sft", "demo_episodes": demos.episodes, "demo_chunks": len(demos), "sft_loss": losses,
                "eval": summarise_eval(ev), "seconds": time.perf_counter() - t0}
@@ -92,9 +77,9 @@ def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any
         for part in (learners, collector):
             if part is not None:
                 part.close()
-    ev = evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.num_steps,
+    ev = evaluate(policy, env, episodes=recipe.eval_episodes, seed=recipe.seed + 100, num_steps=recipe.rl.sampler.num_steps,
                     progress=progress)
-    summary = {"phase": recipe.rl.algo, "method": recipe.rl.method, "history": history, "eval": summarise_eval(ev),
+    summary = {"phase": recipe.rl.algo, "method": recipe.rl.sampler.kind, "history": history, "eval": summarise_eval(ev),
                "seconds": time.perf_counter() - t0}
     save_policy(policy, recipe, out / "policy")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -111,7 +96,7 @@ def run_eval(checkpoint: str | Path, *, episodes: int | None = None, seed: int |
              progress: bool = True) -> dict[str, Any]:
     policy, recipe, env = load_policy(checkpoint)
     ev = evaluate(policy, env, episodes=episodes or recipe.eval_episodes,
-                    seed=recipe.seed + 100 if seed is None else seed, num_steps=recipe.rl.num_steps, progress=progress)
+                    seed=recipe.seed + 100 if seed is None else seed, num_steps=recipe.rl.sampler.num_steps, progress=progress)
     env.close()
     return summarise_eval(ev)
 

@@ -222,5 +222,21 @@ def convert_legacy(path: str | Path, folder: str | Path) -> Path:
     return save_policy(policy, recipe, folder)
 
 
+def train_tiny_policy(recipe=None, *, progress: bool = False):
+    """(policy, env): the recipe's tiny pi0 (``vlafast.rl.recipe``, default ``Recipe()``: the
+    built-in reach task, a word tokenizer that also knows the paper's steering keywords)
+    behaviour-cloned on the scripted expert for ``recipe.sft_steps`` steps."""
+    from vlafast.rl import train
+
+    recipe = recipe or Recipe()
+    env = build_env(recipe)
+    policy = build_policy(recipe, env.spec)
+    demos = train.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1,
+                                progress=progress)
+    train.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
+              seed=recipe.seed, progress=progress)
+    return policy.eval(), env
+
+
 def dump(recipe: Recipe) -> str:
     return json.dumps(recipe.to_json(), indent=1)
