@@ -18,6 +18,8 @@ from vlafast.models.siglip import SiglipConfig
 from vlafast.rl import train as T
 from vlafast import flow
 from vlafast.rl.losses import PPOConfig, gae, group_advantages
+from vlafast.rl import sampler_spec
+from vlafast.rl.sampler_spec import FlowNoise, FlowSDE, sampler_config
 from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
 
 WORDS = words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS)])
@@ -41,10 +43,10 @@ def env():
     e.close()
 
 
-@pytest.mark.parametrize("method", ["flow_sde", "flow_noise"])
-def test_update_log_probs_equal_rollout(env, method):
-    pol = tiny_policy(env, noise_head=method == "flow_noise")
-    cfg = pol.sampler_config(method, 3)
+@pytest.mark.parametrize("spec", [FlowSDE(num_steps=3), FlowNoise(num_steps=3)], ids=["flow_sde", "flow_noise"])
+def test_update_log_probs_equal_rollout(env, spec):
+    pol = tiny_policy(env, noise_head=spec.kind == "flow_noise")
+    cfg = sampler_config(spec, pol.noise_head)
     gen = torch.Generator().manual_seed(1)
     stats = T.new_stats()
     ro, _, last_value = T.collect(pol, env, env.reset(seed=3), 3, cfg, gen, stats)
@@ -81,7 +83,8 @@ def test_evaluate_counts_episodes(env):
 
 
 def test_ppo_checkpoint_and_resume(env, tmp_path):
-    cfg = T.RLConfig(iterations=2, chunks_per_rollout=2, num_steps=2, ppo=PPOConfig(actor_lr=1e-3, minibatch=4))
+    cfg = T.RLConfig(iterations=2, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2),
+                     ppo=PPOConfig(actor_lr=1e-3, minibatch=4))
     pol = tiny_policy(env)
     hist = T.train_rl(pol, env, cfg, seed=0, run_dir=tmp_path, progress=False)
     assert [h["iteration"] for h in hist] == [1, 2]
@@ -90,7 +93,8 @@ def test_ppo_checkpoint_and_resume(env, tmp_path):
         assert key in hist[-1], key
     assert json.loads((tmp_path / "metrics.json").read_text())[-1]["iteration"] == 2
     # Resume to 3 iterations: starts from the checkpoint, runs only the third.
-    more = T.RLConfig(iterations=3, chunks_per_rollout=2, num_steps=2, ppo=PPOConfig(actor_lr=1e-3, minibatch=4))
+    more = T.RLConfig(iterations=3, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2),
+                      ppo=PPOConfig(actor_lr=1e-3, minibatch=4))
     pol2 = tiny_policy(env, seed=1)
     hist2 = T.train_rl(pol2, env, more, seed=0, run_dir=tmp_path, resume=True, progress=False)
     assert [h["iteration"] for h in hist2] == [1, 2, 3]
@@ -101,7 +105,7 @@ def test_ppo_checkpoint_and_resume(env, tmp_path):
 
 def test_grpo_iteration(env):
     pol = tiny_policy(env, noise_head=True)
-    cfg = T.RLConfig(algo="grpo", method="flow_noise", iterations=1, group_size=2, num_steps=2,
+    cfg = T.RLConfig(algo="grpo", sampler=FlowNoise(num_steps=2), iterations=1, group_size=2,
                      ppo=PPOConfig(actor_lr=1e-3, minibatch=8))
     hist = T.train_rl(pol, env, cfg, seed=0, progress=False)
     assert hist[0]["episodes"] == 4 and "value_loss" not in hist[0] and "entropy" in hist[0]
@@ -127,12 +131,16 @@ def test_gae_used_by_training_matches_loss_module():
 
 def test_bad_configs(env):
     with pytest.raises(ValueError, match="stochastic sampler"):
-        T.RLConfig(method="ode")
+        T.RLConfig(sampler="ode")
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        T.RLConfig(sampler=flow.ode(3))  # a flow sampler config, not a spec
     with pytest.raises(ValueError, match="algo must be"):
         T.RLConfig(algo="a2c")
     pol = tiny_policy(env)
-    with pytest.raises(ValueError, match="flow_noise needs a policy built with noise_head"):
+    with pytest.raises(ValueError, match="flow_noise needs a policy with a noise head"):
         pol.sampler_config("flow_noise", 3)
+    with pytest.raises(ValueError, match="flow_noise needs a policy with a noise head"):
+        T.rl_sampler(pol, T.RLConfig(sampler=FlowNoise(num_steps=3)))
     with pytest.raises(ValueError, match="exec_horizon must be in"):
         flow_policy(pol.model, pol.tokenizer, env.spec, exec_horizon=99)
 
@@ -148,7 +156,7 @@ def test_critic_warmup_and_frozen_vlm(env):
     ids = {id(p) for p in actor + critic}
     frozen = [p for p in pol.parameters() if id(p) not in ids]
     before = _snapshot(actor), _snapshot(critic), _snapshot(frozen)
-    cfg = T.RLConfig(iterations=1, chunks_per_rollout=2, num_steps=2, critic_warmup=1,
+    cfg = T.RLConfig(iterations=1, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2), critic_warmup=1,
                      ppo=PPOConfig(actor_lr=1e-2, critic_lr=1e-2, minibatch=4))
     T.train_rl(pol, env, cfg, seed=0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before[0], actor))
@@ -173,13 +181,15 @@ def test_bc_anchor_pulls_towards_demos(env, tmp_path):
             return float(np.mean([pol.flow_matching_loss(*demos.sample(pol, 32, rng), generator=g).item() for _ in range(4)]))
 
     start = demo_loss()
-    cfg = T.RLConfig(iterations=6, chunks_per_rollout=2, num_steps=2, bc_coef=50.0, bc_batch=16,
+    cfg = T.RLConfig(iterations=6, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2), bc_coef=50.0, bc_batch=16,
                      ppo=PPOConfig(actor_lr=3e-3, minibatch=8, max_grad_norm=100.0))
     hist = T.train_rl(pol, env, cfg, seed=0, run_dir=tmp_path, progress=False, demos=demos)
     assert "bc_loss" in hist[-1]
     assert demo_loss() < 0.8 * start, (start, demo_loss())
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert {"bc_rng", "bc_generator"} <= set(state)
+    assert state["config"]["sampler"] == {"kind": "flow_sde", "num_steps": 2, "a": 0.5, "hybrid": True}
+    assert sampler_spec.from_json(state["config"]["sampler"]) == cfg.sampler
     with pytest.raises(ValueError, match="needs the demonstrations"):
         T.train_rl(pol, env, cfg, seed=0, progress=False)
     with pytest.raises(ValueError, match="bc_coef and critic_warmup must be >= 0"):
@@ -190,7 +200,7 @@ def test_grpo_over_states(env):
     # Groups of chunks from one simulator state: B * G samples per step, advantages normalised
     # within each group (the chunk reward's ranking), the envs advance with each group's first chunk.
     pol = tiny_policy(env)
-    cfg = pol.sampler_config("flow_sde", 2)
+    cfg = sampler_config(FlowSDE(num_steps=2))
     stats = T.new_stats()
     gen = torch.Generator().manual_seed(0)
     ro, _, adv, ret = T.collect_state_groups(pol, env, env.reset(seed=4), 2, 3, cfg, gen, stats, bootstrap=False)
@@ -200,7 +210,8 @@ def test_grpo_over_states(env):
     torch.testing.assert_close(a.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
     assert (torch.argsort(a, -1) == torch.argsort(rewards, -1))[rewards.std(-1) > 0].all()
     hist = T.train_rl(pol, env, T.RLConfig(algo="grpo", grpo_groups="state", group_size=2, iterations=1,
-                                           chunks_per_rollout=2, num_steps=2, rehearsal_bootstrap=False,
+                                           chunks_per_rollout=2, sampler=FlowSDE(num_steps=2),
+                                           rehearsal_bootstrap=False,
                                            ppo=PPOConfig(minibatch=8)),
                       seed=0, progress=False)
     assert hist[0]["chunks_per_s"] > 0 and "value_loss" not in hist[0]
@@ -228,7 +239,7 @@ def test_truncation_bootstraps_from_final_observation():
     # that ends by success or goes on earns its reward only. Same rollout, critics V = 0 and 5.
     env = make_env("ur5e-reach", 3, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=5)
     pol = tiny_policy(env)
-    cfg = pol.sampler_config("flow_sde", 2)
+    cfg = sampler_config(FlowSDE(num_steps=2))
     rewards, dones = [], None
     for v in (0.0, 5.0):
         _constant_critic(pol, v)
@@ -250,7 +261,7 @@ def test_state_groups_bootstrap_from_rehearsed_end_state(env):
     with torch.no_grad():  # a critic that reads the proprio state only, so V differs between end states
         pol.critic[0].weight.zero_()
         pol.critic[0].weight[:, -env.spec.state_dim:] = torch.randn(64, env.spec.state_dim)
-    cfg = pol.sampler_config("flow_sde", 2)
+    cfg = sampler_config(FlowSDE(num_steps=2))
     obs = env.reset(seed=6)
     G, rows = 3, torch.arange(4).repeat_interleave(3)
     batch = pol.observe(obs).index(rows)
@@ -274,7 +285,7 @@ def test_update_regime_accumulation_early_stop_health(env):
     # (to fp32 rounding); a tiny target_kl stops once the policy has moved; grad_cosine is logged.
     def run(micro, target_kl, ratio="chunk"):
         pol = tiny_policy(env)
-        cfg = T.RLConfig(iterations=2, chunks_per_rollout=2, num_steps=2, critic_warmup=1,
+        cfg = T.RLConfig(iterations=2, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2), critic_warmup=1,
                          ppo=PPOConfig(actor_lr=1e-3, minibatch=None, micro_batch=micro, epochs=3, target_kl=target_kl,
                                        ratio=ratio))
         hist = T.train_rl(pol, env, cfg, seed=0, progress=False)
@@ -295,9 +306,9 @@ def test_update_regime_accumulation_early_stop_health(env):
 
 def test_element_log_probs_equal_at_rollout(env):
     # The per-element log-probs recomputed in the update equal the rollout's (ratio 1 at epoch 1).
-    for method in ("flow_sde", "flow_noise"):
-        pol = tiny_policy(env, noise_head=method == "flow_noise")
-        cfg = pol.sampler_config(method, 3)
+    for spec in (FlowSDE(num_steps=3), FlowNoise(num_steps=3)):
+        pol = tiny_policy(env, noise_head=spec.kind == "flow_noise")
+        cfg = sampler_config(spec, pol.noise_head)
         batch = pol.observe(env.reset(seed=3))
         _, trace, _ = pol.act(batch, cfg, torch.Generator().manual_seed(0))
         ev = flow.evaluate(pol.velocity_fn, pol.context(batch), trace, elements=True)
@@ -313,7 +324,8 @@ def test_critic_runs_need_warmup_and_old_checkpoints_resume(env, tmp_path, caplo
     with pytest.raises(ValueError, match="critic_warmup >= 1"):
         T.RLConfig(algo="grpo", grpo_groups="state", critic_warmup=0)
     T.RLConfig(algo="grpo", grpo_groups="state", rehearsal_bootstrap=False, critic_warmup=0)  # no critic: fine
-    cfg = T.RLConfig(iterations=1, chunks_per_rollout=2, num_steps=2, critic_warmup=1, ppo=PPOConfig(micro_batch=4))
+    cfg = T.RLConfig(iterations=1, chunks_per_rollout=2, sampler=FlowSDE(num_steps=2), critic_warmup=1,
+                     ppo=PPOConfig(micro_batch=4))
     pol = tiny_policy(env)
     T.train_rl(pol, env, cfg, seed=0, run_dir=tmp_path, progress=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -358,9 +370,82 @@ def test_ensure_noise_head_adds_one_only_when_flow_noise_needs_it():
     env.close()
     ensure_noise_head(pol, recipe)
     assert pol.noise_head is None
-    noise = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, method="flow_noise"))
+    noise = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, sampler=FlowNoise()))
     ensure_noise_head(pol, noise)
     head = pol.noise_head
     assert head is not None and head.width == pol.model.cfg.expert.width
     ensure_noise_head(pol, noise)
     assert pol.noise_head is head  # an existing head is kept
+
+
+def test_sampler_spec_json_and_sampler_configs():
+    sde, noise = FlowSDE(num_steps=3, a=0.3, hybrid=False), FlowNoise(num_steps=5)
+    assert sde.to_json() == {"num_steps": 3, "a": 0.3, "hybrid": False, "kind": "flow_sde"}
+    assert noise.to_json() == {"num_steps": 5, "kind": "flow_noise"}
+    for spec in (sde, noise):
+        assert sampler_spec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    # Partial JSON merges into a base spec; a new kind keeps the fields it shares with the base.
+    assert sampler_spec.from_json({"a": 0.2}, base=sde) == FlowSDE(num_steps=3, a=0.2, hybrid=False)
+    assert sampler_spec.from_json({"kind": "flow_noise"}, base=sde) == FlowNoise(num_steps=3)
+    assert sampler_spec.from_json({"kind": "flow_sde"}, base=noise) == FlowSDE(num_steps=5)
+    with pytest.raises(ValueError, match="stochastic sampler: kind must be one of"):
+        sampler_spec.from_json({"kind": "ode"})
+    with pytest.raises(ValueError, match=r"unknown flow_noise sampler fields \['a'\]"):
+        sampler_spec.from_json({"kind": "flow_noise", "a": 0.5})
+    with pytest.raises(ValueError, match="num_steps"):
+        FlowNoise(num_steps=0)
+    with pytest.raises(ValueError, match="noise level"):
+        FlowSDE(a=0.0)
+    # The spec is the one place that builds the flow sampler.
+    assert sampler_config(sde) == flow.flow_sde(a=0.3, hybrid=False, num_steps=3)
+    head = NoiseHead(32, 4)
+    assert sampler_config(noise, head) == flow.flow_noise(head, num_steps=5)
+    with pytest.raises(TypeError, match="not a sampler spec"):
+        sampler_config(flow.ode(3))
+
+
+def test_recipes_load_old_and_new_rl_json():
+    from vlafast.rl.recipe import Recipe
+
+    base = Recipe()
+    assert Recipe.from_json(json.loads(json.dumps(base.to_json()))) == base
+    noise = dataclasses.replace(base, rl=dataclasses.replace(base.rl, sampler=FlowNoise(num_steps=3)))
+    assert Recipe.from_json(json.loads(json.dumps(noise.to_json()))) == noise
+    # A recipe saved before the spec: flat method / num_steps / sde_a / sde_hybrid under "rl".
+    old = base.to_json()
+    old["rl"] = {k: v for k, v in old["rl"].items() if k != "sampler"}
+    old["rl"].update(method="flow_sde", num_steps=3, sde_a=0.3, sde_hybrid=False)
+    assert Recipe.from_json(old).rl.sampler == FlowSDE(num_steps=3, a=0.3, hybrid=False)
+    old["rl"].update(method="flow_noise")  # its sde_* keys were ignored by Flow-Noise, and still are
+    assert Recipe.from_json(old).rl.sampler == FlowNoise(num_steps=3)
+    # Partial configs (`vlafast train --config`, the CLI's --method) merge into the default spec.
+    assert Recipe.from_json({"rl": {"num_steps": 6}}).rl.sampler == FlowSDE(num_steps=6)
+    assert Recipe.from_json({"rl": {"method": "flow_noise"}}).rl.sampler == FlowNoise(num_steps=4)
+    assert Recipe.from_json({"rl": {"sampler": {"a": 0.3}}}).rl.sampler == FlowSDE(a=0.3)
+    assert Recipe.from_json({"rl": {"sampler": {"kind": "flow_sde", "a": 0.3}, "method": "flow_noise"}}
+                            ).rl.sampler == FlowNoise()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Recipe.from_json({"rl": {"method": "ode"}})
+
+
+def test_a_new_algorithm_is_a_table_entry(env, monkeypatch):
+    # An algorithm is (rollout, minibatch loss) in ALGORITHMS: here REINFORCE on GRPO's episode
+    # groups, -mean(A * log pi), with no clipping and no critic.
+    calls = []
+
+    def reinforce_loss(policy, s, micro, cfg):
+        calls.append(len(micro))
+        ev = flow.evaluate(policy.velocity_fn, policy.context(s.batch.index(micro)), s.trace.select(micro))
+        policy_loss = -(s.advantages[micro] * ev.log_prob).mean()
+        approx_kl = (s.old_log_prob[micro] - ev.log_prob).mean().detach()
+        return policy_loss, {"policy_loss": policy_loss.detach(), "approx_kl": approx_kl}
+
+    monkeypatch.setitem(T.ALGORITHMS, "reinforce", T.Algorithm(rollout=T.group_rollout, loss=reinforce_loss,
+                                                                     critic=lambda cfg: False))
+    cfg = T.RLConfig(algo="reinforce", sampler=FlowSDE(num_steps=2), iterations=1, group_size=2, critic_warmup=0,
+                     ppo=PPOConfig(minibatch=8, epochs=1, target_kl=None))
+    pol = tiny_policy(env)
+    hist = T.train_rl(pol, env, cfg, seed=0, progress=False)
+    assert calls and set(hist[0]) >= {"policy_loss", "approx_kl"} and "clipfrac" not in hist[0]
+    with pytest.raises(ValueError, match="algo must be one of"):
+        T.RLConfig(algo="a2c")

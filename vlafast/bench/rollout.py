@@ -2,7 +2,7 @@
 
 GPU: real-size pi0 (random bf16 weights, 1 view, K=4): prefix encoding + Flow-SDE sampling
 with log-probs through CUDA graphs (``GraphedSampler``) against the same loop run eagerly,
-at batch 64 and 256 (DESIGN §7 target: >= 200 chunks/s at batch 64).
+at batch 64 and 256 (docs/architecture.md §7 target: >= 200 chunks/s at batch 64).
 CPU: the demo's tiny pi0 on the built-in UR5e task: Flow-SDE chunks with log-probs against
 plain ODE chunks, and whole rollouts (policy + 16 MuJoCo envs) in env steps/s.
 ``--workers 1 2 ...``: the same rollouts spread over Ray workers (``vlafast.rl.dist``) on a local
@@ -164,7 +164,7 @@ def _scaling_rows(args: argparse.Namespace) -> list[Row]:
                 ms, steps_s, chunks_s = timed(col)
                 sync_ms = statistics.median(col.sync(policy) for _ in range(5)) * 1e3
             rows.append(Row(
-                bench="rollout", op=f"PPO rollout on Ray ({recipe.env}, tiny pi0, Flow-SDE K={rl.num_steps})",
+                bench="rollout", op=f"PPO rollout on Ray ({recipe.env}, tiny pi0, Flow-SDE K={rl.sampler.num_steps})",
                 shape=f"B={args.envs} x {args.chunks} chunks, {n} worker{'s' * (n > 1)}", dtype="fp32",
                 backend=f"ray-{n}w", median_ms=ms, baseline="in-process", baseline_ms=base_ms, achieved=steps_s,
                 unit="env steps/s",

@@ -37,7 +37,9 @@ from torch import Tensor
 from vlafast.envs.base import EnvSpec
 from vlafast.rl.buffer import Rollout, pool_slices, tensors_to
 from vlafast.policies import FlowPolicy
-from vlafast.rl.train import LocalCollector, RLConfig, make_optimizers, new_stats, rl_sampler, stream_seed, update
+from vlafast.rl.train import (
+    ALGORITHMS, LocalCollector, RLConfig, make_optimizers, new_stats, rl_sampler, stream_seed, update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +393,7 @@ class LearnerRank:
         shuffle = torch.Generator()
         shuffle.set_state(shuffle_state)
         update(self.policy, ro, advantages, returns, self.cfg.ppo, self.actor_opt, self.critic_opt, shuffle,
-               train_actor=train_actor, sync=self.sync)
+               train_actor=train_actor, sync=self.sync, loss=ALGORITHMS[self.cfg.algo].loss)
 
     def trainable(self, names: list[str]) -> dict[str, Tensor]:
         return trainable_state(self.policy, names)

@@ -1,4 +1,4 @@
-"""SFT, evaluation and on-policy RL (PPO / GRPO) for flow VLAs on ``VecEnv`` environments.
+"""SFT and on-policy RL (PPO / GRPO) for flow VLAs on ``VecEnv`` environments.
 
 Everything here is plain functions over a ``FlowPolicy`` and an environment; the CLI and the
 demo only wire them. Axes: N chunk steps per rollout, B environments, M = N * B samples.
@@ -25,19 +25,15 @@ from vlafast.flow.sampler import FlowNoiseConfig, element_log_probs
 from vlafast.rl.buffer import Rollout
 from vlafast.rl.losses import PPOConfig, explained_variance, gae, group_advantages, ppo_loss
 from vlafast.policies import Batch, FlowPolicy
+from vlafast.rl.sampler_spec import FlowNoise, FlowSDE, SamplerSpec, sampler_config
 
 log = logging.getLogger(__name__)
-
-Method = Literal["flow_sde", "flow_noise"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    algo: Literal["ppo", "grpo"] = "ppo"
-    method: Method = "flow_sde"
-    num_steps: int = 4                 # K denoise steps in training (pi_RL: 4 for pi0)
-    sde_a: float = 0.5                 # Flow-SDE noise level
-    sde_hybrid: bool = True            # Flow-SDE: one stochastic step per chunk (else all K, joint log-prob)
+    algo: str = "ppo"                  # a key of ALGORITHMS: "ppo" | "grpo"
+    sampler: SamplerSpec = FlowSDE()   # FlowSDE(num_steps=4, a=0.5, hybrid=True) | FlowNoise(num_steps=4)
     chunks_per_rollout: int = 10       # N chunk steps per env per PPO update
     iterations: int = 20
     group_size: int = 8                # GRPO
@@ -53,14 +49,16 @@ class RLConfig:
 
     @property
     def uses_critic(self) -> bool:
-        """PPO (GAE) and horizon-correct GRPO over states learn a value function."""
-        return self.algo == "ppo" or (self.grpo_groups == "state" and self.rehearsal_bootstrap)
+        """Whether this run learns a value function (``ALGORITHMS[algo].critic``): PPO (GAE) and
+        horizon-correct GRPO over states do."""
+        return ALGORITHMS[self.algo].critic(self)
 
     def __post_init__(self):
-        if self.algo not in ("ppo", "grpo"):
-            raise ValueError(f"algo must be 'ppo' or 'grpo', got {self.algo!r}")
-        if self.method not in ("flow_sde", "flow_noise"):
-            raise ValueError(f"RL needs a stochastic sampler: method must be flow_sde or flow_noise, got {self.method!r}")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {self.algo!r}")
+        if not isinstance(self.sampler, (FlowSDE, FlowNoise)):
+            raise ValueError(f"RL needs a stochastic sampler: sampler must be FlowSDE(...) or FlowNoise(...) "
+                             f"(vlafast.rl.sampler_spec), got {self.sampler!r}")
         if self.grpo_groups not in ("episode", "state"):
             raise ValueError(f"grpo_groups must be 'episode' or 'state', got {self.grpo_groups!r}")
         if self.bc_coef < 0 or self.critic_warmup < 0:
@@ -140,10 +138,6 @@ def sft(policy: FlowPolicy, demos: Demos, *, steps: int, batch_size: int = 32, l
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return losses
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,106 +304,182 @@ def policy_gradient_cosine(policy: FlowPolicy, batch: Batch, trace, adv: Tensor,
     return float(grads[0] @ grads[1] / denom) if denom > 0 else float("nan")
 
 
+# ---------------------------------------------------------------------------------------------
+# the update: prepare -> epochs of minibatches -> (minibatch loss, optimiser step)
+
+
+@dataclasses.dataclass
+class Samples:
+    """A rollout flattened for the update: M samples, chunk-major (sample n * B + b)."""
+
+    batch: Batch
+    trace: flow.DenoiseTrace
+    valid: Tensor                   # [M] bool: samples the update trains on
+    idx: Tensor                     # [M_valid] long: their indices
+    envs: Tensor                    # [M] long: each sample's env
+    advantages: Tensor              # [M] normalised over the valid samples
+    old_log_prob: Tensor            # [M] chunk log-prob at rollout, or [M, N] per element (ratio "element")
+    old_values: Tensor              # [M] critic at rollout
+    returns: Tensor | None          # [M] critic targets; None without a critic
+    element_mask: Tensor | None     # [N] or [M, N]: elements a per-element log-prob counts
+    elements_per_chunk: Tensor | float  # float or [M]: the entropy's per-element scale
+
+    @property
+    def per_element(self) -> bool:
+        return self.old_log_prob.ndim == 2
+
+
+def prepare(ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig) -> Samples:
+    """Flatten ``ro``, normalise ``advantages`` [N, B] over its valid samples, and take the old
+    log-probs (per chunk, or per element with ``cfg.ratio == "element"``) from its traces."""
+    batch, trace = ro.flat()
+    st = ro.stacked()
+    valid = st["valid"].reshape(-1)
+    idx = torch.nonzero(valid).squeeze(1)
+    adv = advantages.reshape(-1).float()
+    adv_valid = adv[idx]
+    adv = (adv - adv_valid.mean()) / (adv_valid.std(unbiased=False) + 1e-8)  # per-rollout normalisation
+    old_log_prob = element_log_probs(trace) if cfg.ratio == "element" else trace.log_prob.float()
+    return Samples(batch, trace, valid, idx, st["envs"].reshape(-1), adv, old_log_prob, st["values"].reshape(-1),
+                   None if returns is None else returns.reshape(-1), _element_mask(trace), _elements_per_chunk(trace))
+
+
+MinibatchLoss = Callable[[FlowPolicy, Samples, Tensor, PPOConfig], tuple[Tensor, dict[str, Tensor]]]
+
+
+def ppo_clip_loss(policy: FlowPolicy, s: Samples, micro: Tensor, cfg: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (``ppo_loss``) on the samples ``micro`` -> (loss, named terms).
+    Log-probs are recomputed from the stored traces through the sampler's own ``evaluate``;
+    with critic targets the clipped Huber value loss joins, with Flow-Noise the entropy bonus
+    (on the per-element mean entropy, RLinf's scale)."""
+    dev = policy.device
+    obs, trace = s.batch.index(micro.to(dev)), s.trace.select(micro)
+    ctx = policy.context(obs)
+    ev = flow.evaluate(policy.velocity_fn, ctx, trace, elements=s.per_element)
+    m = micro.to(ev.log_prob.device)
+    terms: dict[str, Tensor] = {}
+    if s.returns is not None:
+        terms = dict(values=policy.value(ctx, obs.state), old_values=s.old_values.to(dev)[m],
+                     returns=s.returns.to(dev)[m])
+    if isinstance(s.trace.config, FlowNoiseConfig):
+        per_chunk = s.elements_per_chunk
+        terms["entropy"] = ev.entropy / (per_chunk if isinstance(per_chunk, float) else per_chunk.to(dev)[m])
+    mask = s.element_mask if s.element_mask is None or s.element_mask.ndim == 1 else s.element_mask[micro]
+    return ppo_loss(ev.element_log_prob if s.per_element else ev.log_prob, s.old_log_prob.to(dev)[m],
+                    s.advantages.to(dev)[m], cfg, element_mask=mask, **terms)
+
+
+def _params(opt: torch.optim.Optimizer | None) -> list[Tensor]:
+    return [] if opt is None else [p for g in opt.param_groups for p in g["params"]]
+
+
+def zero_grad(actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None) -> None:
+    actor_opt.zero_grad(set_to_none=True)
+    if critic_opt is not None:
+        critic_opt.zero_grad(set_to_none=True)
+
+
+def optimiser_step(actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None, cfg: PPOConfig,
+                   train_actor: bool, sync: "GradSync | None") -> None:
+    """Sum the gradients over learner ranks, clip the actor's, step (the actor only past warm-up)."""
+    actor_params = _params(actor_opt)
+    if sync is not None:
+        sync.sum_grads(actor_params + _params(critic_opt))
+    torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
+    if train_actor:
+        actor_opt.step()
+    if critic_opt is not None:
+        critic_opt.step()
+
+
+@dataclasses.dataclass
+class TermMeans:
+    """Sample-weighted running means of the logged loss terms."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, terms: dict[str, Tensor], n: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+            self.counts[k] = self.counts.get(k, 0) + n
+
+    def means(self, sync: "GradSync | None") -> dict[str, float]:
+        sums, counts = (self.sums, self.counts) if sync is None else sync.sum_terms(self.sums, self.counts)
+        return {k: sums[k] / counts[k] for k in sums}
+
+
+def run_epoch(policy: FlowPolicy, s: Samples, cfg: PPOConfig, loss_fn: MinibatchLoss,
+              actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None, shuffle: torch.Generator,
+              means: TermMeans, train_actor: bool, bc: tuple[float, Callable[[], Tensor]] | None,
+              sync: "GradSync | None") -> float:
+    """One pass over the valid samples in shuffled minibatches of ``cfg.minibatch``, each one
+    optimiser step accumulated over micro-batches (this rank's share of them) -> the epoch's
+    mean approx_kl over all ranks."""
+    rank, world = (sync.rank, sync.world) if sync is not None else (0, 1)
+    kl_sum = 0.0
+    perm = s.idx[torch.randperm(len(s.idx), generator=shuffle)]
+    for mb in perm.split(cfg.minibatch or len(s.idx)):
+        zero_grad(actor_opt, critic_opt)
+        for micro in mb.tensor_split(world)[rank].split(cfg.micro_batch):
+            loss, terms = loss_fn(policy, s, micro, cfg)
+            (loss * (len(micro) / len(mb))).backward()
+            means.add(terms, len(micro))
+            kl_sum += float(terms["approx_kl"]) * len(micro)
+        if bc is not None and train_actor and rank == 0:
+            bc_loss = bc[1]()
+            (bc[0] * bc_loss).backward()
+            means.add({"bc_loss": bc_loss.detach()}, len(mb))
+        optimiser_step(actor_opt, critic_opt, cfg, train_actor, sync)
+    if sync is not None:
+        kl_sum = sync.sum_floats([kl_sum])[0]
+    return kl_sum / max(len(perm), 1)
+
+
 def update(policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig,
            actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer | None,
            shuffle: torch.Generator, train_actor: bool = True,
            bc: tuple[float, Callable[[], Tensor]] | None = None, grad_cosine: bool = False,
-           sync: "GradSync | None" = None) -> dict[str, float]:
-    """PPO epochs over the rollout's valid samples; returns sample-weighted mean loss terms.
-    Each optimiser step sees ``cfg.minibatch`` samples (None: all of them), accumulated over
-    micro-batches; the epochs stop early once an epoch's approx_kl exceeds ``cfg.target_kl``.
-    ``returns`` None means no critic (GRPO). ``bc`` = (coef, loss_fn) adds coef * loss_fn()
-    (a demonstration flow-matching loss) to every actor step.
+           sync: "GradSync | None" = None, loss: MinibatchLoss = ppo_clip_loss) -> dict[str, float]:
+    """Epochs of ``loss`` (the algorithm's minibatch loss, ``ALGORITHMS[algo].loss``) over the
+    rollout's valid samples; returns sample-weighted mean loss terms. Each optimiser step sees
+    ``cfg.minibatch`` samples (None: all of them), accumulated over micro-batches; the epochs
+    stop early once an epoch's approx_kl exceeds ``cfg.target_kl``. ``returns`` None means no
+    critic. ``bc`` = (coef, loss_fn) adds coef * loss_fn() (a demonstration flow-matching loss)
+    to every actor step.
 
     With ``sync`` (data-parallel learners, ``vlafast.rl.dist``), every rank holds the same
     rollout, parameters and ``shuffle`` state and takes its share of each minibatch; gradients
     are summed over ranks before clipping, so every rank takes the same step as one learner
     would. BC and the gradient-cosine health metric run on rank 0 only."""
-    rank, world = (sync.rank, sync.world) if sync is not None else (0, 1)
     policy.train()
-    batch, trace = ro.flat()
-    st = ro.stacked()
-    valid = st["valid"].reshape(-1)
-    idx_all = torch.nonzero(valid).squeeze(1)
-    old_values = st["values"].reshape(-1)
-    adv = advantages.reshape(-1).float()
-    adv_valid = adv[idx_all]
-    adv = (adv - adv_valid.mean()) / (adv_valid.std(unbiased=False) + 1e-8)  # per-rollout normalisation
-    element = cfg.ratio == "element"
-    old_logp = element_log_probs(trace) if element else trace.log_prob.float()
-    elem_mask, per_chunk = _element_mask(trace), _elements_per_chunk(trace)
-    actor_params = [p for g in actor_opt.param_groups for p in g["params"]]
-    critic_params = [p for g in critic_opt.param_groups for p in g["params"]] if critic_opt is not None else []
+    s = prepare(ro, advantages, returns, cfg)
     out: dict[str, float] = {}
-    if grad_cosine and train_actor and len(idx_all) > 1 and rank == 0:
-        out["grad_cosine"] = policy_gradient_cosine(policy, batch, trace, adv, idx_all, st["envs"].reshape(-1),
-                                                    actor_params, cfg.micro_batch)
-    opt_batch = cfg.minibatch or len(idx_all)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-
-    def record(t: dict[str, Tensor], n: int) -> None:
-        for k, v in t.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-            counts[k] = counts.get(k, 0) + n
-
-    epochs = 0
-    for _ in range(cfg.epochs):
-        epochs += 1
-        kl_sum = 0.0
-        perm = idx_all[torch.randperm(len(idx_all), generator=shuffle)]
-        for mb in perm.split(opt_batch):
-            actor_opt.zero_grad(set_to_none=True)
-            if critic_opt is not None:
-                critic_opt.zero_grad(set_to_none=True)
-            for micro in mb.tensor_split(world)[rank].split(cfg.micro_batch):
-                dev = policy.device
-                ctx_batch, sub = batch.index(micro.to(dev)), trace.select(micro)
-                ctx = policy.context(ctx_batch)
-                ev = flow.evaluate(policy.velocity_fn, ctx, sub, elements=element)
-                m = micro.to(ev.log_prob.device)
-                kwargs: dict[str, Tensor] = {}
-                if returns is not None:
-                    kwargs = dict(values=policy.value(ctx, ctx_batch.state), old_values=old_values.to(dev)[m],
-                                  returns=returns.reshape(-1).to(dev)[m])
-                if isinstance(trace.config, FlowNoiseConfig):  # per-element mean entropy (RLinf's scale)
-                    kwargs["entropy"] = ev.entropy / (per_chunk if isinstance(per_chunk, float) else per_chunk.to(dev)[m])
-                mask = elem_mask if elem_mask is None or elem_mask.ndim == 1 else elem_mask[micro]
-                loss, t = ppo_loss(ev.element_log_prob if element else ev.log_prob, old_logp.to(dev)[m],
-                                   adv.to(dev)[m], cfg, element_mask=mask, **kwargs)
-                (loss * (len(micro) / len(mb))).backward()
-                record(t, len(micro))
-                kl_sum += float(t["approx_kl"]) * len(micro)
-            if bc is not None and train_actor and rank == 0:
-                bc_loss = bc[1]()
-                (bc[0] * bc_loss).backward()
-                record({"bc_loss": bc_loss.detach()}, len(mb))
-            if sync is not None:
-                sync.sum_grads(actor_params + critic_params)
-            torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
-            if train_actor:
-                actor_opt.step()
-            if critic_opt is not None:
-                critic_opt.step()
-        if sync is not None:
-            kl_sum = sync.sum_floats([kl_sum])[0]
-        if cfg.target_kl is not None and kl_sum / max(len(perm), 1) > cfg.target_kl:
+    if grad_cosine and train_actor and len(s.idx) > 1 and (sync is None or sync.rank == 0):
+        out["grad_cosine"] = policy_gradient_cosine(policy, s.batch, s.trace, s.advantages, s.idx, s.envs,
+                                                    _params(actor_opt), cfg.micro_batch)
+    means = TermMeans()
+    for epochs in range(1, cfg.epochs + 1):
+        approx_kl = run_epoch(policy, s, cfg, loss, actor_opt, critic_opt, shuffle, means, train_actor, bc, sync)
+        if cfg.target_kl is not None and approx_kl > cfg.target_kl:
             break
-    if sync is not None:  # every rank's terms (bc_loss: rank 0's)
-        sums, counts = sync.sum_terms(sums, counts)
-    out.update({k: sums[k] / counts[k] for k in sums})
+    out.update(means.means(sync))  # every rank's terms (bc_loss: rank 0's)
     out["epochs"] = float(epochs)
     if returns is not None:
-        out["explained_variance"] = explained_variance(old_values[valid], returns.reshape(-1)[valid])
-    sig = trace.sigmas[trace.stochastic] if trace.stochastic.any() else trace.sigmas.new_zeros(1)
+        out["explained_variance"] = explained_variance(s.old_values[s.valid], s.returns[s.valid])
+    sig = s.trace.sigmas[s.trace.stochastic] if s.trace.stochastic.any() else s.trace.sigmas.new_zeros(1)
     out["sigma_mean"] = float(sig.float().mean())
     out["sigma_max"] = float(sig.float().max())
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# algorithms: how an update's rollout is collected and scored, and its minibatch loss
+
+
 def rl_sampler(policy: FlowPolicy, cfg: RLConfig) -> flow.SamplerConfig:
     """The stochastic sampler RL collects and updates with."""
-    return policy.sampler_config(cfg.method, cfg.num_steps, cfg.sde_a, hybrid=cfg.sde_hybrid)
+    return sampler_config(cfg.sampler, policy.noise_head)
 
 
 def reset_seeds(seed: int, iteration: int, first_env: int, num_envs: int) -> list[int]:
@@ -426,6 +496,56 @@ def stream_seed(seed: int, worker: int, iteration: int) -> int:
     return seed + 1_000_003 * worker + 7_919 * iteration
 
 
+RolloutResult = tuple[Rollout, Obs | None, Tensor, Tensor | None]
+
+
+def gae_rollout(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, it: int, seed: int,
+                sampler_cfg: flow.SamplerConfig, gen: torch.Generator, stats: dict[str, list],
+                first_env: int) -> RolloutResult:
+    """PPO: ``cfg.chunks_per_rollout`` chunk steps of every env, advantages and critic targets by GAE."""
+    ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, cfg.ppo.gamma)
+    st = ro.stacked()
+    adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, cfg.ppo.gamma, cfg.ppo.lam)
+    return ro, obs, adv, ret
+
+
+def group_rollout(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, it: int, seed: int,
+                  sampler_cfg: flow.SamplerConfig, gen: torch.Generator, stats: dict[str, list],
+                  first_env: int) -> RolloutResult:
+    """GRPO: advantages normalised within groups, of chunks from one simulator state
+    (``grpo_groups="state"``) or of whole episodes from one seed (no critic targets)."""
+    if cfg.grpo_groups == "state":
+        return collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size, sampler_cfg, gen,
+                                    stats, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, bootstrap=cfg.rehearsal_bootstrap)
+    ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats,
+                                    first_env=first_env)
+    ep_adv, informative = group_advantages(ep_returns, cfg.group_size)
+    ro.valid = [v & informative for v in ro.valid]
+    return ro, obs, ep_adv[None].expand(len(ro), -1), None
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """An RL algorithm: its rollout (collect, then advantages and critic targets), its
+    minibatch loss, and whether a config of it learns a value function. A new algorithm is a
+    new entry of ``ALGORITHMS``."""
+
+    rollout: Callable[..., RolloutResult]
+    loss: MinibatchLoss
+    critic: Callable[[RLConfig], bool]
+
+
+def _grpo_critic(cfg: RLConfig) -> bool:
+    """GRPO over states scoring chunks by r + gamma * V(end state) learns V; other GRPO does not."""
+    return cfg.grpo_groups == "state" and cfg.rehearsal_bootstrap
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "ppo": Algorithm(rollout=gae_rollout, loss=ppo_clip_loss, critic=lambda cfg: True),
+    "grpo": Algorithm(rollout=group_rollout, loss=ppo_clip_loss, critic=_grpo_critic),  # same clipped loss
+}
+
+
 def collect_iteration(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, it: int, seed: int,
                       gen: torch.Generator, stats: dict[str, list], first_env: int = 0
                       ) -> tuple[Rollout, Obs | None, Tensor, Tensor | None]:
@@ -433,22 +553,8 @@ def collect_iteration(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, i
     critic targets [N, B] or None without a critic). Advantages here are per env (GAE, or
     normalised within groups of envs / of one env's chunks), so slices of a vector env can be
     collected apart (``first_env``: where this slice starts) and their samples pooled."""
-    sampler_cfg = rl_sampler(policy, cfg)
-    gamma, lam = cfg.ppo.gamma, cfg.ppo.lam
-    if cfg.algo == "ppo":
-        ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, gamma)
-        st = ro.stacked()
-        adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, gamma, lam)
-    elif cfg.grpo_groups == "state":
-        ro, obs, adv, ret = collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size,
-                                                 sampler_cfg, gen, stats, gamma=gamma, lam=lam,
-                                                 bootstrap=cfg.rehearsal_bootstrap)
-    else:
-        ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats,
-                                        first_env=first_env)
-        ep_adv, informative = group_advantages(ep_returns, cfg.group_size)
-        adv, ret = ep_adv[None].expand(len(ro), -1), None
-        ro.valid = [v & informative for v in ro.valid]
+    rollout = ALGORITHMS[cfg.algo].rollout
+    ro, obs, adv, ret = rollout(policy, env, obs, cfg, it, seed, rl_sampler(policy, cfg), gen, stats, first_env)
     if first_env:
         ro.envs = [e + first_env for e in ro.envs]
     return ro, obs, adv, ret
@@ -584,7 +690,8 @@ def train_rl(policy: FlowPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str 
             ro, adv, ret, collector_info = collector.collect(policy, it, stats)
             t_roll = time.perf_counter() - t0
             terms = step(policy, ro, adv, ret, cfg.ppo, actor_opt, critic_opt, shuffle,
-                           train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc, grad_cosine=cfg.grad_cosine)
+                         train_actor=it >= cfg.critic_warmup or critic_opt is None, bc=bc, grad_cosine=cfg.grad_cosine,
+                         loss=ALGORITHMS[cfg.algo].loss)
             chunks = sum(stats["chunks"])
             row = {
                 "iteration": it + 1,

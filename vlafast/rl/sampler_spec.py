@@ -1,0 +1,113 @@
+"""The stochastic sampler RL collects and updates with, as a typed, JSON-serialisable spec.
+
+``RLConfig.sampler`` holds a ``FlowSDE`` or a ``FlowNoise``; ``sampler_config(spec, noise_head)``
+turns it into the ``flow.SamplerConfig`` that the rollout and the update share. The spec is
+plain data (it saves with a recipe or a checkpoint); the sampler config is not: a Flow-Noise
+config holds the policy's noise head, a module being trained. Axes: K denoise steps.
+
+JSON: ``{"kind": "flow_sde", "num_steps": 4, "a": 0.5, "hybrid": true}`` or
+``{"kind": "flow_noise", "num_steps": 4}``. RL configs written before the spec existed carry
+the flat keys ``method`` / ``num_steps`` / ``sde_a`` / ``sde_hybrid``; ``from_rl_json`` reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Union
+
+from vlafast.flow import sampler as flow
+
+
+class _Spec:
+    """What both specs share: K, validation, JSON (``dataclasses.asdict`` carries ``kind``, so a
+    recipe's or a checkpoint's ``asdict`` round-trips through ``from_json``)."""
+
+    kind: str
+    num_steps: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"{type(self).__name__}.num_steps (K denoise steps) must be an integer >= 1, "
+                             f"got {self.num_steps!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSDE(_Spec):
+    """Flow-SDE (pi_RL): sigma_t = a * sqrt(t / (1 - t)). ``hybrid``: one random denoise step
+    per chunk is stochastic and the log-prob is its own; otherwise all K are, and the log-prob
+    is their joint one."""
+
+    num_steps: int = 4          # K (pi_RL: 4 for pi0, 3-5 for pi0.5)
+    a: float = 0.5              # noise level (pi_RL: 0.5; 0.3 for some pi0.5 runs)
+    hybrid: bool = True
+    kind: Literal["flow_sde"] = dataclasses.field(default="flow_sde", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.a > 0:
+            raise ValueError(f"FlowSDE.a (the noise level) must be > 0, got {self.a!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowNoise(_Spec):
+    """Flow-Noise (pi_RL): the policy's noise head predicts each step's variance; every step is
+    stochastic and the log-prob is the mean over the K + 1 terms."""
+
+    num_steps: int = 4          # K
+    kind: Literal["flow_noise"] = dataclasses.field(default="flow_noise", init=False, repr=False)
+
+
+SamplerSpec = Union[FlowSDE, FlowNoise]
+SPECS: dict[str, type[FlowSDE] | type[FlowNoise]] = {"flow_sde": FlowSDE, "flow_noise": FlowNoise}
+# RLConfig keys before ``sampler``: old key -> spec field
+LEGACY_KEYS = {"method": "kind", "num_steps": "num_steps", "sde_a": "a", "sde_hybrid": "hybrid"}
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def sampler_config(spec: SamplerSpec, noise_head=None) -> flow.SamplerConfig:
+    """The flow sampler of ``spec``; Flow-Noise samples with ``noise_head`` (the policy's)."""
+    if isinstance(spec, FlowSDE):
+        return flow.flow_sde(a=spec.a, hybrid=spec.hybrid, num_steps=spec.num_steps)
+    if isinstance(spec, FlowNoise):
+        if noise_head is None:
+            raise ValueError("flow_noise needs a policy with a noise head (policy.attach_noise_head())")
+        return flow.flow_noise(noise_head, num_steps=spec.num_steps)
+    raise TypeError(f"not a sampler spec: {spec!r}; use FlowSDE(...) or FlowNoise(...)")
+
+
+def from_json(data: dict[str, Any], base: SamplerSpec | None = None) -> SamplerSpec:
+    """A spec from ``{"kind": ..., **fields}``, possibly partial: a missing kind is ``base``'s,
+    and missing fields take ``base``'s values where its kind has them (else the defaults).
+    Unknown kinds and fields raise."""
+    base = FlowSDE() if base is None else base
+    data = dict(data)
+    kind = data.pop("kind", base.kind)
+    if kind not in SPECS:
+        raise ValueError(f"RL needs a stochastic sampler: kind must be one of {sorted(SPECS)}, got {kind!r}")
+    cls = SPECS[kind]
+    unknown = set(data) - _fields(cls)
+    if unknown:
+        raise ValueError(f"unknown {kind} sampler fields {sorted(unknown)}; known: {sorted(_fields(cls))}")
+    inherited = {k: v for k, v in base.to_json().items() if k in _fields(cls)}
+    return cls(**{**inherited, **data})
+
+
+def from_rl_json(rl: dict[str, Any], base: SamplerSpec | None = None) -> SamplerSpec:
+    """The spec of RLConfig JSON ``rl``: its ``sampler`` (a dict or a spec), with the flat keys
+    of older configs (``method``, ``num_steps``, ``sde_a``, ``sde_hybrid``) applied on top and
+    removed from ``rl``. As before, Flow-SDE's keys are ignored by a Flow-Noise sampler."""
+    spec = rl.pop("sampler", {})
+    data = dict(spec.to_json() if isinstance(spec, _Spec) else spec)
+    legacy = {new: rl.pop(old) for old, new in LEGACY_KEYS.items() if old in rl}
+    if legacy:
+        data.update(legacy)
+        cls = SPECS.get(data.get("kind", (base or FlowSDE()).kind))
+        if cls is not None:
+            data = {k: v for k, v in data.items() if k == "kind" or k in _fields(cls)}
+    return from_json(data, base)
