@@ -1,4 +1,5 @@
-"""Crash-safe file writes: write to a temporary file beside the target, fsync, rename."""
+"""Crash-safe file writes: write to a temporary file beside the target, fsync it, rename it over
+the target, fsync the folder (so the rename itself survives a power cut)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp_path, target)
+        fsync_dir(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` leaves when its process is killed mid-write
+    (``.<name>.<random>.tmp``); returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

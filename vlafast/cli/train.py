@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--iterations", type=int, default=None, help="ppo/grpo updates")
     p.add_argument("--groups", dest="grpo_groups", choices=["episode", "state"], default=None,
                    help="grpo: groups of whole episodes from one seed, or of chunks from one simulator state")
-    p.add_argument("--resume", action="store_true", help="ppo/grpo: continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="ppo/grpo: continue the run in --out from its checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--workers", type=int, default=0,
                    help="ppo/grpo: collect rollouts on N Ray actors, each a slice of the envs (needs vlafast[dist])")
     p.add_argument("--learners", type=int, default=1,
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
         if args.workers:
             raise ValueError("--workers applies to ppo/grpo (rollouts); sft trains on scripted demos in-process")
         recipe = jobs.recipe_from_file(args.config, env=args.env, seed=args.seed)
-        summary = jobs.run_sft(recipe, args.out, progress=progress)
+        if args.resume:
+            raise ValueError("--resume applies to ppo/grpo; an sft run is short: start it again with --overwrite")
+        summary = jobs.run_sft(recipe, args.out, overwrite=args.overwrite, progress=progress)
     else:
         if not args.init and not args.resume:
             raise ValueError(f"vlafast train {args.phase} needs --init <policy folder> (e.g. a `vlafast train sft` run)")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             overrides["seed"] = args.seed
         rl = dict(overrides.pop("rl", {}))
         rl["algo"] = args.phase
-        if args.phase == "ppo":  # PPO in RLinf's regime (PPOConfig's defaults), not the demo's GRPO tuning
+        if args.phase == "ppo" and not args.resume:  # PPO in RLinf's regime (PPOConfig's defaults), not the demo's GRPO tuning
             from dataclasses import asdict
 
             from vlafast.rl.losses import PPOConfig
@@ -90,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, key) is not None:
                 rl[key] = getattr(args, key)
         overrides["rl"] = rl
-        init = args.init or Path(args.out) / "policy"
         dist = None
         if (args.address or args.learners > 1) and not args.workers:
             raise ValueError("--address and --learners are options of the Ray mode: give --workers N too")
@@ -99,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
             dist = DistConfig(workers=args.workers, learners=args.learners, address=args.address,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
-        summary = jobs.run_rl(init, args.out, recipe_overrides=overrides, resume=args.resume, progress=progress,
-                              dist=dist)
+        summary = jobs.run_rl(args.init, args.out, recipe_overrides=overrides, resume=args.resume,
+                              overwrite=args.overwrite, progress=progress, dist=dist)
     print(jobs.format_eval(args.phase, summary["eval"]))
     print(f"wrote {Path(args.out) / 'policy'} and {Path(args.out) / 'summary.json'}")
     return 0

@@ -1,5 +1,6 @@
 """The jobs behind `vlafast train` / `vlafast eval` and the demo: SFT, RL and evaluation runs
-that write their results into a run folder (policy.pt, metrics.json, summary.json)."""
+that write their results into a run folder (policy/, recipe.json, run.json, metrics.json,
+checkpoint.pt, summary.json), never over another run unless asked to."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import numpy as np
 
 from vlafast.eval import evaluate, speed_by_word
 from vlafast.policies import FlowPolicy
-from vlafast._io import atomic_write_text
+from vlafast._io import atomic_write_text, remove_stale_temps
 from vlafast.rl import train as T
 from vlafast.rl.dist import DistConfig, LearnerGroup, RayCollector
 from vlafast.rl.recipe import (
-    Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, env_slice, load_policy,
+    Recipe, build_env, build_policy, collect_recipe_demos, dump, ensure_noise_head, env_slice, load_policy, merge,
     save_policy,
 )
 
@@ -28,12 +29,17 @@ def summarise_eval(ev: dict[str, Any]) -> dict[str, Any]:
     return {k: ev[k] for k in ("episodes", "success_rate", "success_ci95", "return")} | {"speed": speed_by_word(ev["records"])}
 
 
-def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Scripted demos -> SFT -> evaluation; writes out/policy.pt and out/summary.json."""
+def run_sft(recipe: Recipe, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Scripted demos -> SFT -> evaluation; writes out/policy/ and out/summary.json. An ``out``
+    that holds a run is refused unless ``overwrite``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.json", dump(recipe))
+    check_run_dir(out, resume=False, overwrite=overwrite)
     env = build_env(recipe)
+    if not callable(getattr(env, "expert_chunk", None)):
+        env.close()
+        raise ValueError(f"env {recipe.env} has no scripted expert: train sft needs one (the built-in ur5e tasks); "
+                         "RL from a published checkpoint needs no SFT: `vlafast train ppo --init CKPT --env ...`")
+    start_run_dir(out, recipe, init=None, phase="sft")
     policy = build_policy(recipe, env.spec)
     t0 = time.perf_counter()
     demos = collect_recipe_demos(recipe, env, progress=progress)
@@ -49,17 +55,83 @@ def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[s
     return summary
 
 
-def run_rl(init: str | Path, out: str | Path, *, recipe_overrides: dict[str, Any] | None = None,
-           resume: bool = False, progress: bool = True, dist: DistConfig | None = None) -> dict[str, Any]:
-    """PPO / GRPO from a policy checkpoint; writes checkpoints, metrics.json, policy.pt, summary.json.
+RUN_FILE = "run.json"
+
+
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool = False) -> None:
+    """Refuse to overwrite a run, or to resume one that cannot be: before anything is written."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise ValueError(f"--resume: {out} has no checkpoint.pt (the run stopped before its first update ended): "
+                             "start it again with --overwrite")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} already holds a run: add --resume to continue it or --overwrite to replace it")
+
+
+def resume_init(out: Path) -> str:
+    """The policy a run in ``out`` started from (recorded in run.json when it began)."""
+    try:
+        return json.loads((out / RUN_FILE).read_text())["init"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"--resume: {out / RUN_FILE} is missing or damaged, so the policy this run started from is "
+                         "unknown: pass it again with --init") from None
+
+
+def saved_recipe(out: Path) -> dict[str, Any]:
+    """The recipe JSON a run in ``out`` was started with ({} when there is none)."""
+    try:
+        data = json.loads((out / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_resume(out: Path, recipe: Recipe) -> None:
+    """A resumed run must be the same algorithm and sampler as the one it continues."""
+    data = saved_recipe(out)
+    if not data:
+        return  # no (readable) recipe.json: the checkpoint itself is checked when it loads
+    saved = Recipe.from_json(data)
+    was, now = (saved.rl.algo, saved.rl.sampler.kind), (recipe.rl.algo, recipe.rl.sampler.kind)
+    if was != now:
+        raise ValueError(f"--resume continues the run as it was trained ({was[0]} with {was[1]}); this asks for "
+                         f"{now[0]} with {now[1]}: start a new run in another --out")
+
+
+def start_run_dir(out: Path, recipe: Recipe, *, init: str | Path | None, phase: str) -> None:
+    """Create the run folder: clear temporary files a killed run left, write recipe.json and run.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    atomic_write_text(out / "recipe.json", dump(recipe))
+    atomic_write_text(out / RUN_FILE, json.dumps({"phase": phase, "init": None if init is None else
+                                                  str(Path(init).resolve())}, indent=1))
+
+
+def run_rl(init: str | Path | None, out: str | Path, *, recipe_overrides: dict[str, Any] | None = None,
+           resume: bool = False, overwrite: bool = False, progress: bool = True,
+           dist: DistConfig | None = None) -> dict[str, Any]:
+    """PPO / GRPO from a policy folder; writes checkpoints, metrics.json, policy/, summary.json.
+    ``init`` None with ``resume``: the policy the run started from (its run.json). An ``out``
+    that holds a run is refused unless ``resume`` or ``overwrite``.
     With ``dist``, rollouts come from ``dist.workers`` Ray actors (``vlafast.rl.dist``), each
     building its slice of the recipe's env and a replica of the policy, and ``dist.learners`` > 1
     ranks share each update."""
-    policy, recipe, env = load_policy(init, overrides=recipe_overrides)
-    ensure_noise_head(policy, recipe)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.json", dump(recipe))
+    check_run_dir(out, resume=resume, overwrite=overwrite)
+    if resume:
+        init = init or resume_init(out)
+        recipe_overrides = merge(saved_recipe(out), recipe_overrides or {})  # the run as it was, then the new options
+    policy, recipe, env = load_policy(init, overrides=recipe_overrides)
+    try:
+        if resume:
+            check_resume(out, recipe)
+        ensure_noise_head(policy, recipe)
+    except BaseException:
+        env.close()
+        raise
+    start_run_dir(out, recipe, init=init, phase=recipe.rl.algo)
     t0 = time.perf_counter()
     demos = collect_recipe_demos(recipe, env, progress=progress) if recipe.rl.bc_coef > 0 else None
     collector = learners = None

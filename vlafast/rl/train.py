@@ -658,7 +658,7 @@ def train_rl(policy: FlowPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str 
     if resume:
         if ckpt is None or not ckpt.exists():
             raise FileNotFoundError(f"--resume needs a checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location=policy.device, weights_only=False)
+        state = torch.load(ckpt, map_location=policy.device, weights_only=True)  # tensors and plain data only
         policy.load_state_dict(state["policy"])
         actor_opt.load_state_dict(state["actor_opt"])
         if critic_opt is not None and state.get("critic_opt") is not None:
