@@ -16,8 +16,9 @@ def test_serve_robot_null_backend_runs_and_reports(capsys):
     assert main(["robot", "run", "--backend", "null", "--seconds", "0.8", "--no-realtime", "--latency-ms", "5"]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if "cycles" in ln]
-    assert len(lines) >= 2  # live readout lines, then the summary
-    assert "requested: run complete" in lines[-1] and "missed" in lines[-1]
+    # Live readout lines every 0.5 s (how many fit in 0.8 s depends on the machine; the Ctrl-C
+    # test waits for one), then the summary.
+    assert lines and "requested: run complete" in lines[-1] and "missed" in lines[-1]
 
 
 def test_serve_robot_writes_the_cycle_report(tmp_path, capsys):
@@ -27,7 +28,8 @@ def test_serve_robot_writes_the_cycle_report(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with open(tmp_path / "cycles.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) >= 3 and float(rows[1]["inference_ms"]) >= 20.0
+    # one row per inference cycle, 20 ms each at least (measured 10 rows idle; two needed to judge)
+    assert len(rows) >= 2 and float(rows[1]["inference_ms"]) >= 20.0
     assert any(r["jerk_max"] not in ("nan", "") for r in rows)
     assert (tmp_path / "cycles.png").stat().st_size > 0 and "inference cycles" in (tmp_path / "report.md").read_text()
 
@@ -42,7 +44,8 @@ def test_robot_run_pi0_reach_with_rtc_trains_once_then_loads(tmp_path, capsys):
     assert "reach: max joint error to the target" in out and "(measured)" in out
     with open(tmp_path / "report" / "cycles.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) >= 3 and {"jerk_plan", "jerk_new", "prefix"} <= set(rows[0])
+    # one row per inference cycle (measured 5 idle; how many fit in 1.2 s is the machine's, two are needed here)
+    assert len(rows) >= 2 and {"jerk_plan", "jerk_new", "prefix"} <= set(rows[0])
     assert any(int(float(r["prefix"])) > 0 for r in rows[1:])  # guided chunks froze a measured prefix
     again = ["robot", "run", "--backend", "mujoco", "--policy", "pi0-reach", "--ensemble", "0.5",
              "--reach-weights", str(weights), "--seconds", "0.5", "--no-realtime", "--num-steps", "3"]
@@ -113,7 +116,9 @@ def test_bench_servo_writes_a_row(tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 1 and rows[0]["bench"] == "servo" and rows[0]["baseline"] == "SCHED_OTHER sleep-only"
     extra = json.loads(rows[0]["extra"])
-    assert extra["cycles"] >= 250 and extra["missed"] >= 0 and extra["accepted"] >= 1
+    # 0.6 s of absolute 2 ms deadlines: each one ran or was counted missed (how many were
+    # missed is the machine's: the row reports it; measured 300 + 0 idle).
+    assert extra["cycles"] + extra["missed"] >= 0.6 * 500 - 1 and extra["missed"] >= 0 and extra["accepted"] >= 1
     assert 0 <= extra["jitter_p50_us"] <= extra["jitter_p99_us"] <= extra["jitter_max_us"]
     assert extra["chunk_age_p50_us"] > 0 and extra["latency_p50_us"] >= 5000  # 5 ms of "inference"
 

@@ -1,7 +1,9 @@
 """The C++ servo core through its binding: interpolation against analytic curves, limits,
-watchdog, rejection of unsafe chunks, fault injection. Timing bounds are never asserted (noisy
-2-core VM): the loop integrates with the nominal period, so the commanded trajectory is checked
-exactly against the interpolant at the command times."""
+watchdog, rejection of unsafe chunks, fault injection. Nothing asserts how fast the machine is
+(jitter, missed cycles: `vlafast bench servo-timing`, `bench servo`): the loop integrates with the
+nominal period, so the commanded trajectory is checked exactly against the interpolant at the
+command times, counts are of cycles not seconds, and plans outlast any stall of the test thread
+(a test stops the loop itself once it has seen what it waits for)."""
 
 import math
 import threading
@@ -26,9 +28,17 @@ def make_loop(backend, q0=Q0, interp="cubic", limits=WIDE, hz=HZ, max_horizon=25
                        interp=interp, max_horizon=max_horizon, **limits)
 
 
-def run_until_stopped(loop, timeout=10.0):
+def run_until_stopped(loop, timeout=60.0):
     assert loop.wait(timeout), f"loop did not stop within {timeout} s (state {loop.state})"
     return loop.stats()
+
+
+def wait_for(condition, what, timeout_s=60.0):
+    """Poll until condition() holds; the deadline only bounds a hang, no test relies on it."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,12 +288,13 @@ def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     t, qc, vc = rec.records()
     assert "watchdog" in s["stop_reason"] and rec.stops == 1
     tracking = (t >= t0 - PERIOD_NS) & (t + PERIOD_NS <= t0 + (q.shape[0] - 1) * dt_ns)
-    assert tracking.sum() > 100
     # A missed cycle (busy VM) skips deadlines and the arm catches up under the acceleration
     # limit; commands within 150 ms of a skip, or of a push that a stall delayed past the
     # chunk's start, are left out of the exact comparison (what the test cannot control).
+    # Measured at 500 Hz: 595 tracking commands, ~450 checked idle; any number checks the
+    # interpolant, so the bound is only that some were.
     check = tracking & steady(t, period_ns=PERIOD_NS) & (t >= pushed_ns + 150_000_000 * (pushed_ns > t0 - PERIOD_NS))
-    assert check.sum() > 30
+    assert check.sum() > 0, (tracking.sum(), s["missed"])
     want, _ = C.interpolate(q, dt_ns * 1e-9, (t[check] + PERIOD_NS - t0) * 1e-9, interp)
     if interp in ("cubic", "spline"):
         # Smooth plan inside the limits: every command is exactly the interpolant.
@@ -314,15 +325,21 @@ def test_step_target_is_reached_within_velocity_and_acceleration_limits():
     loop.start()
     target = Q0 + np.array([0.4, -0.3, 0.2, 0.0, 0.1, -0.05])
     now = C.monotonic_ns()
-    loop.push(np.tile(target, (2, 1)), now, 1_500_000_000)  # a jump the limits must shape
+    loop.push(np.tile(target, (2, 1)), now, 60_000_000_000)  # a jump the limits must shape; a minute to hold it
+    # The move takes a fixed number of cycles (386: the loop integrates with the nominal period),
+    # however long a busy machine stretches them: wait for the arrival, then hold 50 cycles more.
+    wait_for(lambda: np.allclose(loop.stats()["q"], target, atol=1e-9, rtol=0), "the target")
+    n = loop.stats()["cycles"]
+    wait_for(lambda: loop.stats()["cycles"] >= n + 50, "50 cycles on the target")
+    loop.request_stop("reached")
     s = run_until_stopped(loop)
-    assert "watchdog" in s["stop_reason"]
+    assert s["stop_reason"] == "requested: reached"
     t, q, v = check_limits(rec, lim)
-    assert s["clamped_cycles"] > 50
+    assert s["clamped_cycles"] > 50  # counted in cycles; measured 377 (of 386 to arrive)
     assert s["max_abs_v"] == pytest.approx(2.0, rel=1e-9)  # joint 2 cruises at its 2 rad/s
     np.testing.assert_allclose(np.abs(v).max(0)[:3], lim["v_max"][:3], rtol=1e-9)  # long moves reach v_max
     # Reached and held: the arm settles on the target, overshooting by at most a_max dt^2.
-    np.testing.assert_allclose(q[t < t[-1] - 0.2e9][-1], target, atol=1e-9)
+    np.testing.assert_allclose(q[-40:], np.broadcast_to(target, (40, 6)), atol=1e-9)  # held to the stop
     overshoot = (q - target) * np.sign(target - Q0)  # > 0: beyond the target
     assert np.all(overshoot.max(0) <= np.array(lim["a_max"]) * DT**2)  # measured max 2.4e-6
 
@@ -375,12 +392,13 @@ def test_a_late_chunk_never_displaces_one_that_still_has_a_horizon():
     stale = C.monotonic_ns() - 500_000_000
     assert loop.push(np.tile(Q0, (10, 1)), stale, 10_000_000) == "stale"  # ended 410 ms ago
     t0 = C.monotonic_ns()
-    assert loop.push(np.tile(Q0, (40, 1)), t0, 10_000_000) == "accepted"  # 390 ms of plan
-    C.sleep_until_ns(t0 + 100_000_000, 0.0)
+    assert loop.push(np.tile(Q0, (250, 1)), t0, 100_000_000) == "accepted"  # 25 s of plan: no stall outlasts it
+    wait_for(lambda: loop.stats()["executed_chunks"] == 1 and loop.stats()["cycles"] >= 50, "the plan running")
     assert loop.push(np.tile(Q0 + 0.1, (10, 1)), stale, 10_000_000) == "stale"
     assert loop.state == "tracking"
+    loop.request_stop("done")
     s = run_until_stopped(loop)
-    assert s["stop_reason"].startswith("watchdog") and s["executed_chunks"] == 1 and s["rejected_stale"] == 2
+    assert s["stop_reason"] == "requested: done" and s["executed_chunks"] == 1 and s["rejected_stale"] == 2
     _, q, _ = rec.records()
     np.testing.assert_allclose(q, np.broadcast_to(Q0, q.shape), atol=1e-12)  # the late chunk never moved it
 
@@ -390,7 +408,7 @@ def test_late_chunks_in_a_stream_stop_the_arm_safely():
     rec = C.RecordingBackend(4000)
     loop = make_loop(rec)
     loop.start()
-    dt_ns, T = 10_000_000, 15  # 140 ms horizon, a new chunk every 50 ms
+    dt_ns, T = 10_000_000, 100  # 990 ms horizon (far beyond a stall of this thread), a new chunk every 50 ms
     wake = C.monotonic_ns()
     for i in range(8):
         t0 = C.monotonic_ns()
@@ -398,8 +416,11 @@ def test_late_chunks_in_a_stream_stop_the_arm_safely():
         wake += 50_000_000
         C.sleep_until_ns(wake, 0.0)
         assert loop.state in ("holding", "tracking")
-    s = run_until_stopped(loop, timeout=2.0)  # then silence: the watchdog must fire
-    assert s["stop_reason"].startswith("watchdog") and s["executed_chunks"] >= 7
+    s = run_until_stopped(loop)  # then silence: the watchdog must fire
+    assert s["stop_reason"].startswith("watchdog")
+    # Each chunk ran, or a newer one replaced it before the servo thread looked (a stalled
+    # servo thread: measured 8 + 0 idle).
+    assert s["executed_chunks"] >= 1 and s["executed_chunks"] + s["dropped"] == s["accepted"] == 8, s
     check_limits(rec)
 
 
@@ -426,9 +447,9 @@ def test_request_stop_while_holding_and_while_moving():
     rec = C.RecordingBackend(4000)
     loop = make_loop(rec)
     loop.start()
-    q, t0, dt_ns = smooth_chunk(C.monotonic_ns(), T=200)
+    q, t0, dt_ns = smooth_chunk(C.monotonic_ns(), T=250, dt=0.04)  # 10 s of plan
     loop.push(q, t0, dt_ns)
-    C.sleep_until_ns(t0 + 500_000_000, 0.0)  # mid-motion
+    wait_for(lambda: np.abs(loop.stats()["v"]).max() > 0.1, "the arm moving")  # mid-motion
     loop.request_stop("operator")
     s = run_until_stopped(loop)
     assert s["stop_reason"] == "requested: operator" and rec.stops == 1
@@ -452,7 +473,7 @@ def test_mailbox_backend_hands_the_newest_target_to_a_reader():
 
     th = threading.Thread(target=reader)
     th.start()
-    C.sleep_until_ns(C.monotonic_ns() + 100_000_000, 0.0)
+    wait_for(lambda: seen and seen[-1][0] > 10, "the reader to see 10 targets")
     loop.request_stop("done")
     run_until_stopped(loop)
     done.set()
@@ -465,26 +486,17 @@ def test_mailbox_backend_hands_the_newest_target_to_a_reader():
 
 
 def test_gil_is_free_while_the_loop_runs_and_waits():
+    from test_timing import ticks_inside
+
     loop = make_loop(C.NullBackend())
     loop.start()
-    ticks = []
-    stop = threading.Event()
-
-    def spinner():
-        while not stop.is_set():
-            ticks.append(1)
-            time.sleep(0.001)
-
-    th = threading.Thread(target=spinner)
-    th.start()
-    n0 = len(ticks)
-    assert not loop.wait(0.3)  # blocks 0.3 s in C++
-    n1 = len(ticks)
-    stop.set()
-    th.join()
-    assert n1 - n0 > 20  # with the GIL held during wait() the spinner could not tick at all
+    # wait() blocks 1 s in C++: a Python thread ticks in its middle 0.8 s only if the GIL is
+    # free, however busy the machine (measured ~700 such ticks idle).
+    waited = []
+    assert ticks_inside(lambda: waited.append(loop.wait(1.0)))
+    assert waited == [False]  # the loop still runs
     loop.request_stop("done")
-    assert loop.wait(5.0)
+    assert loop.wait(60.0)
 
 
 @pytest.mark.parametrize("realtime,cpu", [(False, 0), (True, -1)])

@@ -1,4 +1,7 @@
-"""The _C timing core. Jitter bounds are not asserted (noisy VM): the benchmark reports them."""
+"""The _C timing core. Nothing here asserts how fast or how steady the machine is (jitter,
+missed cycles, how long a call overran: `vlafast bench servo-timing` reports them); the tests
+check what the code guarantees on any machine: never waking early, the cycle count, the run
+lasting at least its nominal time, the GIL released."""
 
 import threading
 import time
@@ -34,9 +37,9 @@ def test_measure_loop_report(hz, seconds):
     assert r["missed"] >= 0
     assert r["policy"] in ("SCHED_FIFO", "SCHED_OTHER")
     assert (r["policy"] == "SCHED_FIFO") == (r["reason"] == "")
-    # Absolute deadlines: the run lasts its nominal time (plus at most a few missed periods).
+    # Absolute deadlines: the run lasts at least its nominal time (how much longer it takes on a
+    # busy machine is the benchmark's, as missed periods).
     assert elapsed >= seconds
-    assert elapsed < seconds + 0.5
 
 
 def test_non_realtime_request_reports_reason():
@@ -63,19 +66,29 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         C.measure_loop(**kwargs)
 
 
-def test_gil_released_during_loop():
-    ticks = []
-    stop = threading.Event()
+def ticks_inside(call, margin_s=0.1):
+    """Run call() while a Python thread ticks (sleeping 1 ms between ticks) -> the ticks taken
+    more than margin_s after the call began and before it ended. Were the GIL held during the
+    call, none could be: the other thread runs Python only between bytecodes of this one (at
+    most one switch interval, 5 ms, around the call's edges)."""
+    ticks, stop = [], threading.Event()
 
     def spinner():
         while not stop.is_set():
-            ticks.append(1)
+            ticks.append(time.monotonic())
             time.sleep(0.001)
 
-    t = threading.Thread(target=spinner)
-    t.start()
-    C.measure_loop(500.0, 0.3, realtime=False)
+    th = threading.Thread(target=spinner)
+    th.start()
+    t0 = time.monotonic()
+    call()
+    t1 = time.monotonic()
     stop.set()
-    t.join()
-    # With the GIL held for 0.3 s the Python thread could not tick at all.
-    assert len(ticks) > 20
+    th.join()
+    return [t for t in ticks if t0 + margin_s < t < t1 - margin_s]
+
+
+def test_gil_released_during_loop():
+    # 1 s of loop: a tick anywhere in its middle 0.8 s shows the GIL free, however busy the
+    # machine (measured ~700 such ticks idle).
+    assert ticks_inside(lambda: C.measure_loop(500.0, 1.0, realtime=False))

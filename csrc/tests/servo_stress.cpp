@@ -58,11 +58,12 @@ int stress(const std::shared_ptr<servo::Backend>& backend, Read read, int reader
   int k = 0;
   while (rt::monotonic_ns() - start < 1'500'000'000LL) {  // producer: 1.5 s of pushes
     for (double& x : q) x = (k % 1000) / 1000.0;
-    loop.push(q.data(), 64, rt::monotonic_ns(), 5'000'000, 0);
+    // 64 waypoints 50 ms apart: a 3 s plan, so a push the scheduler delays is never stale
+    loop.push(q.data(), 64, rt::monotonic_ns(), 50'000'000, 0);
     ++k;
   }
   loop.request_stop("stress done");
-  loop.wait(5.0);
+  loop.wait(120.0);  // returns once stopped (~0.1 s of braking); the bound is for a hang only
   done.store(true);
   for (auto& t : pool) t.join();
   stats.join();

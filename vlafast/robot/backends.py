@@ -22,6 +22,7 @@ t_ns) | None``, ``close()`` and ``error`` (an exception raised on its forwarding
 
 from __future__ import annotations
 
+import collections
 import multiprocessing as mp
 import os
 import threading
@@ -444,6 +445,37 @@ def refusal_message(what: str, gap_s: float, watchdog_hz: float, runtime_state: 
             f"or not in remote control?)")
 
 
+class _Gaps:
+    """The gaps between the forwarder's commands, in constant memory however long it runs:
+    count, sum, max, periods over 1.5x nominal, a 10 us histogram up to 100 ms (p50, p99) and
+    the last 0.5 s of gaps."""
+
+    BIN_NS, BINS = 10_000, 10_000
+
+    def __init__(self, hz: float):
+        self.period_ns = 1e9 / hz
+        self.hist = np.zeros(self.BINS + 1, dtype=np.int64)  # the last bin: 100 ms and longer
+        self.n = self.sum_ns = self.max_ns = self.late = 0
+        self.recent: collections.deque[int] = collections.deque(maxlen=max(1, int(hz) // 2))
+
+    def add(self, gap_ns: int) -> None:
+        self.hist[min(gap_ns // self.BIN_NS, self.BINS)] += 1
+        self.n, self.sum_ns, self.max_ns = self.n + 1, self.sum_ns + gap_ns, max(self.max_ns, gap_ns)
+        self.late += gap_ns > 1.5 * self.period_ns
+        self.recent.append(gap_ns)
+
+    def stats(self, servoj: int) -> dict[str, float]:
+        span_s = max(self.sum_ns * 1e-9, 1e-9)
+        cum = np.cumsum(self.hist)
+
+        def pct_ms(q: float) -> float:  # the bin's middle; 0 with no gap
+            return 0.0 if not self.n else float((np.searchsorted(cum, q * self.n) + 0.5) * self.BIN_NS * 1e-6)
+
+        return {"periods": self.n, "late": self.late, "hz": self.n / span_s, "servoj": servoj,
+                "servoj_hz": servoj / span_s, "p50_ms": min(pct_ms(0.5), self.max_ns * 1e-6),
+                "p99_ms": min(pct_ms(0.99), self.max_ns * 1e-6), "max_ms": self.max_ns * 1e-6}
+
+
 def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead: float, gain: float,
                       watchdog_hz: float) -> None:
     """The child process of URRTDEBackend: connect, then each period (absolute deadlines) send
@@ -468,12 +500,13 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
         return
     pipe.send(("ready", None))
     period_ns, silence_ns = int(round(1e9 / hz)), int(SERVO_SILENCE_S * 1e9)
-    servoing, seq_last, servoj_calls, gaps = False, 0, 0, []
+    servoing, seq_last, servoj_calls, gaps = False, 0, 0, _Gaps(hz)
     try:
         if pipe.recv() == "start":
             if watchdog_hz > 0:
                 rtde_c.setWatchdog(watchdog_hz)
-            last_ns = fresh_ns = deadline = C.monotonic_ns()
+            last_ns, fresh_ns = None, 0
+            deadline = C.monotonic_ns()
             while not pipe.poll():
                 seq, _t_ns, q, _v, stopped = C.read_shared_target(shm.buf)
                 now = C.monotonic_ns()
@@ -492,11 +525,12 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
                 else:  # nothing to servo yet, or at rest: keep the watchdog fed
                     what, ok = "kickWatchdog", rtde_c.kickWatchdog() if watchdog_hz > 0 else True
                 if not ok and what != "servoStop":  # the controller's view may lag ours: the last 0.5 s count
-                    silence = max([now - last_ns, *gaps[-int(hz) // 2:]])
+                    silence = max([now - (last_ns or now), *gaps.recent])
                     pipe.send(("refused", {"what": what, "gap_s": silence * 1e-9}))
                     rtde_c.disconnect()
                     return
-                gaps.append(now - last_ns)
+                if last_ns is not None:
+                    gaps.add(now - last_ns)
                 last_ns = now
                 deadline += period_ns
                 if deadline <= C.monotonic_ns():  # this process was late: the next deadline still ahead, no burst
@@ -506,11 +540,7 @@ def _urrtde_forwarder(pipe: Any, shm_name: str, host: str, hz: float, lookahead:
             rtde_c.servoStop()
         rtde_c.stopScript()
         rtde_c.disconnect()
-        g = np.asarray(gaps[1:] or [0], dtype=np.float64) * 1e-6  # ms between the commands sent
-        span_s = max(g.sum() * 1e-3, 1e-9)
-        pipe.send(("stats", {"periods": len(g), "late": int((g > 1.5e3 / hz).sum()), "hz": float(len(g) / span_s),
-                             "servoj": servoj_calls, "servoj_hz": float(servoj_calls / span_s),
-                             "p50_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)), "max_ms": float(g.max())}))
+        pipe.send(("stats", gaps.stats(servoj_calls)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         try:
             if rtde_c is not None:

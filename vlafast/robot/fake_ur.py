@@ -21,8 +21,19 @@ taken and answered with ``output_int_register(offset + 0) = 1`` (ready), other c
 with ``2`` (done), ``0`` (no command) with ``1``, and 255 ends the program, which is ur_rtde's
 protocol. Implemented commands: servoJ (11), speedJ (9), speedStop (15), servoStop (16),
 stopJ (34), setWatchdog (35: from then on, no input package for 1 / min_frequency pauses the
-program, as the controller's ``rtde_set_watchdog`` does), kickWatchdog (58), stop script (255). Any other command stops the program
-with ``unsupported command N`` in ``errors``: a fake that answered "done" would hide it.
+program, as the controller's ``rtde_set_watchdog`` does; the time is counted in the fake's own
+ticks, so a stall of its own process is not taken for the client's silence), kickWatchdog (any
+input package; ur_rtde 1.6.5 sends one with no command, the script also takes 58 as a no-op),
+stop script (255). Any other command stops the program with ``unsupported command N`` in
+``errors``: a fake that answered "done" would hide it.
+
+Hostile or broken clients: every input buffer is bounded (an RTDE frame by its 16-bit size, a
+dashboard line to ``MAX_LINE_BYTES``, a script upload to ``MAX_SCRIPT_BYTES``; at most
+``MAX_CONNECTIONS`` clients and 255 recipes per connection), and so is every record kept; bytes
+that do not parse (invalid UTF-8, a short or unknown RTDE frame, a payload of the wrong size) are
+answered where the controller answers (``could not understand`` on the dashboard, ``NOT_FOUND``
+in a recipe) or close that connection with a line in ``errors``, never a traceback. It listens on
+loopback only unless ``allow_remote`` (``--allow-remote``): it has no authentication.
 
 The arm: joint positions integrate a velocity command. servoJ tracks its target as a first
 order lag with the lookahead time as time constant (UR's servoj is a filtered proportional
@@ -34,13 +45,15 @@ right type; everything it does model is listed in ``OUTPUTS`` below.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import ipaddress
+import logging
 import multiprocessing as mp
 import re
 import socket
 import struct
 import threading
-import logging
 import time
 from typing import Any, Callable
 
@@ -77,6 +90,19 @@ DASHBOARD_FIXED = {"safetystatus": "Safetystatus: NORMAL", "safetymode": "Safety
                    "brake release": "Brake releasing", "unlock protective stop": "Protective stop releasing",
                    "close safety popup": "closing popup", "close popup": "closing popup",
                    "get serial number": "20260000000", "get robot model": "UR5", "quit": "Disconnected"}
+
+# bounds on what clients can make the fake hold
+MAX_LINE_BYTES = 4096            # a dashboard command line
+MAX_SCRIPT_BYTES = 1 << 20       # a script upload before its closing `end` (ur_rtde 1.6.5's control script: 42 kB)
+MAX_CONNECTIONS = 32             # clients on all ports together
+MAX_RECIPES = 255                # per connection and direction (recipe ids are one byte)
+RECORD_SECONDS = 120.0           # servo_targets and commands keep the last 2 min at 500 Hz
+MAX_LOG_LINES = 1000             # dashboard_log and errors (programs: the last 16)
+
+
+class Malformed(ValueError):
+    """Bytes from a client that do not parse: the connection is closed, with a line in ``errors``."""
+
 
 UR5E_QD_MAX = np.array([np.pi, np.pi, np.pi, 2 * np.pi, 2 * np.pi, 2 * np.pi])  # rad/s (UR5e joint limits)
 
@@ -141,8 +167,9 @@ def _zero(kind: str) -> Any:
 
 
 def _names(payload: bytes) -> list[str]:
-    """A recipe's variable names; ur_rtde ends the list with a comma, which the controller ignores."""
-    names = payload.decode().split(",")
+    """A recipe's variable names; ur_rtde ends the list with a comma, which the controller ignores.
+    Bytes that are not UTF-8 become U+FFFD: such a name is NOT_FOUND, as any unknown name."""
+    names = payload.decode(errors="replace").split(",")
     return names[:-1] if names and names[-1] == "" else names
 
 
@@ -154,6 +181,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("peer closed")
         buf += part
     return buf
+
+
+def check_listen_host(host: str, allow_remote: bool = False) -> None:
+    """Raise ValueError unless ``host`` is a loopback address (or ``allow_remote``)."""
+    if allow_remote:
+        return
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--host {host!r} does not resolve ({exc})") from exc
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs):
+        raise ValueError(f"--host {host} is not a loopback address: the fake UR controller takes commands from anyone "
+                         "who can reach it, so it listens on 127.0.0.0/8 or ::1 only unless --allow-remote is given")
 
 
 def _frame(kind: int, payload: bytes = b"") -> bytes:
@@ -185,16 +225,19 @@ class FakeURController:
     """The controller: ``with FakeURController() as ur: rtde_control.RTDEControlInterface(ur.host)``.
 
     ``host``: the loopback address to listen on (each fake needs its own, since ur_rtde's ports
-    are fixed; any 127.x.y.z works on Linux; ``None`` picks a free one). ``q0``: initial joint
-    positions. ``remote_control``: what the dashboard answers to ``is in remote control``.
-    Inspect ``servo_targets`` (t_s, q): each new servoJ target the script took; ``commands``
-    (t_s, cmd): the commands it took (a real-time command repeated tick after tick once); t_s
-    is ``time.monotonic()``, comparable across processes. Also ``programs`` uploaded,
-    ``dashboard_log`` and ``errors``.
+    are fixed; any 127.x.y.z works on Linux; ``None`` picks a free one); another address only
+    with ``allow_remote``. ``q0``: initial joint positions. ``remote_control``: what the
+    dashboard answers to ``is in remote control``. Inspect ``servo_targets`` (t_s, q): each new
+    servoJ target the script took (the last ``RECORD_SECONDS``; ``servo_target_count`` counts
+    all); ``commands`` (t_s, cmd): the commands it took (a real-time command repeated tick after
+    tick once); t_s is ``time.monotonic()``, comparable across processes. Also ``programs``
+    uploaded, ``dashboard_log`` and ``errors`` (the last ``MAX_LOG_LINES`` each).
     """
 
     def __init__(self, host: str | None = None, q0=UR5E_HOME, version: tuple[int, int, int, int] = (5, 15, 0, 1),
-                 remote_control: bool = True, tick_hz: float = 500.0):
+                 remote_control: bool = True, tick_hz: float = 500.0, allow_remote: bool = False):
+        if host:
+            check_listen_host(host, allow_remote)
         self.host = host or _free_loopback()
         self.version, self.remote_control, self.tick_s = version, remote_control, 1.0 / tick_hz
         self._lock = threading.RLock()
@@ -211,12 +254,16 @@ class FakeURController:
         self.servo: dict[str, Any] | None = None       # {target, lookahead, gain, time} while servoing
         self.speed: np.ndarray | None = None           # speedJ target velocity
         self.executing = False
-        self.watchdog_hz, self.last_input_s = 0.0, time.monotonic()
-        self.servo_targets: list[tuple[float, np.ndarray]] = []
-        self.commands: list[tuple[float, int]] = []
-        self.programs: list[str] = []
-        self.dashboard_log: list[str] = []
-        self.errors: list[str] = []
+        # RTDE watchdog: seconds without an input package, counted in the fake's own ticks (see _control_loop)
+        self.watchdog_hz, self.silent_s = 0.0, 0.0
+        self.ticks = 0  # control ticks run: the fake's own clock
+        records = int(RECORD_SECONDS * tick_hz)
+        self.servo_targets: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=records)
+        self.servo_target_count = self.program_count = 0
+        self.commands: collections.deque[tuple[float, int]] = collections.deque(maxlen=records)
+        self.programs: collections.deque[str] = collections.deque(maxlen=16)
+        self.dashboard_log: collections.deque[str] = collections.deque(maxlen=MAX_LOG_LINES)
+        self.errors: collections.deque[str] = collections.deque(maxlen=MAX_LOG_LINES)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._servers: list[socket.socket] = []
@@ -240,7 +287,7 @@ class FakeURController:
                 s.close()
             except OSError:
                 pass
-        for t in self._threads:
+        for t in list(self._threads):
             t.join(timeout=2.0)
 
     def __enter__(self) -> "FakeURController":
@@ -252,25 +299,40 @@ class FakeURController:
     def _spawn(self, fn: Callable, *args) -> None:
         t = threading.Thread(target=fn, args=args, daemon=True, name=f"fake-ur-{fn.__name__}")
         t.start()
-        self._threads.append(t)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def _accept(self, srv: socket.socket, handler: Callable[[socket.socket], None]) -> None:
+        port = srv.getsockname()[1]
         while not self._stop.is_set():
             try:
                 sock, _ = srv.accept()
             except (socket.timeout, OSError):
                 continue
+            with self._lock:
+                full = len(self._conns) >= MAX_CONNECTIONS
+                if not full:
+                    self._conns.append(sock)
+            if full:
+                self.errors.append(f"port {port}: more than {MAX_CONNECTIONS} clients; connection refused")
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conns.append(sock)
-            self._spawn(self._guard, handler, sock)
+            self._spawn(self._guard, handler, sock, port)
 
-    def _guard(self, handler: Callable[[socket.socket], None], sock: socket.socket) -> None:
+    def _guard(self, handler: Callable[[socket.socket], None], sock: socket.socket, port: int) -> None:
+        """Serve one client; whatever it sends, the connection ends without a traceback."""
         try:
             handler(sock)
         except (ConnectionError, OSError):
-            pass
+            pass  # the client went away
+        except Exception as exc:  # noqa: BLE001 - Malformed, or bytes no check foresaw
+            self.errors.append(f"port {port}: {exc if isinstance(exc, Malformed) else repr(exc)}; connection closed")
+            log.debug("port %d: closing a client", port, exc_info=True)
         finally:
             sock.close()
+            with self._lock:
+                if sock in self._conns:
+                    self._conns.remove(sock)
 
     @property
     def program_running(self) -> bool:
@@ -283,7 +345,14 @@ class FakeURController:
         try:
             while not self._stop.is_set():
                 size, kind = struct.unpack(">HB", _recv_exact(sock, 3))
-                self._rtde_message(conn, kind, _recv_exact(sock, size - 3))
+                if size < 3:
+                    raise Malformed(f"RTDE frame of size {size} (a header alone is 3 bytes)")
+                payload = _recv_exact(sock, size - 3)
+                try:
+                    self._rtde_message(conn, kind, payload)
+                except (struct.error, IndexError, KeyError, ValueError) as exc:
+                    raise Malformed(f"RTDE frame {kind!r} ({chr(kind) if 32 <= kind < 127 else '?'}) "
+                                    f"that does not parse: {exc}") from exc
         finally:
             conn.closed = True
             with self._lock:
@@ -291,6 +360,7 @@ class FakeURController:
                     del self.input_owner[name]
 
     def _rtde_message(self, conn: _Conn, kind: int, payload: bytes) -> None:
+        """Answer one frame; a payload that does not parse raises (struct.error, IndexError, ...)."""
         if kind != DATA_PACKAGE:
             log.debug("RTDE %s %r", chr(kind), payload[:200])
         if kind == REQUEST_PROTOCOL_VERSION:
@@ -300,9 +370,10 @@ class FakeURController:
             conn.send(kind, struct.pack(">IIII", *self.version))
         elif kind == SETUP_OUTPUTS:
             (freq,) = struct.unpack(">d", payload[:8])
+            freq = freq if 0.0 < freq <= 500.0 else 500.0  # NaN, <= 0, too fast: the fastest
             names = _names(payload[8:])
             types = [OUTPUTS.get(n, "NOT_FOUND") for n in names]
-            rid = self._new_recipe(conn, conn.outputs, names, types, min(freq, 500.0))
+            rid = self._new_recipe(conn, conn.outputs, names, types, freq)
             log.debug("outputs %d: %s", rid, dict(zip(names, types)))
             conn.send(kind, struct.pack(">B", rid) + ",".join(types).encode())
         elif kind == SETUP_INPUTS:
@@ -329,15 +400,15 @@ class FakeURController:
             values = self._unpack(recipe.types, payload[1:])
             with self._lock:
                 self.registers.update(zip(recipe.names, values))
-                self.last_input_s = time.monotonic()
+                self.silent_s = 0.0
         elif kind == TEXT_MESSAGE:
             pass
         else:
-            self.errors.append(f"unknown RTDE frame type {kind}")
+            raise Malformed(f"unknown RTDE frame type {kind}")
 
     @staticmethod
     def _new_recipe(conn: _Conn, table: dict, names: list[str], types: list[str], freq: float = 0.0) -> int:
-        if any(t in ("NOT_FOUND", "IN_USE") for t in types):
+        if any(t in ("NOT_FOUND", "IN_USE") for t in types) or len(table) >= MAX_RECIPES:
             return 0  # the controller's "recipe refused"
         rid = len(table) + 1  # output and input recipes are numbered apart, each from 1
         table[rid] = _Recipe(names, types, freq)
@@ -399,10 +470,14 @@ class FakeURController:
             buf += part
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                cmd = line.decode().strip()
+                if len(line) > MAX_LINE_BYTES:
+                    raise Malformed(f"dashboard line longer than {MAX_LINE_BYTES} bytes")
+                cmd = line.decode(errors="replace").strip()  # not UTF-8: a command nobody understands
                 self.dashboard_log.append(cmd)
                 log.debug("dashboard %r", cmd)
                 sock.sendall((self._dashboard_reply(cmd) + "\n").encode())
+            if len(buf) > MAX_LINE_BYTES:  # the line in progress
+                raise Malformed(f"dashboard line longer than {MAX_LINE_BYTES} bytes")
 
     def _dashboard_reply(self, cmd: str) -> str:
         major, minor, bugfix, build = self.version
@@ -438,6 +513,8 @@ class FakeURController:
             if not part:
                 return
             buf += part.decode(errors="replace")
+            if len(buf) > MAX_SCRIPT_BYTES:
+                raise Malformed(f"script upload over {MAX_SCRIPT_BYTES} bytes without a complete program")
             while True:
                 m = re.search(r"^(def|sec) (\w+)\(\):\n", buf, re.M)
                 end = re.search(r"^end\s*$", buf[m.end():], re.M) if m else None
@@ -452,6 +529,7 @@ class FakeURController:
         log.debug("program %r (%d chars)", program[:40], len(program))
         with self._lock:
             self.programs.append(program)
+            self.program_count += 1
             self._end_program()
             if "reg_offset_int" not in program and "rtde_cmd" not in program:
                 return  # a one-shot script (e.g. stopj): nothing to emulate
@@ -474,10 +552,17 @@ class FakeURController:
 
     # -- the control script and the arm, every tick ---------------------------------------
     def _control_loop(self) -> None:
-        t_next = time.monotonic()
+        """The controller's tick. The RTDE watchdog's clock is this loop's ticks, each counting at
+        most two periods: time this process itself was not scheduled (a busy machine) is not
+        silence a controller would have seen, and inputs that arrived meanwhile wait in the
+        socket for the receiving thread."""
+        t_next = t_prev = time.monotonic()
         while not self._stop.is_set():
             t_next += self.tick_s
+            now = time.monotonic()
             with self._lock:
+                self.silent_s += min(now - t_prev, 2 * self.tick_s)
+                t_prev, self.ticks = now, self.ticks + 1
                 if self.program_running:
                     self._script_tick()
                 self._arm_tick()
@@ -486,7 +571,7 @@ class FakeURController:
                 t_next = time.monotonic()  # fell behind (a paused process): do not burst
 
     def _script_tick(self) -> None:
-        if self.watchdog_hz and time.monotonic() - self.last_input_s > 1.0 / self.watchdog_hz:
+        if self.watchdog_hz and self.silent_s > 1.0 / self.watchdog_hz:
             self.errors.append(f"RTDE watchdog: no input for {1.0 / self.watchdog_hz:.3f} s; program paused")
             self._end_program()
             self.runtime_state = RUNTIME_PAUSED
@@ -512,6 +597,7 @@ class FakeURController:
             target = np.array([self._in_double(i) for i in range(DOF)])
             if self.servo is None or not np.array_equal(target, self.servo["target"]):
                 self.servo_targets.append((now, target))
+                self.servo_target_count += 1
             self.servo = {"target": target, "time": self._in_double(8), "lookahead": self._in_double(9),
                           "gain": self._in_double(10)}
             self.speed = None
@@ -520,7 +606,7 @@ class FakeURController:
         elif cmd in (CMD_SERVO_STOP, CMD_SPEED_STOP, CMD_STOPJ):
             self.servo = self.speed = None
         elif cmd == CMD_SET_WATCHDOG:
-            self.watchdog_hz, self.last_input_s = self._in_double(0), time.monotonic()
+            self.watchdog_hz, self.silent_s = self._in_double(0), 0.0
         elif cmd == CMD_WATCHDOG:
             pass  # kickWatchdog: the input package that carried it was the kick
         elif cmd == CMD_STOP_SCRIPT:
@@ -557,7 +643,7 @@ class FakeURProcess:
     ``FakeURController`` as plain data: ``servo_targets`` [N, 6], ``servo_t`` [N] (s),
     ``commands`` [(t_s, cmd)], ``programs``, ``dashboard_log``, ``errors``, ``q`` [6],
     ``program_running``, ``servo`` (the running servoJ's time, lookahead and gain, or None),
-    ``registers``.
+    ``registers``, ``ticks`` (control ticks run).
     """
 
     def __init__(self, **kw: Any):
@@ -607,7 +693,7 @@ def _snapshot(ur: FakeURController) -> dict[str, Any]:
                 "commands": list(ur.commands), "programs": list(ur.programs), "dashboard_log": list(ur.dashboard_log),
                 "errors": list(ur.errors), "q": ur.q.copy(), "program_running": ur.program_running,
                 "servo": None if ur.servo is None else {k: v for k, v in ur.servo.items() if k != "target"},
-                "registers": dict(ur.registers)}
+                "registers": dict(ur.registers), "ticks": ur.ticks}
 
 
 def _serve_in_child(pipe, kw: dict[str, Any], level: int = logging.WARNING) -> None:
@@ -646,11 +732,15 @@ def _free_loopback() -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="listen on a --host that is not loopback (the fake has no authentication)")
     p.add_argument("--seconds", type=float, default=None, help="run time (default: until Ctrl-C)")
 
 
 def main(args: argparse.Namespace) -> int:
-    with FakeURController(args.host) as ur:
+    """Serve until Ctrl-C or --seconds; a --host that is not loopback without --allow-remote
+    raises ValueError (the CLI's one sentence and exit code 2)."""
+    with FakeURController(args.host, allow_remote=args.allow_remote) as ur:
         print(f"fake UR controller on {ur.host}: RTDE {RTDE_PORT}, dashboard {DASHBOARD_PORT}, "
               f"script {SCRIPT_PORTS[-1]}; Ctrl-C stops", flush=True)
         try:
@@ -659,5 +749,6 @@ def main(args: argparse.Namespace) -> int:
                 time.sleep(0.1)
         except KeyboardInterrupt:
             pass
-        print(f"{len(ur.programs)} programs, {len(ur.servo_targets)} servoJ targets, errors: {ur.errors or 'none'}")
+        print(f"{ur.program_count} programs, {ur.servo_target_count} servoJ targets, "
+              f"errors: {list(ur.errors) or 'none'}")
     return 0
