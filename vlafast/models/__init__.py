@@ -1,7 +1,8 @@
 """Lean VLA models and checkpoint loading.
 
 pi0 / pi0.5 (``Pi0Config``, ``Pi0Policy``, ``load_pi0``), OpenVLA (``OpenVLAConfig``,
-``OpenVLAPolicy``, ``load_openvla``, ``ActionTokenizer``), the generic safetensors loader
+``OpenVLAPolicy``, ``load_openvla``, ``ActionTokenizer``), pi0-FAST (``Pi0FASTConfig``,
+``Pi0FASTPolicy``, ``load_pi0fast``), the generic safetensors loader
 (``checkpoint``) and input/output normalisation (``normalize``).
 """
 
@@ -20,6 +21,11 @@ from vlafast.models.openvla import (
     EMPTY_TOKEN, GraphedDecoder, OpenVLAConfig, OpenVLAPolicy, ViTConfig, openvla_pixel_values, openvla_prompt,
 )
 from vlafast.models.openvla_load import load_openvla
+from vlafast.models.pi0fast import (
+    DecodeOutput, GraphedDecoder as Pi0FASTGraphedDecoder, Pi0FASTConfig, Pi0FASTObservation, Pi0FASTPolicy,
+    pi0fast_prompt,
+)
+from vlafast.models.pi0fast_load import load_pi0fast
 
 __all__ = [
     "CheckpointError", "FeatureStats", "GemmaConfig", "GemmaMLP", "Normalizer", "Pi0Config", "Pi0Context", "Pi0Observation",
@@ -28,4 +34,7 @@ __all__ = [
     # OpenVLA
     "ActionStats", "ActionTokenizer", "EMPTY_TOKEN", "GraphedDecoder", "KVCache", "LlamaConfig", "LlamaMLP",
     "OpenVLAConfig", "OpenVLAPolicy", "ViTConfig", "load_openvla", "openvla_pixel_values", "openvla_prompt",
+    # pi0-FAST
+    "DecodeOutput", "Pi0FASTConfig", "Pi0FASTGraphedDecoder", "Pi0FASTObservation", "Pi0FASTPolicy", "load_pi0fast",
+    "pi0fast_prompt",
 ]
