@@ -508,6 +508,8 @@ class Pi0FASTPolicy(nn.Module):
         """
         sample = self._check_sampling(temperature, generator)
         if decoder is not None:
+            if max_steps is not None and max_steps != decoder.state.max_steps:
+                raise ValueError(f"the decoder was built for {decoder.state.max_steps} steps, got max_steps={max_steps}")
             return decoder(images, image_masks, tokens, token_masks, postfix, temperature=temperature,
                            stop_check=stop_check)
         self._check_inputs(images, image_masks, tokens, token_masks, postfix)
