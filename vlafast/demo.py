@@ -115,7 +115,6 @@ def main(args: argparse.Namespace) -> int:
     from vlafast.rl.jobs import format_eval, summarise_eval
     from vlafast.rl.recipe import Recipe, build_env, build_policy, collect_recipe_demos, dump, save_policy
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t_start = time.perf_counter()
     out = Path(args.out) / _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     out.mkdir(parents=True, exist_ok=True)

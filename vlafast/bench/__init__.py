@@ -38,6 +38,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("servo", "vlafast.bench.servo", "500 Hz servo loop with a synthetic chunk producer: jitter, missed cycles, chunk age"),
         Benchmark("servo-interp", "vlafast.bench.servo_interp",
                   "commanded jerk of a smooth plan through the servo: clamped cubic spline (C2) vs Catmull-Rom (C1)"),
+        Benchmark("servo-mujoco", "vlafast.bench.servo_mujoco",
+                  "simulated UR5e tracking a sinusoid in real time: max error on undisturbed steps, what the load disturbed",
+                  needs=("mujoco",)),
         Benchmark("pi0", "vlafast.bench.pi0", "pi0 chunk latency (1/2/3 views, K=10), eager vs CUDA graph; batched chunks/s"),
         Benchmark("openvla", "vlafast.bench.openvla", "OpenVLA-7B batch-1 action latency (7 tokens), eager vs CUDA-graphed decode",
                   gpu_only=True),
@@ -53,6 +56,9 @@ BENCHMARKS: dict[str, Benchmark] = {
                   needs=("rtde_control",)),
         Benchmark("fast-tokenizer", "vlafast.bench.fast_tokenizer",
                   "FAST action tokenizer encode / decode per chunk: batched codec vs FAST's processor loop (NumPy / SciPy)"),
+        Benchmark("demo-load", "vlafast.bench.demo_load",
+                  "vlafast demo wall time with the thread policy vs torch's default threads, alone and next to 2 busy threads",
+                  needs=("mujoco",)),
         Benchmark("flow-sampler", "vlafast.bench.flow_sampler", "flow sampling with log-probs (Flow-SDE / Flow-Noise) vs ODE, eager vs CUDA graph; chunks/s"),
     )
 }

@@ -11,9 +11,11 @@ import argparse
 import logging
 import sys
 
+from vlafast import _threads
 from vlafast.cli import bench, convert, demo, dictionary, eval as eval_cmd, info, robot, steer, train
 
 COMMANDS = (info, demo, eval_cmd, dictionary, steer, train, robot, convert, bench)
+COMPUTE = ("demo", "eval", "dictionary", "steer", "train", "robot", "convert")  # bench sets its own threads
 
 
 class UsageError(ValueError):
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlafast {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: half the cores, 1 on a 2-core machine; env VLAFAST_THREADS)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.cmd in COMPUTE:
+            line = _threads.configure(args.threads)
+            if args.verbose or args.cmd == "demo":
+                print(line, file=sys.stderr)
         return int(args.func(args) or 0)
     except _user_errors() as exc:
         if args.debug:
