@@ -117,3 +117,20 @@ def test_menagerie_root_is_used_when_set(tmp_path, monkeypatch):
     monkeypatch.setenv("MENAGERIE_ROOT", str(tmp_path / "missing"))
     assert MujocoUR5eBackend().model_path == ASSET
     assert MujocoUR5eBackend(model_path=scene).model_path == scene  # an explicit model wins
+
+
+def test_bench_servo_mujoco_writes_a_row(tmp_path):
+    """`vlafast bench servo-mujoco`: the tracking numbers this file bounds, and the load's share."""
+    import csv
+    import json
+
+    from vlafast.cli import main
+
+    out = tmp_path / "r.csv"
+    assert main(["bench", "servo-mujoco", "--seconds", "1.5", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 1 and rows[0]["bench"] == "servo-mujoco"
+    extra = json.loads(rows[0]["extra"])
+    assert 0.0 <= extra["disturbed_frac"] <= 1.0 and extra["late_steps"] >= 0 and extra["missed"] >= 0
+    assert extra["max_err_all_rad"] < 0.1 and extra["steps"] > 0 and extra["accepted"] >= 1
+    assert float(rows[0]["median_ms"]) >= 0.0

@@ -262,13 +262,25 @@ def smooth_chunk(t0_ns, T=120, dt=0.01, amp=0.2, w=math.pi):
     return Q0 + amp * (1 - np.cos(w * tau))[:, None] * np.linspace(1.0, -0.5, 6), t0_ns, int(dt * 1e9)
 
 
-def steady(t, window_ns=150_000_000, period_ns=PERIOD_NS):
-    """t: [N] command times (ns) -> mask of commands at least window_ns after any skipped cycle."""
-    gaps = t[1:][np.diff(t) > period_ns]
-    ok = np.ones(t.shape, dtype=bool)
-    for g in gaps:
-        ok &= ~((t >= g) & (t < g + window_ns))
-    return ok
+def servo_law_ref(want_q, want_v, q_prev, v_prev, dt, limits=WIDE):
+    """One tracking step of the servo (csrc/servo/servo_loop.cpp step_tracking) in numpy, the
+    oracle of the loop's commands: velocity = the interpolant's feed-forward plus the correction
+    onto its position, the correction capped at the speed the joint can still brake from, then
+    speed, acceleration and position clamped; within the limits it lands exactly on want_q.
+    All [N, 6]; returns (q, v) [N, 6]."""
+    q_min, q_max = np.array(limits["q_min"]), np.array(limits["q_max"])
+    v_max, a_max = np.array(limits["v_max"]), np.array(limits["a_max"])
+    target = np.clip(want_q, q_min, q_max)
+    e = target - q_prev - want_v * dt
+    corr = e / dt
+    adt = a_max * dt
+    brake = adt * (np.sqrt(0.25 + 2.0 * np.abs(e) / (adt * dt)) - 0.5)
+    corr = np.where(np.abs(corr) > brake, np.copysign(brake, e), corr)
+    v = np.clip(want_v + corr, np.maximum(-v_max, v_prev - adt), np.minimum(v_max, v_prev + adt))
+    q = q_prev + v * dt
+    clipped = np.clip(q, q_min, q_max)
+    v = np.where(clipped != q, (clipped - q_prev) / dt, v)
+    return clipped, v
 
 
 @pytest.mark.parametrize("interp,hz", [("linear", 500.0), ("cubic", 500.0), ("cubic", 125.0), ("cubic", 997.0),
@@ -279,7 +291,7 @@ def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     PERIOD_NS = loop.period_ns
     assert PERIOD_NS == round(1e9 / hz)
     loop.start()
-    # Starts 200 ms after the push: a stalled VM must not delay the push past the start.
+    # Starts 200 ms after the push (no test relies on the push coming before the start).
     q, t0, dt_ns = smooth_chunk(C.monotonic_ns() + 200_000_000)
     obs_ns = C.monotonic_ns() - 5_000_000  # an observation taken 5 ms before the push
     assert loop.push(q, t0, dt_ns, obs_ns) == "accepted"
@@ -287,24 +299,27 @@ def test_loop_commands_the_interpolant_at_the_next_deadline(interp, hz):
     s = run_until_stopped(loop)
     t, qc, vc = rec.records()
     assert "watchdog" in s["stop_reason"] and rec.stops == 1
-    tracking = (t >= t0 - PERIOD_NS) & (t + PERIOD_NS <= t0 + (q.shape[0] - 1) * dt_ns)
-    # A missed cycle (busy VM) skips deadlines and the arm catches up under the acceleration
-    # limit; commands within 150 ms of a skip, or of a push that a stall delayed past the
-    # chunk's start, are left out of the exact comparison (what the test cannot control).
-    # Measured at 500 Hz: 595 tracking commands, ~450 checked idle; any number checks the
-    # interpolant, so the bound is only that some were.
-    check = tracking & steady(t, period_ns=PERIOD_NS) & (t >= pushed_ns + 150_000_000 * (pushed_ns > t0 - PERIOD_NS))
-    assert check.sum() > 0, (tracking.sum(), s["missed"])
-    want, _ = C.interpolate(q, dt_ns * 1e-9, (t[check] + PERIOD_NS - t0) * 1e-9, interp)
+    # Every command from the first deadline after the push (the chunk taken) while the chunk
+    # still has a target for the next deadline: the servo law applied to the interpolant at
+    # the next deadline and to the previous command. A missed cycle (busy VM) skips deadlines:
+    # the law then catches up under the limits, and is checked all the same.
+    check = (t >= pushed_ns) & (t + PERIOD_NS <= t0 + (q.shape[0] - 1) * dt_ns)
+    check[0] = False  # the first command has no previous one here
+    assert check.sum() > 0, s  # measured at 500 Hz: ~690, next to two busy processes too
+    want_q, want_v = C.interpolate(q, dt_ns * 1e-9, (t[check] + PERIOD_NS - t0) * 1e-9, interp)
+    prev = np.flatnonzero(check) - 1
+    law_q, law_v = servo_law_ref(want_q, want_v, qc[prev], vc[prev], PERIOD_NS * 1e-9)
+    np.testing.assert_allclose(qc[check], law_q, atol=1e-9)  # measured: bit-exact, 0-42 missed cycles
+    np.testing.assert_allclose(vc[check], law_v, atol=1e-6)  # measured: bit-exact
+    exact = np.abs(qc[check] - want_q).max(axis=1) < 1e-9
     if interp in ("cubic", "spline"):
-        # Smooth plan inside the limits: every command is exactly the interpolant.
-        np.testing.assert_allclose(qc[check], want, atol=1e-9)  # measured max 4e-15
-    else:
-        # Linear plans have velocity corners; the acceleration clamp rounds them (lag <= a dt^2).
-        np.testing.assert_allclose(qc[check], want, atol=2e-3)  # measured max 2.6e-4
+        # A smooth plan inside the limits: away from catch-ups after missed cycles every command
+        # is exactly the interpolant (measured 95-100% of them idle, 82-95% next to two busy
+        # processes without SCHED_FIFO).
+        assert exact.any()
     assert s["executed_chunks"] == 1 and s["latency"]["n"] == 1
     assert s["latency"]["p50_us"] >= 5_000  # the first command comes after the push
-    assert s["chunk_age"]["n"] >= tracking.sum()
+    assert s["chunk_age"]["n"] >= check.sum()
 
 
 def check_limits(rec, limits=WIDE):
@@ -351,10 +366,14 @@ def test_position_limits_bound_a_cubic_overshoot():
     chunk[1:3, 0] = 0.5  # Catmull-Rom through 0, .5, .5, 0 bulges above 0.5 between waypoints 1 and 2
     peak = C.interpolate(chunk, 0.2, np.array([0.3]), "cubic")[0][0, 0]
     assert peak > 0.55
-    rec = C.RecordingBackend(2000)
+    rec = C.RecordingBackend(4000)
     loop = make_loop(rec, q0=q0, limits=lim)
     loop.start()
-    loop.push(chunk, C.monotonic_ns(), 200_000_000)
+    loop.push(chunk, C.monotonic_ns(), 1_000_000_000)  # the same curve over 3 s: above 0.5 for ~0.8 s
+    wait_for(lambda: loop.stats()["q"][0] >= 0.5 - 1e-12 or loop.state == "stopped", "the limit")
+    n = loop.stats()["cycles"]
+    wait_for(lambda: loop.stats()["cycles"] >= n + 50 or loop.state == "stopped", "50 cycles at the limit")
+    loop.request_stop("done")  # braking clamps positions too
     run_until_stopped(loop)
     _, q, _ = rec.records()
     assert q[:, 0].max() == pytest.approx(0.5, abs=1e-12)
