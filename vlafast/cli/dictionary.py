@@ -53,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {len(d.layers)} layers x {d.neurons_per_layer} neurons, top-{d.k} of "
               f"{len(d.tokens)} tokens")
         return 0
+    if args.dict_cmd == "search" and (args.limit < 1 or args.min_hits < 1):
+        raise ValueError(f"--limit and --min-hits must be >= 1, got {args.limit} and {args.min_hits}")
+    if args.dict_cmd == "explain" and args.neuron < 0:
+        raise ValueError(f"neuron must be an index >= 0, got {args.neuron}")
     d = NeuronDictionary.load(args.dictionary)
     if args.dict_cmd == "search":
-        if args.limit < 1 or args.min_hits < 1:
-            raise ValueError(f"--limit and --min-hits must be >= 1, got {args.limit} and {args.min_hits}")
         hits = d.search(args.words, limit=args.limit, min_hits=args.min_hits)
         if not hits:
             print("no neuron has these words among its top-k tokens")

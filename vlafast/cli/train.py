@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("vlafast train sft builds a fresh policy: drop --init")
         if args.workers:
             raise ValueError("--workers applies to ppo/grpo (rollouts); sft trains on scripted demos in-process")
-        recipe = jobs.recipe_from_file(args.config, env=args.env, seed=args.seed)
+        data = _read_config(args.config)
+        data.update({k: v for k, v in (("env", args.env), ("seed", args.seed)) if v is not None})
+        recipe = jobs.Recipe.from_json(data)
         if args.resume:
             raise ValueError("--resume applies to ppo/grpo; an sft run is short: start it again with --overwrite")
         summary = jobs.run_sft(recipe, args.out, overwrite=args.overwrite, progress=progress)

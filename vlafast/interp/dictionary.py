@@ -322,12 +322,19 @@ class NeuronDictionary:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no neuron dictionary at {path}; build one with `vlafast dictionary build`")
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("vlafast")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("vlafast")
+                t = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as exc:  # SafetensorError: truncated or not safetensors at all
+            raise ValueError(f"{path} is not a readable safetensors file ({exc}): rebuild it with "
+                             "`vlafast dictionary build`") from None
+        try:
             meta = json.loads(raw) if raw else {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a vlafast neuron dictionary ({FORMAT}); got format {meta.get('format')!r}")
-            t = {name: f.get_tensor(name) for name in f.keys()}
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a vlafast neuron dictionary ({FORMAT}); got format {meta.get('format')!r}")
         blob = t["token_bytes"].numpy().tobytes()
         off = t["token_offsets"].tolist()
         tokens = tuple(blob[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:]))

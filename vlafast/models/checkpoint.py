@@ -35,6 +35,9 @@ _ST_DTYPES = {
 }
 
 
+SHOWN = 5  # problems listed per kind; the rest are counted
+
+
 class CheckpointError(ValueError):
     """A checkpoint does not fit the module; the message lists every problem at once."""
 
@@ -63,16 +66,34 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
 
 
+def read_config(path: Path) -> dict:
+    """A checkpoint's config.json ({} when absent); a malformed one is a CheckpointError naming
+    the file and the place."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def read_index(files: Iterable[Path]) -> dict[str, TensorInfo]:
     """Key -> (shape, dtype, file) for every tensor, from the headers only."""
     from safetensors import safe_open
 
     out: dict[str, TensorInfo] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                sl = fh.get_slice(key)
-                out[key] = TensorInfo(key, tuple(sl.get_shape()), sl.get_dtype(), Path(f))
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    sl = fh.get_slice(key)
+                    out[key] = TensorInfo(key, tuple(sl.get_shape()), sl.get_dtype(), Path(f))
+        except Exception as exc:  # SafetensorError / OSError: a truncated, damaged or missing file
+            raise CheckpointError(f"{f} is not a readable safetensors file ({exc}): it is damaged, truncated or "
+                                  "not a checkpoint") from None
     return out
 
 
@@ -131,10 +152,18 @@ def plan_load(
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                          ("mis-shaped keys", shapes), ("wrong dtypes", dtypes), ("duplicate sources", duplicate)):
         if items:
-            problems.append(f"{len(items)} {title}:\n" + "\n".join(f"  {i}" for i in sorted(items)))
+            shown = sorted(items)[:SHOWN]
+            more = [f"  ... and {len(items) - SHOWN} more"] if len(items) > SHOWN else []
+            problems.append(f"{len(items)} {title}:\n" + "\n".join([f"  {i}" for i in shown] + more))
     if problems:
         raise CheckpointError(f"{what} does not match the model:\n" + "\n".join(problems))
     return plan
+
+
+def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
+    """No NaN / inf in ``t``, checked ``block`` elements at a time (the check's temporaries stay
+    a few MB, so loading still peaks at the model plus one tensor)."""
+    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(block))
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -165,6 +194,7 @@ def load_into(
     for target, info in plan.items():
         by_file.setdefault(info.file, []).append((target, info.key))
     converted = 0
+    non_finite: list[str] = []
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             for target, key in by_file.get(Path(f), []):
@@ -172,7 +202,13 @@ def load_into(
                 if t.is_floating_point() and t.dtype != dtype:
                     converted += 1
                     t = t.to(device=device, dtype=dtype)
+                if t.is_floating_point() and not all_finite(t):
+                    non_finite.append(key)
                 _assign(module, target, t.to(device))
                 del t
+    if non_finite:
+        more = f" and {len(non_finite) - SHOWN} more" if len(non_finite) > SHOWN else ""
+        raise CheckpointError(f"{', '.join(sorted(non_finite)[:SHOWN])}{more} hold NaN / inf values: the checkpoint "
+                              "is damaged (it would give NaN actions)")
     if converted:
         log.info("converted %d floating tensors to %s while loading", converted, dtype)

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from vlafast.models.action_tokenizer import ActionStats, load_dataset_statistics, parse_dataset_statistics
-from vlafast.models.checkpoint import CheckpointError, expected_tensors, load_into, plan_load, read_index, safetensors_files
+from vlafast.models.checkpoint import (
+    CheckpointError, expected_tensors, load_into, plan_load, read_config, read_index, safetensors_files,
+)
 from vlafast.models.llama import LlamaConfig
 from vlafast.models.normalize import StatsError
 from vlafast.models.openvla import OpenVLAConfig, OpenVLAPolicy, ViTConfig
@@ -106,7 +108,7 @@ def load_openvla(
     path = Path(path)
     root = path if path.is_dir() else path.parent
     meta_file = root / "config.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_config(meta_file)
     if config is None and "vlafast_config" in meta:  # sizes other than the published ones (e.g. tiny test models)
         try:
             config = OpenVLAConfig.from_json(meta["vlafast_config"])

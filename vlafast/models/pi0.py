@@ -491,7 +491,7 @@ class Pi0Policy(nn.Module):
         guidance capped at ``max_guidance``), in the model's normalised space and on the output's
         action dims only. Tensor ops only: capturable in a CUDA graph with static inputs.
         """
-        K = num_steps or self.cfg.num_steps
+        K = self.cfg.num_steps if num_steps is None else num_steps  # 0 or -3 is refused by the sampler, not replaced
         B = obs.images.shape[0]
         shape = (B, self.cfg.horizon, self.cfg.action_dim)
         if noise is None:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from vlafast.models.checkpoint import (
-    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_index, read_tensors, safetensors_files,
+    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_config, read_index, read_tensors,
+    safetensors_files,
 )
 from vlafast.models.gemma import GemmaConfig
 from vlafast.models.normalize import LEROBOT_MODES, Normalizer, StatsError
@@ -151,10 +152,12 @@ def load_pi0(
     files = safetensors_files(path)
     index = read_index(files)
     meta_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_config(meta_file)
     root = meta_file.parent
     if meta.get("type") in ("pi0", "pi05"):
         layout, pi05 = "lerobot", meta["type"] == "pi05"
+    elif "type" in meta:
+        raise CheckpointError(f"{meta_file}: type {meta['type']!r} is not a pi0 model (LeRobot writes 'pi0' or 'pi05')")
     else:
         canon = {_canonical(k, True) for k in index}
         layout, pi05 = "openpi", "time_mlp_in.weight" in canon and "state_proj.weight" not in canon

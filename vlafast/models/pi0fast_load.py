@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from vlafast.models.checkpoint import (
-    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_index, read_tensors, safetensors_files,
+    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_config, read_index, read_tensors,
+    safetensors_files,
 )
 from vlafast.models.normalize import LEROBOT_MODES, Normalizer, StatsError
 from vlafast.models.pi0fast import Pi0FASTConfig, Pi0FASTPolicy
@@ -145,7 +146,7 @@ def load_pi0fast(
     files = safetensors_files(path)
     index = read_index(files)
     meta_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_config(meta_file)
     root = meta_file.parent
     if meta.get("type") not in (None, "pi0fast"):
         raise CheckpointError(f"{meta_file} describes a {meta['type']!r} policy, not pi0fast: load it with its own "

@@ -72,6 +72,9 @@ def detect_format(path: str | os.PathLike) -> str:
     meta = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
     if meta.get("type") in ("pi0", "pi05"):
         return "lerobot"
+    if "type" in meta and "vision_backbone_id" not in meta:
+        raise PolicyError(f"{path / 'config.json'}: type {meta['type']!r} is not a supported policy (LeRobot folders "
+                          "say 'pi0' or 'pi05'; pi0-FAST folders are not loaded as policies yet)")
     if "vision_backbone_id" in meta or "openvla" in str(meta.get("model_type", "")).lower():
         return "openvla"
     if (path / "assets").is_dir() and ((path / WEIGHTS_FILE).is_file() or (path / "model.safetensors.index.json").is_file()):

@@ -173,13 +173,6 @@ def run_eval(checkpoint: str | Path, *, episodes: int | None = None, seed: int |
     return summarise_eval(ev)
 
 
-def recipe_from_file(path: str | Path | None, **overrides: Any) -> Recipe:
-    """A recipe from a JSON file (partial: missing keys keep their defaults) plus CLI overrides."""
-    data: dict[str, Any] = json.loads(Path(path).read_text()) if path else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return Recipe.from_json(data)
-
-
 def format_eval(name: str, s: dict[str, Any]) -> str:
     sp = s["speed"]
     lo, hi = s["success_ci95"]
@@ -188,4 +181,4 @@ def format_eval(name: str, s: dict[str, Any]) -> str:
             f"{sp['slowly']:.4f} / {sp['(none)']:.4f} / {sp['quickly']:.4f} m/step  ({s['episodes']} episodes)")
 
 
-__all__ = ["run_sft", "run_rl", "run_eval", "recipe_from_file", "format_eval", "summarise_eval", "dataclasses"]
+__all__ = ["run_sft", "run_rl", "run_eval", "format_eval", "summarise_eval", "dataclasses"]

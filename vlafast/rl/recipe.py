@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from vlafast.models.pi0 import Pi0Config, Pi0Policy
 from vlafast.models.siglip import SiglipConfig
 from vlafast.rl.losses import PPOConfig
 from vlafast import policies
+from vlafast._validate import number, of_type
 from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
 from vlafast.rl import sampler_spec
 from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
@@ -66,6 +68,23 @@ class Recipe:
                             chunks_per_rollout=4, bc_coef=1.0, rehearsal_bootstrap=False, critic_warmup=0,
                             ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=128, epochs=2))
 
+    def __post_init__(self) -> None:
+        of_type("recipe env", self.env, str, "an env name such as ur5e-reach or libero:libero_spatial")
+        of_type("recipe env_kwargs", self.env_kwargs, dict, "an object of make_env options")
+        of_type("recipe pi05", self.pi05, bool, "true or false")
+        for name, low in (("num_envs", 1), ("image_size", 8), ("width", 8), ("depth", 1), ("patch_size", 1),
+                          ("horizon", 1), ("demos", 1), ("sft_steps", 1), ("sft_batch", 1), ("eval_episodes", 1),
+                          ("seed", 0)):
+            number(f"recipe {name}", getattr(self, name), low=low, integer=True)
+        number("recipe exec_horizon", self.exec_horizon, low=1, high=self.horizon, integer=True)
+        if self.width % 8:
+            raise ValueError(f"recipe width must be a multiple of 8 (4 heads of an even width), got {self.width}")
+        number("recipe sft_lr", self.sft_lr, low=0, low_open=True)
+        number("recipe slot_jitter", self.slot_jitter, low=0, optional=True)
+        number("recipe reach_radius", self.reach_radius, low=0, low_open=True, optional=True)
+        if not isinstance(self.rl, RLConfig):
+            raise ValueError(f"recipe rl must be an RL config, got {type(self.rl).__name__}")
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -81,13 +100,19 @@ class Recipe:
         data = dict(data)
         base = cls()
         if "rl" in data:
+            if not isinstance(data["rl"], dict) or not isinstance(data["rl"].get("ppo", {}), dict):
+                raise ValueError(f"recipe rl (and rl.ppo) must be objects of RL settings, got {data['rl']!r}")
             rl = dict(data["rl"])
-            ppo = PPOConfig(**{**dataclasses.asdict(base.rl.ppo), **rl.pop("ppo", {})})
-            if "betas" in rl or "betas" in data.get("rl", {}).get("ppo", {}):
-                ppo = dataclasses.replace(ppo, betas=tuple(ppo.betas))
-            sampler = sampler_spec.from_rl_json(rl, base.rl.sampler)
-            rest = {k: v for k, v in dataclasses.asdict(base.rl).items() if k not in ("ppo", "sampler")}
-            data["rl"] = RLConfig(**{**rest, **rl}, ppo=ppo, sampler=sampler)
+            try:
+                ppo = PPOConfig(**{**dataclasses.asdict(base.rl.ppo), **rl.pop("ppo", {})})
+                if "betas" in rl or "betas" in data.get("rl", {}).get("ppo", {}):
+                    ppo = dataclasses.replace(ppo, betas=tuple(ppo.betas))
+                sampler = sampler_spec.from_rl_json(rl, base.rl.sampler)
+                rest = {k: v for k, v in dataclasses.asdict(base.rl).items() if k not in ("ppo", "sampler")}
+                data["rl"] = RLConfig(**{**rest, **rl}, ppo=ppo, sampler=sampler)
+            except TypeError as exc:  # an unknown key: name it, as for the recipe's own keys
+                key = re.search(r"argument '(\w+)'", str(exc))
+                raise ValueError(f"recipe rl has an unknown key {key.group(1)!r}" if key else f"recipe rl: {exc}") from None
         return dataclasses.replace(base, **data)
 
 
