@@ -208,3 +208,13 @@ def test_eval_config_and_policy_spec_refuse_bad_values():
         PolicySpec(family="pi0", model={}, exec_horizon=0)
     with pytest.raises(ValueError, match=r"format_version must be 1, got None"):
         PolicySpec.from_json({"family": "pi0", "model": {}})
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["eval", "-h"], ["train", "-h"], ["steer", "-h"],
+                                  ["dictionary", "build", "-h"], ["robot", "run", "-h"], ["robot", "fake-ur", "-h"],
+                                  ["convert", "-h"], ["demo", "-h"], ["bench", "-h"]])
+def test_help_prints_and_exits_0(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert "usage: vlafast" in capsys.readouterr().out

@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sinusoid (scripted), pi0-reach (the tiny pi0 reaching --target), or a policy folder whose "
                         "actions are joint positions")
     p.add_argument("--prompt", default="", help="the instruction a policy folder is given")
+    p.add_argument("--policy-hz", type=float, default=20.0,
+                   help="a policy folder's control rate: its chunk's waypoints are 1/hz apart (default 20)")
     p.add_argument("--tokenizer", default=None, help="a policy folder's tokenizer (default: its own)")
     p.add_argument("--hz", type=float, default=500.0, help="servo rate: 500 (e-series) or 125 (CB3)")
     p.add_argument("--seconds", type=float, default=None, help="run time (default: until Ctrl-C)")
@@ -95,7 +97,7 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)}")
 
     finite = {k: getattr(args, k) for k in ("hz", "amplitude", "freq", "latency_ms", "blend", "ensemble",
-                                            "lookahead", "gain")}
+                                            "lookahead", "gain", "policy_hz")}
     for name, v in finite.items():
         need(name, math.isfinite(v), "a finite number")
     need("hz", 1.0 <= args.hz <= 1000.0, "in [1, 1000] (500 for e-series, 125 for CB3)")
@@ -107,6 +109,7 @@ def _check(args: argparse.Namespace) -> None:
     need("blend", args.blend >= 0, ">= 0")
     need("ensemble", 0.0 <= args.ensemble < 1.0, "in [0, 1)")
     need("num_steps", args.num_steps >= 1, ">= 1")
+    need("policy_hz", 0.0 < args.policy_hz <= 1000.0, "in (0, 1000]")
     need("sft_steps", args.sft_steps >= 1, ">= 1")
     if args.ensemble and args.rtc:
         raise ValueError("choose one of --rtc and --ensemble")
@@ -140,7 +143,7 @@ def _folder_policy(args: argparse.Namespace, robot):
         obs = {"images": {cameras[0]: image}, "state": np.asarray(q, np.float32)[None], "instruction": [args.prompt]}
         return policy.model_inputs(obs)
 
-    dt = 1.0 / 20.0 if policy.spec.recipe is None else 1.0 / policy.spec.recipe.get("control_hz", 20.0)
+    dt = 1.0 / args.policy_hz  # waypoint spacing of the policy's chunks
     return Pi0ChunkPolicy(policy.model, observe, dt=dt, guided=args.rtc, num_steps=args.num_steps, noise_seed=args.seed)
 
 

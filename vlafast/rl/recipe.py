@@ -215,6 +215,7 @@ def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
                 rebuilt.attach_noise_head()
             rebuilt.load_state_dict(policy.state_dict())
             rebuilt.model.normalizer = policy.model.normalizer
+            rebuilt._spec = dataclasses.replace(rebuilt.spec, recipe=carried)
             policy = rebuilt
         policy.bind(env.spec, exec_horizon=recipe.exec_horizon)
     except BaseException:
