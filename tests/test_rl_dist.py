@@ -216,13 +216,13 @@ def test_train_cli_job_with_workers(cluster, tmp_path):
     from vlafast.rl import jobs
 
     recipe, env, pol = make(RECIPE, GRPO_STATE)
-    save_policy(pol, recipe, tmp_path / "sft.pt")
+    save_policy(pol, recipe, tmp_path / "sft")
     env.close()
-    summary = jobs.run_rl(tmp_path / "sft.pt", tmp_path / "rl", progress=False,
+    summary = jobs.run_rl(tmp_path / "sft", tmp_path / "rl", progress=False,
                           recipe_overrides={"rl": {"iterations": 2}}, dist=DistConfig(workers=2, learners=2))
     assert [h["workers"] for h in summary["history"]] == [2.0, 2.0]
     assert summary["eval"]["episodes"] == RECIPE.eval_episodes
-    assert (tmp_path / "rl" / "policy.pt").exists() and (tmp_path / "rl" / "checkpoint.pt").exists()
+    assert (tmp_path / "rl" / "policy" / "policy.json").exists() and (tmp_path / "rl" / "checkpoint.pt").exists()
 
 
 SIM_RECIPES = {

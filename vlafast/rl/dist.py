@@ -438,7 +438,7 @@ class LearnerGroup:
         state = ray.put(cpu_state(policy))
         optim = ray.put({"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict() if critic_opt else None})
         actor = ray.remote(LearnerRank).options(num_cpus=self.dist.cpus_per_worker, num_gpus=1 if gpu else 0)
-        self.ranks = [actor.remote(self.make_policy, policy.spec, state, optim, self.cfg, r, self.learners,
+        self.ranks = [actor.remote(self.make_policy, policy.env_spec, state, optim, self.cfg, r, self.learners,
                                    init_method, backend) for r in range(1, self.learners)]
         tdist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.learners)
         self.sync = TorchGradSync()

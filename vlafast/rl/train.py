@@ -344,6 +344,8 @@ def prepare(ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOCon
                    None if returns is None else returns.reshape(-1), _element_mask(trace), _elements_per_chunk(trace))
 
 
+# (policy, samples, micro-batch indices [m], cfg) -> (loss, named terms to log; approx_kl among them: the
+# epochs' early stop reads it)
 MinibatchLoss = Callable[[FlowPolicy, Samples, Tensor, PPOConfig], tuple[Tensor, dict[str, Tensor]]]
 
 
