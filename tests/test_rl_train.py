@@ -396,6 +396,8 @@ def test_sampler_spec_json_and_sampler_configs():
         FlowNoise(num_steps=0)
     with pytest.raises(ValueError, match="noise level"):
         FlowSDE(a=0.0)
+    with pytest.raises(ValueError, match="FlowSDE.hybrid must be true or false"):
+        sampler_spec.from_json({"hybrid": "yes"})
     # The spec is the one place that builds the flow sampler.
     assert sampler_config(sde) == flow.flow_sde(a=0.3, hybrid=False, num_steps=3)
     head = NoiseHead(32, 4)

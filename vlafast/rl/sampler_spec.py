@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Union
 
+from vlafast import _validate
 from vlafast.flow import sampler as flow
 
 
@@ -26,9 +27,7 @@ class _Spec:
     num_steps: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"{type(self).__name__}.num_steps (K denoise steps) must be an integer >= 1, "
-                             f"got {self.num_steps!r}")
+        _validate.number(f"{type(self).__name__}.num_steps (K denoise steps)", self.num_steps, low=1, integer=True)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -47,8 +46,8 @@ class FlowSDE(_Spec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.a > 0:
-            raise ValueError(f"FlowSDE.a (the noise level) must be > 0, got {self.a!r}")
+        _validate.number("FlowSDE.a (the noise level)", self.a, low=0, low_open=True)
+        _validate.of_type("FlowSDE.hybrid", self.hybrid, bool, "true or false")
 
 
 @dataclasses.dataclass(frozen=True)
