@@ -222,7 +222,7 @@ def _act_twice(dev: torch.device, graphs: bool):
     pol, batch = _tiny_vla(dev)
     pol.use_cuda_graphs(graphs)
     gen = torch.Generator(device=dev).manual_seed(7)
-    cfg = pol.sampler_config("flow_sde", 3)
+    cfg = flow.flow_sde(num_steps=3)
     return pol, batch, [pol.act(batch, cfg, gen) for _ in range(2)]
 
 

@@ -138,8 +138,6 @@ def test_bad_configs(env):
         T.RLConfig(algo="a2c")
     pol = tiny_policy(env)
     with pytest.raises(ValueError, match="flow_noise needs a policy with a noise head"):
-        pol.sampler_config("flow_noise", 3)
-    with pytest.raises(ValueError, match="flow_noise needs a policy with a noise head"):
         T.rl_sampler(pol, T.RLConfig(sampler=FlowNoise(num_steps=3)))
     with pytest.raises(ValueError, match="exec_horizon must be in"):
         flow_policy(pol.model, pol.tokenizer, env.spec, exec_horizon=99)

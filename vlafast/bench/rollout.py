@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from vlafast import flow
 from vlafast.bench.core import Row, time_ms
 
 
@@ -87,8 +88,8 @@ def _cpu_rows(args: argparse.Namespace) -> list[Row]:
     obs = env.reset(seed=0)
     batch = policy.observe(obs)
     gen = torch.Generator().manual_seed(0)
-    sde = policy.sampler_config("flow_sde", args.steps)
-    ode = policy.sampler_config("ode", args.steps)
+    sde = flow.flow_sde(num_steps=args.steps)
+    ode = flow.ode(args.steps)
     B = env.spec.num_envs
     ms_sde = time_ms(lambda: policy.act(batch, sde, gen), warmup=2, iters=15)
     ms_ode = time_ms(lambda: policy.act(batch, ode, gen), warmup=2, iters=15)

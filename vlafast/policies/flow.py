@@ -183,17 +183,6 @@ class FlowPolicy(nn.Module):
                 feat = h.mean(dim=1)
         return self.critic(torch.cat([feat.float(), state.float()], dim=-1)).squeeze(-1)
 
-    def sampler_config(self, method: str, num_steps: int, a: float = 0.5, hybrid: bool = True) -> flow.SamplerConfig:
-        if method == "ode":
-            return flow.ode(num_steps)
-        if method == "flow_sde":
-            return flow.flow_sde(a=a, hybrid=hybrid, num_steps=num_steps)
-        if method == "flow_noise":
-            if self.noise_head is None:
-                raise ValueError("flow_noise needs a policy with a noise head (policy.attach_noise_head())")
-            return flow.flow_noise(self.noise_head, num_steps=num_steps)
-        raise ValueError(f"sampling method must be ode | flow_sde | flow_noise, got {method!r}")
-
     def use_cuda_graphs(self, enabled: bool = True) -> "FlowPolicy":
         """Sample through CUDA graphs (``flow.graphs.GraphedSampler``: one graph per sampler
         config, generator and batch layout) when the policy is on a CUDA device; elsewhere ``act``
