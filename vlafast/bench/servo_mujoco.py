@@ -4,10 +4,10 @@ loop: how well the arm follows the plan and how often the machine disturbed it.
 A sinusoid on every joint (0.3 rad, 0.5 Hz: 0.94 rad/s, 3 rad/s^2 peak) as 40-waypoint chunks
 every 100 ms with 20 ms of simulated inference, for ``--seconds`` of servo cycles, with the
 servo thread under SCHED_FIFO when permitted. Reported: the max tracking error on undisturbed
-steps (the number `tests/test_robot_mujoco.py` bounds), the same over every step, and what
-disturbed the run: physics steps on a stale target (the stepping thread or the servo loop was
-late), periods the command stream skipped, missed servo cycles, and the share of steps within
-300 ms after any of these. Those shares depend on the machine's load; the tests assert none.
+steps, the same over every step, and what disturbed the run: physics steps on a stale target
+(the stepping thread or the servo loop was late), periods the command stream skipped, missed
+servo cycles, and the share of steps within 300 ms after any of these. All of it depends on the
+machine's load: the tests bound the error on an injected clock, and only loosely live.
 """
 
 from __future__ import annotations
