@@ -55,7 +55,7 @@ def run_cycles(runner, cycles):
 
 
 def dashboard(host: str, command: str) -> str:
-    with socket.create_connection((host, DASHBOARD_PORT), timeout=5) as s:
+    with socket.create_connection((host, DASHBOARD_PORT), timeout=30) as s:
         f = s.makefile("rb")
         f.readline()  # welcome
         s.sendall(command.encode() + b"\n")
