@@ -226,15 +226,22 @@ def test_a_stalled_forwarder_trips_the_rtde_watchdog_and_the_error_says_so():
 
 
 def test_refusal_messages_name_the_cause():
-    wd = refusal_message("servoJ", 0.35, 10.0, 1, False)
-    assert wd.startswith("RTDE watchdog tripped") and "over 100 ms" in wd and "350 ms" in wd and wd.count(". ") == 0
-    # The program paused by the watchdog while this side saw no long gap (the delay was on the way).
-    assert refusal_message("kickWatchdog", 0.004, 10.0, RUNTIME_PAUSED, False).startswith("RTDE watchdog tripped")
+    STOPPED = 1
+    # The controller paused the program: the watchdog's doing, however short the silence seen here.
+    for gap in (0.35, 0.004):
+        wd = refusal_message("servoJ", gap, 10.0, RUNTIME_PAUSED, False)
+        assert wd.startswith("RTDE watchdog tripped") and "over 100 ms" in wd and f"{gap * 1e3:.0f} ms" in wd
+        assert wd.count(". ") == 0 and wd.count(": ") == 1  # one sentence
+    assert refusal_message("servoJ", 0.35, 10.0, None, False).startswith("RTDE watchdog tripped")  # state unknown
     assert refusal_message("servoJ", 0.35, 0.0, RUNTIME_PAUSED, False).startswith("servoJ refused")  # watchdog off
-    assert "protective stop" in refusal_message("servoJ", 0.002, 10.0, 1, True)
-    stopped = refusal_message("kickWatchdog", 0.002, 10.0, 1, False)
+    assert "protective stop" in refusal_message("servoJ", 0.002, 10.0, STOPPED, True)
+    stopped = refusal_message("kickWatchdog", 0.002, 10.0, STOPPED, False)
     assert stopped.startswith("kickWatchdog refused") and "pendant or dashboard" in stopped
     assert "watchdog" not in stopped.replace("kickWatchdog", "")
+    # Stopped after a long silence: someone, or the watchdog (its action may be a stop).
+    both = refusal_message("servoJ", 0.104, 10.0, STOPPED, False)
+    assert both.startswith("servoJ refused: the control script is not running") and "RTDE watchdog" in both
+    assert "104 ms, over its 100 ms" in both
 
 
 def test_servoj_arguments_reach_the_controller():
@@ -260,8 +267,9 @@ def test_stop_on_the_dashboard_stops_the_loop():
         s = runner.run(120.0)  # ends at the failure: "run complete" would mean it was missed
         stopper.join()
     assert "ur-rtde failed" in s["stop_reason"], s["stop_reason"]
+    # (on a busy machine the forwarder may also have been silent past the watchdog's period: the
+    # sentence then names the watchdog as a possible cause, after the stopped program)
     assert re.search(r"(servoJ|kickWatchdog) refused: the control script is not running", s["backend_error"]), s
-    assert "RTDE watchdog" not in s["backend_error"]
 
 
 def test_forwarder_death_stops_the_loop():

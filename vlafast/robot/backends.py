@@ -434,13 +434,21 @@ SERVO_SILENCE_S = 1.0  # no new target from a servoing loop for this long: the s
 def refusal_message(what: str, gap_s: float, watchdog_hz: float, runtime_state: int | None, protective: bool) -> str:
     """The sentence a user reads when the controller refused ``what`` (servoJ, kickWatchdog):
     ``gap_s`` is the forwarder's longest silence just before (seconds between its commands),
-    ``runtime_state`` and ``protective`` the controller's state (None: unknown)."""
-    if watchdog_hz > 0 and (gap_s > 1.0 / watchdog_hz or runtime_state == RUNTIME_PAUSED):
+    ``runtime_state`` and ``protective`` the controller's state (None: unknown). A paused
+    program is the watchdog's doing (rtde_set_watchdog's default action); a stopped one may be
+    anyone's, the watchdog's too when the forwarder was silent longer than its period."""
+    period_ms, gap_ms = 1e3 / watchdog_hz if watchdog_hz > 0 else 0.0, gap_s * 1e3
+    silent = watchdog_hz > 0 and gap_s > 1.0 / watchdog_hz
+    if watchdog_hz > 0 and (runtime_state == RUNTIME_PAUSED or (silent and runtime_state is None)):
         return (f"RTDE watchdog tripped: the controller heard nothing from the servoJ forwarder for over "
-                f"{1e3 / watchdog_hz:.0f} ms (watchdog_hz={watchdog_hz:g}) and stopped the program, the forwarder's "
-                f"last silence being {gap_s * 1e3:.0f} ms (an overloaded machine or network delays it)")
+                f"{period_ms:.0f} ms (watchdog_hz={watchdog_hz:g}) and stopped the program, the forwarder's "
+                f"last silence being {gap_ms:.0f} ms (an overloaded machine or network delays it)")
     if protective:
         return f"{what} refused: the robot is in a protective stop (clear it on the pendant, then restart)"
+    if silent:
+        return (f"{what} refused: the control script is not running (stopped on the pendant or dashboard, not in "
+                f"remote control, or by the RTDE watchdog: the forwarder was silent for {gap_ms:.0f} ms, over its "
+                f"{period_ms:.0f} ms)")
     return (f"{what} refused: the control script is not running (stopped on the pendant or dashboard, "
             f"or not in remote control?)")
 
