@@ -207,7 +207,10 @@ def test_jobs_a_model_cannot_do_get_one_sentence(tmp_path, capsys):
     # a task-space policy on the joint-space robot loop
     _edit_spec_to(policies.save(pol, tmp_path / "ee"), action_space="ee_delta")
     assert main(["robot", "run", "--backend", "null", "--policy", str(tmp_path / "ee"), "--seconds", "0.2"]) == 2
-    assert "task space" in capsys.readouterr().err
+    assert "outputs ee_delta actions; the UR5e loop streams joint positions" in capsys.readouterr().err
+    # a folder that does not say what its actions are needs the user's word that they are joint positions
+    assert main(["robot", "run", "--backend", "mujoco", "--policy", str(ck), "--seconds", "0.2"]) == 2
+    assert "add --joint-positions" in capsys.readouterr().err
 
 
 def _edit_spec_to(folder, **changes):

@@ -109,3 +109,18 @@ def test_sigkill_at_random_moments_then_resume(sft_run, tmp_path):
     last = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["policy"]
     saved = policies.load(out, device="cpu").state_dict()
     assert set(saved) == set(last) and all(torch.equal(saved[k], v) for k, v in last.items())
+
+
+def test_a_new_run_over_an_old_one_leaves_nothing_of_it_to_resume(tmp_path, capsys):
+    from vlafast.rl.jobs import start_run_dir
+    from vlafast.rl.recipe import Recipe
+
+    out = tmp_path / "run"
+    (out / "policy").mkdir(parents=True)
+    for name in ("checkpoint.pt", "metrics.json", "summary.json", "run.json", "policy/policy.json"):
+        (out / name).write_text("old run")
+    (out / "notes.txt").write_text("the user's")
+    start_run_dir(out, Recipe(), init=None, phase="sft")  # what --overwrite does once the inputs are valid
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "recipe.json", "run.json"]
+    assert main(["train", "ppo", "--out", str(out), "--resume"]) == 2  # an sft run's folder: nothing to resume
+    assert "has no checkpoint.pt" in capsys.readouterr().err

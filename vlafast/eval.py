@@ -162,16 +162,17 @@ def evaluate(policy, env, *, episodes: int, seed: int, num_steps: int | None = N
 
 def speed_word(instruction: str) -> str:
     """The instruction's speed word: "slowly", "quickly" or "(none)"."""
-    last = instruction.split()[-1]
-    return last if last in ("slowly", "quickly") else "(none)"
+    words = instruction.split()
+    return words[-1] if words and words[-1] in ("slowly", "quickly") else "(none)"
 
 
-def speed_by_word(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean end-effector displacement per step, grouped by the instruction's speed word."""
+def speed_by_word(records: list[dict[str, Any]], key: str = "speed") -> dict[str, float]:
+    """Mean end-effector displacement per step (or another per-episode ``key``, e.g.
+    ``action_norm``), grouped by the instruction's speed word."""
     groups: dict[str, list[float]] = {"slowly": [], "(none)": [], "quickly": []}
     for r in records:
-        if np.isfinite(r["speed"]):
-            groups[speed_word(r["instruction"])].append(r["speed"])
+        if np.isfinite(r[key]):
+            groups[speed_word(r["instruction"])].append(r[key])
     return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
 
 

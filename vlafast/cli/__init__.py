@@ -41,7 +41,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vlafast.models.checkpoint import CheckpointError
     from vlafast.policies import PolicyError
 
-    return (UsageError, PolicyError, CheckpointError, FileNotFoundError, ValueError)
+    # OSError: a path that is a file where a folder is wanted, a folder that cannot be made or read;
+    # ImportError: an optional package a file needs (sentencepiece for a .model tokenizer)
+    return (UsageError, PolicyError, CheckpointError, OSError, ValueError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

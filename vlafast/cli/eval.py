@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 ENV_OPTIONS = ("tokenizer", "tasks", "num_envs", "videos", "out", "steps", "exec_horizon", "max_episode_steps",
-               "unnorm_key")
+               "unnorm_key")  # --overwrite goes with --out
 
 
 def add_parser(sub) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     g.add_argument("--num-envs", type=int, default=None, help="parallel envs (default: LIBERO one per task, ManiSkill 1)")
     g.add_argument("--videos", type=int, default=None, help="episodes saved as GIFs (default 2)")
     g.add_argument("--out", default=None, help="run folder (default runs/eval-<env>-<time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace what is already in --out")
     g.add_argument("--steps", type=int, default=None, help="denoise steps (default: the checkpoint's)")
     g.add_argument("--exec-horizon", type=int, default=None,
                    help="actions executed per chunk before replanning (default 5, as openpi's LIBERO example)")
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     check_env_name(args.env)
     tasks = parse_tasks(args.tasks)
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty: choose a new folder or add --overwrite")
     policy = policies.load(args.policy, args.tokenizer, exec_horizon=args.exec_horizon, unnorm_key=args.unnorm_key)
     cfg = EvalConfig(episodes=args.episodes or 10, num_steps=args.steps,
                      videos=2 if args.videos is None else args.videos, seed=args.seed or 0)

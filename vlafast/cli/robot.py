@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sinusoid (scripted), pi0-reach (the tiny pi0 reaching --target), or a policy folder whose "
                         "actions are joint positions")
     p.add_argument("--prompt", default="", help="the instruction a policy folder is given")
+    p.add_argument("--joint-positions", action="store_true",
+                   help="a policy folder whose spec does not say what its actions are outputs the 6 joint positions")
     p.add_argument("--policy-hz", type=float, default=20.0,
                    help="a policy folder's control rate: its chunk's waypoints are 1/hz apart (default 20)")
     p.add_argument("--tokenizer", default=None, help="a policy folder's tokenizer (default: its own)")
@@ -127,9 +129,11 @@ def _folder_policy(args: argparse.Namespace, robot):
     if not isinstance(policy, policies.FlowPolicy):
         raise policies.PolicyError(f"{args.policy} is a {policy.spec.family} policy; the robot loop drives flow "
                                    "policies (pi0 / pi0.5) whose actions are joint positions")
-    if policy.spec.action_space not in ("joint_position", "unknown"):
-        raise policies.PolicyError(f"{args.policy} outputs {policy.spec.action_space} actions (task space); the UR5e "
-                                   "loop streams joint positions: use a joint-space policy")
+    space = policy.spec.action_space
+    if space != "joint_position" and not (space == "unknown" and args.joint_positions):
+        hint = ("its folder does not say what its actions are: add --joint-positions if they are the UR5e's 6 joint "
+                "positions" if space == "unknown" else "use a joint-space policy")
+        raise policies.PolicyError(f"{args.policy} outputs {space} actions; the UR5e loop streams joint positions: {hint}")
     render = getattr(robot, "render", None)
     if render is None:
         raise policies.PolicyError(f"--policy {args.policy} needs camera images: use --backend mujoco (it renders the "
@@ -162,7 +166,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.policy in POLICIES:
         policy = make_policy(args.policy, amplitude=args.amplitude, freq_hz=args.freq, latency_s=args.latency_ms / 1e3)
     else:
-        policy = _folder_policy(args, robot)
+        try:
+            policy = _folder_policy(args, robot)
+        except BaseException:
+            robot.close()
+            raise
         if args.latency_ms:
             policy = Delayed(policy, args.latency_ms / 1e3)
     cfg = ServoConfig(hz=args.hz, realtime=not args.no_realtime, cpu=args.cpu, interp=args.interp)

@@ -48,16 +48,21 @@ def run(args: argparse.Namespace) -> int:
     positive("max_episode_steps", args.max_episode_steps)
     if not math.isfinite(args.alpha):
         raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
+    given = [f"--{k.replace('_', '-')}" for k in ("tokenizer", "tasks", "unnorm_key", "max_episode_steps")
+             if getattr(args, k) is not None]
+    if given and not args.env:
+        raise ValueError(f"{', '.join(given)} apply with --env libero:<suite> | maniskill:<task>")
     if args.env:
         from vlafast import policies
-        from vlafast.eval import benchmark_env
+        from vlafast.eval import benchmark_env, check_env_name
 
-        policy = policies.load(args.policy, args.tokenizer, unnorm_key=args.unnorm_key) if args.policy else None
-        if policy is None:
+        if not args.policy:
             raise ValueError("--env needs --policy (the built-in policy trains on its own task)")
+        check_env_name(args.env)
+        tasks = parse_tasks(args.tasks)
+        policy = policies.load(args.policy, args.tokenizer, unnorm_key=args.unnorm_key)
         overrides = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
-        env, _ = benchmark_env(args.env, seed=args.seed, tasks=parse_tasks(args.tasks), overrides=overrides)
-        policy.bind(env.spec)
+        env, _ = benchmark_env(args.env, seed=args.seed, tasks=tasks, overrides=overrides)
     elif args.policy:
         from vlafast.rl.recipe import load_policy
 
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
         policy, env = train_tiny_policy(progress=True)
     try:
+        if args.env:
+            policy.bind(env.spec)
         policy.eval()
         direction = args.direction if args.direction is not None else (0.0 if args.env else 1.0)
         d = None

@@ -190,7 +190,7 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
             "delta": float(speed.mean() - base.mean()),
             "delta_ci95": bootstrap_ci(speed - base, samples=bootstrap, seed=seed),  # paired by episode
             "success_rate": float(np.mean([r["success"] for r in records])),
-            "by_word": speed_by_word(records),
+            "by_word": speed_by_word(records, metric),
             "neurons": len(plan) if isinstance(plan, SteeringPlan) else 0,
         }
     return {"episodes": episodes, "seed": seed, "metric": metric, "runs": runs}

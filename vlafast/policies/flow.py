@@ -108,7 +108,8 @@ class FlowPolicy(nn.Module):
         if self._spec.env is not None and self.critic is not None and binding.state_dim != self._spec.env.state_dim:
             raise PolicyError(f"the value head reads a {self._spec.env.state_dim}-dim state; this env's has "
                               f"{binding.state_dim}")
-        spec = dataclasses.replace(self._spec, env=binding, exec_horizon=exec_horizon or self._spec.exec_horizon)
+        spec = dataclasses.replace(self._spec, env=binding,
+                                   exec_horizon=self._spec.exec_horizon if exec_horizon is None else exec_horizon)
         old, self._spec = self._spec, spec
         try:
             self._check_binding(binding)
@@ -116,6 +117,11 @@ class FlowPolicy(nn.Module):
             self._spec = old
             raise
         self._set_mask(binding)
+        return self
+
+    def with_recipe(self, recipe: dict[str, Any] | None) -> "FlowPolicy":
+        """This policy, its spec carrying ``recipe`` (the built-in task's, for runs trained here)."""
+        self._spec = dataclasses.replace(self._spec, recipe=recipe)
         return self
 
     def attach_value_head(self) -> nn.Module:

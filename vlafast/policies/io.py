@@ -27,8 +27,10 @@ import torch
 from vlafast._io import atomic_path, atomic_write_text
 from vlafast.models.checkpoint import CheckpointError
 from vlafast.policies.base import PolicyError
-from vlafast.policies.processors import MAX_TOKENS, OpenVLAProcessor, Pi0Processor, ProcessorConfig, PromptTokenizer
-from vlafast.policies.spec import EnvBinding, PolicySpec
+from vlafast.policies.processors import (
+    MAX_TOKENS, OpenVLAProcessor, Pi0Processor, ProcessorConfig, PromptTokenizer, as_prompt_tokenizer,
+)
+from vlafast.policies.spec import PolicySpec
 
 SPEC_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "policy.json", "model.safetensors", "tokenizer.json"
 FORMATS = ("vlafast", "lerobot", "openpi", "openvla")
@@ -91,7 +93,7 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 
 def _tokenizer_for(path: Path, tokenizer: Any, what: str) -> PromptTokenizer:
     if tokenizer is not None:
-        return tokenizer if isinstance(tokenizer, PromptTokenizer) else PromptTokenizer(tokenizer)
+        return as_prompt_tokenizer(tokenizer)
     beside = path / TOKENIZER_FILE
     if beside.is_file():
         return PromptTokenizer(beside)
@@ -155,7 +157,7 @@ def _normalizer_tensors(norm) -> dict[str, torch.Tensor]:
         for f in dataclasses.fields(st):
             t = getattr(st, f.name)
             if t is not None:
-                out[f"{_NORM}{feat}.{f.name}"] = t.detach().float().cpu().contiguous()
+                out[f"{_NORM}{feat}.{f.name}"] = t.detach().to("cpu", torch.float32, copy=True).contiguous()
     return out
 
 
@@ -177,22 +179,21 @@ def save(policy, folder: str | os.PathLike) -> Path:
 
     if not isinstance(policy, FlowPolicy):
         raise PolicyError(f"save writes flow policies (pi0 / pi0.5); got {type(policy).__name__}")
+    hf = policy.tokenizer.hf
+    if hf is None:
+        raise PolicyError("save needs a tokenizers (tokenizer.json) tokenizer; this policy has a sentencepiece model: "
+                          "convert it to tokenizer.json first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = policy.spec
-    tensors = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    # one CPU copy per key (safetensors refuses tensors that share storage, e.g. tied weights)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in policy.state_dict().items()}
     meta: dict[str, Any] = {}
     norm = policy.model.normalizer
     if norm is not None:
         tensors.update(_normalizer_tensors(norm))
         meta["normalizer"] = json.dumps({"state_mode": norm.state_mode, "action_mode": norm.action_mode,
                                          "convention": norm.convention})
-    # tied / shared storage is saved once per key (safetensors refuses shared tensors)
-    tensors = {k: v.clone() for k, v in tensors.items()}
-    hf = policy.tokenizer.hf
-    if hf is None:
-        raise PolicyError("save needs a tokenizers (tokenizer.json) tokenizer; this policy has a sentencepiece model: "
-                          "convert it to tokenizer.json first")
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata=meta or None)
     with atomic_path(folder / TOKENIZER_FILE) as tmp:
@@ -256,11 +257,6 @@ def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise PolicyError(f"{where} holds NaN / inf in {', '.join(sorted(bad)[:3])}{more}")
-
-
-def bind_env_spec(policy, env) -> None:
-    """``policy.bind(env.spec)`` with the one-sentence error a user sees."""
-    policy.bind(EnvBinding.of(env.spec))
 
 
 __all__ = ["FORMATS", "check_finite", "detect_format", "load", "save"]

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import functools
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,11 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool = False) -> None:
 def resume_init(out: Path) -> str:
     """The policy a run in ``out`` started from (recorded in run.json when it began)."""
     try:
-        return json.loads((out / RUN_FILE).read_text())["init"]
-    except (OSError, ValueError, KeyError):
+        init = json.loads((out / RUN_FILE).read_text())["init"]
+        if not isinstance(init, str):
+            raise ValueError(init)
+        return init
+    except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"--resume: {out / RUN_FILE} is missing or damaged, so the policy this run started from is "
                          "unknown: pass it again with --init") from None
 
@@ -100,10 +104,19 @@ def check_resume(out: Path, recipe: Recipe) -> None:
                          f"{now[0]} with {now[1]}: start a new run in another --out")
 
 
-def start_run_dir(out: Path, recipe: Recipe, *, init: str | Path | None, phase: str) -> None:
-    """Create the run folder: clear temporary files a killed run left, write recipe.json and run.json."""
+RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.json", "recipe.json", RUN_FILE)
+
+
+def start_run_dir(out: Path, recipe: Recipe, *, init: str | Path | None, phase: str, resume: bool = False) -> None:
+    """Create the run folder: clear temporary files a killed run left and (a new run over an old
+    one) that run's files, so nothing of it can be resumed or read as this run's; then write
+    recipe.json and run.json."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
+    if not resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "policy", ignore_errors=True)
     atomic_write_text(out / "recipe.json", dump(recipe))
     atomic_write_text(out / RUN_FILE, json.dumps({"phase": phase, "init": None if init is None else
                                                   str(Path(init).resolve())}, indent=1))
@@ -131,15 +144,15 @@ def run_rl(init: str | Path | None, out: str | Path, *, recipe_overrides: dict[s
     except BaseException:
         env.close()
         raise
-    start_run_dir(out, recipe, init=init, phase=recipe.rl.algo)
+    start_run_dir(out, recipe, init=init, phase=recipe.rl.algo, resume=resume)
     t0 = time.perf_counter()
     demos = collect_recipe_demos(recipe, env, progress=progress) if recipe.rl.bc_coef > 0 else None
     collector = learners = None
-    # replicas for Ray workers / learners: the recipe's tiny model, or a copy of a loaded checkpoint
-    make_policy = (functools.partial(build_policy, recipe) if policy.spec.recipe is not None
-                   else functools.partial(replica_of, copy.deepcopy(policy).cpu()))
     try:
         if dist is not None:
+            # replicas for Ray workers / learners: the recipe's tiny model, or a copy of a loaded checkpoint
+            make_policy = (functools.partial(build_policy, recipe) if policy.spec.recipe is not None
+                           else functools.partial(replica_of, copy.deepcopy(policy).cpu()))
             collector = RayCollector(policy, functools.partial(env_slice, recipe), make_policy, recipe.rl, dist,
                                      seed=recipe.seed + 7, num_envs=recipe.num_envs)
             learners = LearnerGroup(make_policy, recipe.rl, dist) if dist.learners > 1 else None

@@ -175,8 +175,7 @@ def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
 def save_policy(policy: FlowPolicy, recipe: Recipe, folder: str | Path) -> Path:
     """The policy with its recipe in its spec, as ``vlafast.policies.save`` writes it (a folder
     of JSON + safetensors, each file written atomically)."""
-    policy._spec = dataclasses.replace(policy.spec, recipe=recipe.to_json())
-    return policies.save(policy, folder)
+    return policies.save(policy.with_recipe(recipe.to_json()), folder)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -213,10 +212,13 @@ def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
         if rebuilt is not None and rebuilt.model.cfg == policy.model.cfg:  # the recipe's own model, not a checkpoint's
             if policy.noise_head is not None:
                 rebuilt.attach_noise_head()
-            rebuilt.load_state_dict(policy.state_dict())
+            try:
+                rebuilt.load_state_dict(policy.state_dict())
+            except RuntimeError as exc:
+                raise policies.PolicyError(f"{path} does not fit the model its recipe builds: "
+                                           f"{str(exc).splitlines()[1].strip()}") from None
             rebuilt.model.normalizer = policy.model.normalizer
-            rebuilt._spec = dataclasses.replace(rebuilt.spec, recipe=carried)
-            policy = rebuilt
+            policy = rebuilt.with_recipe(carried)
         policy.bind(env.spec, exec_horizon=recipe.exec_horizon)
     except BaseException:
         env.close()
