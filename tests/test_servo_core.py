@@ -214,7 +214,7 @@ def test_bad_config_raises(kwargs, match):
 
 def test_push_validates_shape_and_rejects_unsafe_chunks_before_the_backend():
     loop = make_loop(C.NullBackend(), max_horizon=8)
-    soon = C.monotonic_ns() + 10**9  # chunks start 1 s from now, so none is stale
+    soon = C.monotonic_ns() + 60 * 10**9  # chunks start a minute from now: none goes stale, however slow this is
     with pytest.raises(ValueError, match=r"chunk must be \[T, 6\]"):
         loop.push(np.zeros((3, 7)), 0, PERIOD_NS)
     with pytest.raises(ValueError, match="max_horizon = 8"):
@@ -395,13 +395,16 @@ def test_watchdog_brakes_at_the_acceleration_limit_then_stops_the_backend():
     end_ns = t0 + (T - 1) * dt_ns
     after = t + PERIOD_NS > end_ns  # no target left for the next deadline
     assert after.any()
-    # The stop starts on the first such cycle and needs v / a = 0.5 / 8 s.
+    # The stop starts on the first such cycle and needs v0 / a: v0 is the cruise's 0.5 rad/s, or
+    # more when missed cycles (a busy VM) left the arm catching up just then.
     assert np.all(v[~after] >= -1e-9) and np.all(np.diff(v[after][:, 0]) <= 1e-12)  # measured -1.1e-13
+    v0 = v[np.argmax(after) - 1, 0]
+    assert v0 >= 0.5 - 1e-9, v0  # measured 0.5 idle; 1.07 (67 braking cycles) in a loaded run
     braking_cycles = after.sum()  # counted in cycles: a stalled VM stretches wall time, not steps
-    assert 0.5 / 8.0 / DT - 2 <= braking_cycles <= 0.5 / 8.0 / DT + 2
+    assert v0 / 8.0 / DT - 2 <= braking_cycles <= v0 / 8.0 / DT + 2, (braking_cycles, v0)
     np.testing.assert_array_equal(v[-1], 0.0)
     travelled = q[-1, 0] - q[after][0, 0]
-    assert travelled <= 0.5**2 / (2 * 8.0) + 0.5 * DT  # v^2 / 2a, plus one period at speed
+    assert travelled <= v0**2 / (2 * 8.0) + v0 * DT  # v^2 / 2a, plus one period at speed
 
 
 def test_a_late_chunk_never_displaces_one_that_still_has_a_horizon():
