@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", type=int, default=-1, help="pin the servo thread to this CPU")
     p.add_argument("--lookahead", type=float, default=0.1, help="servoJ lookahead (s, ur-rtde)")
     p.add_argument("--gain", type=float, default=300.0, help="servoJ gain (ur-rtde)")
+    p.add_argument("--watchdog-hz", type=float, default=10.0,
+                   help="the controller's RTDE watchdog stops the robot when the forwarder is silent for 1 / this (ur-rtde; 0: off)")
     p.add_argument("--report", default=None, help="write the per-cycle record, its plot and report.md to this folder")
     g = p.add_argument_group("pi0-reach")
     g.add_argument("--rtc", action="store_true", help="real-time chunking: sample each chunk guided by the executing plan")
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for policy folders; read when mujoco is imported
-    kw = {"lookahead": args.lookahead, "gain": args.gain} if args.backend == "ur-rtde" else {}
+    kw = {"lookahead": args.lookahead, "gain": args.gain, "watchdog_hz": args.watchdog_hz} if args.backend == "ur-rtde" else {}
     robot = make_backend(args.backend, host=args.host, hz=args.hz, **kw)
     target = None
     if args.policy == "pi0-reach":

@@ -300,8 +300,8 @@ class URRTDEBackend:
         if hz not in (125.0, 500.0):
             raise ValueError(f"hz must be 500 (e-series) or 125 (CB3), got {hz}")
         self.host, self.hz, self.lookahead, self.gain = host, float(hz), float(lookahead), float(gain)
-        if watchdog_hz < 0:
-            raise ValueError(f"watchdog_hz must be >= 0 (0: off), got {watchdog_hz}")
+        if not 0 <= watchdog_hz < float("inf"):
+            raise ValueError(f"watchdog_hz must be a finite number >= 0 (0: off), got {watchdog_hz}")
         self.connect_timeout_s, self.watchdog_hz = connect_timeout_s, float(watchdog_hz)
         C = load_C()
         self._shm = shared_memory.SharedMemory(create=True, size=C.SHARED_MAILBOX_BYTES)  # zero-filled
