@@ -374,11 +374,17 @@ class URRTDEBackend:
 
     def _refusal(self, info: dict[str, Any]) -> str:
         """Why the controller refused a command, from its state as this process's receive
-        interface last saw it."""
+        interface sees it. That is another connection than the forwarder's, and may be behind
+        it: a program still playing there is waited for (1 s at most), then taken as unknown."""
+        runtime_state, protective = None, False
         try:
-            runtime_state, protective = int(self._rtde_r.getRuntimeState()), bool(self._rtde_r.isProtectiveStopped())
+            deadline = time.monotonic() + 1.0
+            while (state := int(self._rtde_r.getRuntimeState())) == RUNTIME_PLAYING and time.monotonic() < deadline:
+                time.sleep(0.01)
+            runtime_state = None if state == RUNTIME_PLAYING else state
+            protective = bool(self._rtde_r.isProtectiveStopped())
         except Exception:  # noqa: BLE001 - the state is a hint; the refusal is reported either way
-            runtime_state, protective = None, False
+            pass
         return refusal_message(info["what"], info["gap_s"], self.watchdog_hz, runtime_state, protective)
 
     def read_q(self) -> tuple[np.ndarray, int]:
@@ -427,7 +433,7 @@ def _release_shm(shm: shared_memory.SharedMemory) -> None:
         pass
 
 
-RUNTIME_PAUSED = 4  # RTDE runtime_state: what rtde_set_watchdog's default action leaves the program in
+RUNTIME_PLAYING, RUNTIME_PAUSED = 2, 4  # RTDE runtime_state; paused: what rtde_set_watchdog's default action leaves
 SERVO_SILENCE_S = 1.0  # no new target from a servoing loop for this long: the servo thread is gone
 
 
