@@ -7,6 +7,9 @@ sampling its action tokens and returns ``(env actions, TokenTrace, value)``;
 tokens) under the current parameters. With unchanged parameters the two agree to float
 rounding, so PPO's first ratio is 1. ``TokenTrace`` plays the part ``flow.DenoiseTrace`` plays
 for flow policies: rows are selected for minibatches and concatenated across chunk steps.
+``value(batch)`` is the critic's V [B] of an observation batch (zeros without a value head). A
+policy that also has ``evaluate_steps(batch, trace)`` -> (step log-probs [B, N], step entropies
+[B, N], value [B]) can be trained with one PPO ratio per token (``PPOConfig.ratio = "element"``).
 
 Axes: B rows (envs), N decode steps (fixed per policy, padded after a row's end).
 """

@@ -1,4 +1,5 @@
-"""Rollout storage: per-chunk observations, denoise traces, values, rewards and done flags.
+"""Rollout storage: per-chunk observations, traces (a flow policy's denoise traces or an
+autoregressive policy's token traces), values, rewards and done flags.
 
 Axes: N chunk steps, B environments; flattened, M = N * B samples for the update.
 """
@@ -13,12 +14,13 @@ from torch import Tensor
 
 from vlafast.flow.sampler import DenoiseTrace
 from vlafast.policies import Batch
+from vlafast.policies.tokens import TokenTrace
 
 D = TypeVar("D")
 
 
 def tensors_to(obj: D, device: torch.device | str, **changes: Any) -> D:
-    """A copy of the dataclass ``obj`` (a ``Batch``, a ``DenoiseTrace``) with every tensor field
+    """A copy of the dataclass ``obj`` (a ``Batch``, a trace) with every tensor field
     moved to ``device`` and ``changes`` applied."""
     moved = {f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
              if isinstance(getattr(obj, f.name), Tensor)}
@@ -31,9 +33,11 @@ _PER_SAMPLE = ("chain", "means", "sigmas", "stochastic", "index", "step_log_prob
                "log_prob", "entropy")
 
 
-def trace_cat(traces: Sequence[DenoiseTrace]) -> DenoiseTrace:
+def trace_cat(traces: Sequence[DenoiseTrace | TokenTrace]) -> DenoiseTrace | TokenTrace:
     """Concatenate traces of the same sampler config along the sample axis."""
     first = traces[0]
+    if isinstance(first, TokenTrace):
+        return TokenTrace.cat(traces)
     if any(t.config != first.config for t in traces):
         raise ValueError("cannot concatenate traces of different sampler configs")
     fields = {
@@ -49,15 +53,15 @@ def trace_cat(traces: Sequence[DenoiseTrace]) -> DenoiseTrace:
 class Rollout:
     """N chunk steps of B environments."""
 
-    batches: list[Batch] = dataclasses.field(default_factory=list)        # N x [B]
-    traces: list[DenoiseTrace] = dataclasses.field(default_factory=list)  # N x [B]
+    batches: list[Batch] = dataclasses.field(default_factory=list)        # N x [B] (or the policy's batch type)
+    traces: list[DenoiseTrace | TokenTrace] = dataclasses.field(default_factory=list)  # N x [B]
     values: list[Tensor] = dataclasses.field(default_factory=list)        # N x [B]
     rewards: list[Tensor] = dataclasses.field(default_factory=list)       # N x [B]
     dones: list[Tensor] = dataclasses.field(default_factory=list)         # N x [B]
     valid: list[Tensor] = dataclasses.field(default_factory=list)         # N x [B] bool (GRPO: env still in its episode)
     envs: list[Tensor] = dataclasses.field(default_factory=list)          # N x [B] long: which env each sample came from
 
-    def add(self, batch: Batch, trace: DenoiseTrace, value: Tensor, reward: Tensor, done: Tensor, valid: Tensor,
+    def add(self, batch: Batch, trace: DenoiseTrace | TokenTrace, value: Tensor, reward: Tensor, done: Tensor, valid: Tensor,
             envs: Tensor | None = None) -> None:
         """One chunk step; ``envs`` (default 0..B-1) names each sample's env (GRPO over states
         holds G samples per env)."""
@@ -76,9 +80,15 @@ class Rollout:
         """values, rewards, dones, valid, envs: [N, B]."""
         return {k: torch.stack(getattr(self, k)) for k in ("values", "rewards", "dones", "valid", "envs")}
 
-    def flat(self) -> tuple[Batch, DenoiseTrace]:
+    def flat(self) -> tuple[Batch, DenoiseTrace | TokenTrace]:
         """All samples, chunk-major: sample n * B + b."""
-        return Batch.cat(self.batches), trace_cat(self.traces)
+        return batch_cat(self.batches), trace_cat(self.traces)
+
+
+def batch_cat(batches: Sequence[Any]) -> Any:
+    """Concatenate observation batches along B with their own type's ``cat`` (a ``Batch``, or
+    an autoregressive policy's batch type)."""
+    return type(batches[0]).cat(batches)
 
 
 Slice = tuple[Rollout, Tensor, "Tensor | None"]
@@ -98,7 +108,7 @@ def pool_slices(parts: Sequence[Slice], device: torch.device | str, config: Any)
         raise ValueError("either every slice has critic targets or none has")
     flats = [p[0].flat() for p in parts]
     stacked = [p[0].stacked() for p in parts]
-    out = Rollout(batches=[tensors_to(Batch.cat([b for b, _ in flats]), device)],
+    out = Rollout(batches=[tensors_to(batch_cat([b for b, _ in flats]), device)],
                   traces=[tensors_to(trace_cat([dataclasses.replace(t, config=config) for _, t in flats]), device)])
     for key in ("values", "rewards", "dones", "valid", "envs"):
         setattr(out, key, [torch.cat([st[key].reshape(-1) for st in stacked])])

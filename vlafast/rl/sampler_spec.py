@@ -1,13 +1,17 @@
 """The stochastic sampler RL collects and updates with, as a typed, JSON-serialisable spec.
 
-``RLConfig.sampler`` holds a ``FlowSDE`` or a ``FlowNoise``; ``sampler_config(spec, noise_head)``
-turns it into the ``flow.SamplerConfig`` that the rollout and the update share. The spec is
-plain data (it saves with a recipe or a checkpoint); the sampler config is not: a Flow-Noise
-config holds the policy's noise head, a module being trained. Axes: K denoise steps.
+``RLConfig.sampler`` holds a ``FlowSDE`` or a ``FlowNoise`` (flow policies: pi0 / pi0.5) or a
+``Tokens`` (autoregressive policies: OpenVLA, pi0-FAST). ``sampler_config(spec, noise_head)``
+turns a flow spec into the ``flow.SamplerConfig`` that the rollout and the update share, a
+token spec into a ``TokenSampler``; ``policy_sampler(spec, policy)`` does so after checking
+that the policy samples that way. The spec is plain data (it saves with a recipe or a
+checkpoint); the sampler config is not: a Flow-Noise config holds the policy's noise head, a
+module being trained. Axes: K denoise steps.
 
-JSON: ``{"kind": "flow_sde", "num_steps": 4, "a": 0.5, "hybrid": true}`` or
-``{"kind": "flow_noise", "num_steps": 4}``. RL configs written before the spec existed carry
-the flat keys ``method`` / ``num_steps`` / ``sde_a`` / ``sde_hybrid``; ``from_rl_json`` reads both.
+JSON: ``{"kind": "flow_sde", "num_steps": 4, "a": 0.5, "hybrid": true}``,
+``{"kind": "flow_noise", "num_steps": 4}`` or ``{"kind": "tokens", "temperature": 1.0}``. RL
+configs written before the spec existed carry the flat keys ``method`` / ``num_steps`` /
+``sde_a`` / ``sde_hybrid``; ``from_rl_json`` reads both.
 """
 
 from __future__ import annotations
@@ -17,24 +21,31 @@ from typing import Any, Literal, Union
 
 from vlafast import _validate
 from vlafast.flow import sampler as flow
+from vlafast.policies.base import PolicyError
+from vlafast.policies.tokens import TokenSampler
 
 
 class _Spec:
-    """What both specs share: K, validation, JSON (``dataclasses.asdict`` carries ``kind``, so a
-    recipe's or a checkpoint's ``asdict`` round-trips through ``from_json``)."""
+    """What every spec shares: JSON (``dataclasses.asdict`` carries ``kind``, so a recipe's or a
+    checkpoint's ``asdict`` round-trips through ``from_json``)."""
 
     kind: str
-    num_steps: int
-
-    def __post_init__(self) -> None:
-        _validate.number(f"{type(self).__name__}.num_steps (K denoise steps)", self.num_steps, low=1, integer=True)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
+class _FlowSpec(_Spec):
+    """What both flow specs share: K denoise steps, validated."""
+
+    num_steps: int
+
+    def __post_init__(self) -> None:
+        _validate.number(f"{type(self).__name__}.num_steps (K denoise steps)", self.num_steps, low=1, integer=True)
+
+
 @dataclasses.dataclass(frozen=True)
-class FlowSDE(_Spec):
+class FlowSDE(_FlowSpec):
     """Flow-SDE (pi_RL): sigma_t = a * sqrt(t / (1 - t)). ``hybrid``: one random denoise step
     per chunk is stochastic and the log-prob is its own; otherwise all K are, and the log-prob
     is their joint one."""
@@ -51,7 +62,7 @@ class FlowSDE(_Spec):
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowNoise(_Spec):
+class FlowNoise(_FlowSpec):
     """Flow-Noise (pi_RL): the policy's noise head predicts each step's variance; every step is
     stochastic and the log-prob is the mean over the K + 1 terms."""
 
@@ -59,8 +70,22 @@ class FlowNoise(_Spec):
     kind: Literal["flow_noise"] = dataclasses.field(default="flow_noise", init=False, repr=False)
 
 
-SamplerSpec = Union[FlowSDE, FlowNoise]
-SPECS: dict[str, type[FlowSDE] | type[FlowNoise]] = {"flow_sde": FlowSDE, "flow_noise": FlowNoise}
+@dataclasses.dataclass(frozen=True)
+class Tokens(_Spec):
+    """Action tokens drawn from ``softmax(logits / temperature)`` (``policies.tokens``); the
+    log-prob of a chunk is the sum over its tokens, as RLinf and SimpleVLA-RL train OpenVLA."""
+
+    temperature: float = 1.0    # 1: the model's own distribution
+    kind: Literal["tokens"] = dataclasses.field(default="tokens", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _validate.number("Tokens.temperature", self.temperature, low=0, low_open=True)
+
+
+SamplerSpec = Union[FlowSDE, FlowNoise, Tokens]
+SPECS: dict[str, type[FlowSDE] | type[FlowNoise] | type[Tokens]] = {
+    "flow_sde": FlowSDE, "flow_noise": FlowNoise, "tokens": Tokens,
+}
 # RLConfig keys before ``sampler``: old key -> spec field
 LEGACY_KEYS = {"method": "kind", "num_steps": "num_steps", "sde_a": "a", "sde_hybrid": "hybrid"}
 
@@ -69,15 +94,34 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 
 
-def sampler_config(spec: SamplerSpec, noise_head=None) -> flow.SamplerConfig:
-    """The flow sampler of ``spec``; Flow-Noise samples with ``noise_head`` (the policy's)."""
+def sampler_config(spec: SamplerSpec, noise_head=None) -> flow.SamplerConfig | TokenSampler:
+    """The sampler of ``spec``; Flow-Noise samples with ``noise_head`` (the policy's)."""
     if isinstance(spec, FlowSDE):
         return flow.flow_sde(a=spec.a, hybrid=spec.hybrid, num_steps=spec.num_steps)
     if isinstance(spec, FlowNoise):
         if noise_head is None:
             raise ValueError("flow_noise needs a policy with a noise head (policy.attach_noise_head())")
         return flow.flow_noise(noise_head, num_steps=spec.num_steps)
-    raise TypeError(f"not a sampler spec: {spec!r}; use FlowSDE(...) or FlowNoise(...)")
+    if isinstance(spec, Tokens):
+        return TokenSampler(spec.temperature)
+    raise TypeError(f"not a sampler spec: {spec!r}; use FlowSDE(...), FlowNoise(...) or Tokens(...)")
+
+
+def policy_sampler(spec: SamplerSpec, policy) -> flow.SamplerConfig | TokenSampler:
+    """``sampler_config`` for ``policy``, refusing a spec of the other kind of policy in one
+    sentence (a ``PolicyError``): flow sampling needs a ``FlowPolicy``, token sampling an
+    autoregressive policy (any other: OpenVLA, pi0-FAST)."""
+    from vlafast.policies.flow import FlowPolicy
+
+    family = getattr(getattr(policy, "spec", None), "family", type(policy).__name__)
+    flow_policy = isinstance(policy, FlowPolicy)
+    if isinstance(spec, Tokens) and flow_policy:
+        raise PolicyError(f"the tokens sampler draws action tokens, but this {family} policy denoises: "
+                         "use a flow sampler (flow_sde or flow_noise)")
+    if not isinstance(spec, Tokens) and not flow_policy:
+        raise PolicyError(f"the {spec.kind} sampler denoises, but this {family} policy decodes action tokens: "
+                         "use the tokens sampler ({\"kind\": \"tokens\"}, --method tokens)")
+    return sampler_config(spec, getattr(policy, "noise_head", None))
 
 
 def from_json(data: dict[str, Any], base: SamplerSpec | None = None) -> SamplerSpec:

@@ -1,7 +1,11 @@
-"""SFT and on-policy RL (PPO / GRPO) for flow VLAs on ``VecEnv`` environments.
+"""SFT and on-policy RL (PPO / GRPO) for VLAs on ``VecEnv`` environments.
 
-Everything here is plain functions over a ``FlowPolicy`` and an environment; the CLI and the
-demo only wire them. Axes: N chunk steps per rollout, B environments, M = N * B samples.
+Everything here is plain functions over a policy and an environment; the CLI and the demo only
+wire them. RL takes any policy with the RL surface ``observe`` / ``act`` / ``evaluate`` / ``value`` /
+``rl_parameters`` (``observation_value``): a ``FlowPolicy`` (pi0 / pi0.5: denoising log-probs,
+``flow.DenoiseTrace``) or an autoregressive one (OpenVLA, pi0-FAST: the log-probs of its sampled
+action tokens, ``policies.tokens.TokenTrace``).
+Axes: N chunk steps per rollout, B environments, M = N * B samples.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from vlafast.flow.sampler import FlowNoiseConfig, element_log_probs
 from vlafast.rl.buffer import Rollout
 from vlafast.rl.losses import PPOConfig, explained_variance, gae, group_advantages, ppo_loss
 from vlafast.policies import Batch, FlowPolicy
-from vlafast.rl.sampler_spec import FlowNoise, FlowSDE, SamplerSpec, sampler_config
+from vlafast.policies.tokens import TokenSampler, TokenTrace
+from vlafast.rl.sampler_spec import FlowNoise, FlowSDE, SamplerSpec, Tokens, policy_sampler
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     algo: str = "ppo"                  # a key of ALGORITHMS: "ppo" | "grpo"
-    sampler: SamplerSpec = FlowSDE()   # FlowSDE(num_steps=4, a=0.5, hybrid=True) | FlowNoise(num_steps=4)
+    sampler: SamplerSpec = FlowSDE()   # FlowSDE(num_steps=4, a=0.5, hybrid=True) | FlowNoise(num_steps=4) | Tokens()
     chunks_per_rollout: int = 10       # N chunk steps per env per PPO update
     iterations: int = 20
     group_size: int = 8                # GRPO
@@ -56,9 +61,9 @@ class RLConfig:
     def __post_init__(self):
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {self.algo!r}")
-        if not isinstance(self.sampler, (FlowSDE, FlowNoise)):
-            raise ValueError(f"RL needs a stochastic sampler: sampler must be FlowSDE(...) or FlowNoise(...) "
-                             f"(vlafast.rl.sampler_spec), got {self.sampler!r}")
+        if not isinstance(self.sampler, (FlowSDE, FlowNoise, Tokens)):
+            raise ValueError(f"RL needs a stochastic sampler: sampler must be FlowSDE(...), FlowNoise(...) or "
+                             f"Tokens(...) (vlafast.rl.sampler_spec), got {self.sampler!r}")
         if self.grpo_groups not in ("episode", "state"):
             raise ValueError(f"grpo_groups must be 'episode' or 'state', got {self.grpo_groups!r}")
         if self.bc_coef < 0 or self.critic_warmup < 0:
@@ -118,7 +123,11 @@ def collect_demos(env, episodes: int, horizon: int, exec_horizon: int, seed: int
 
 def sft(policy: FlowPolicy, demos: Demos, *, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
         progress: bool = True) -> list[float]:
-    """Flow-matching behaviour cloning on ``demos``; returns the loss per step."""
+    """Behaviour cloning on ``demos`` with the policy's own ``sft_loss`` (flow matching for pi0 /
+    pi0.5, next-token cross-entropy for pi0-FAST); returns the loss per step. A pi0-FAST without
+    a FAST codec first fits it (and its normaliser) on the demonstrations (``fit_codec``)."""
+    if getattr(policy, "fast", False) is None:
+        policy.fit_codec(np.concatenate(demos.actions), np.concatenate([o["state"] for o in demos.obs]))
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     params = [p for p in policy.model.parameters()]
@@ -129,7 +138,7 @@ def sft(policy: FlowPolicy, demos: Demos, *, steps: int, batch_size: int = 32, l
     bar = tqdm(range(steps), desc="sft", disable=not progress, leave=False)
     for _ in bar:
         batch, actions = demos.sample(policy, batch_size, rng)
-        loss = policy.flow_matching_loss(batch, actions, generator=gen)
+        loss = policy.sft_loss(batch, actions, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -150,6 +159,14 @@ def new_stats() -> dict[str, list]:
     return {"success": [], "return": [], "env_steps": [], "chunks": []}
 
 
+def observation_value(policy, batch) -> Tensor:
+    """V [B] of an observation batch: a flow policy's critic reads its encoded prefix
+    (``context``), an autoregressive policy's ``value(batch)`` encodes its own."""
+    if isinstance(policy, FlowPolicy):
+        return policy.value(policy.context(batch), batch.state)
+    return policy.value(batch)
+
+
 def truncation_values(policy: FlowPolicy, terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any]) -> Tensor:
     """[B] V(final observation) where an episode hit its time limit (0 elsewhere): the return
     a time limit cuts off, which the collectors add as gamma * V to the last chunk's reward.
@@ -159,7 +176,7 @@ def truncation_values(policy: FlowPolicy, terminated: np.ndarray, truncated: np.
     if len(rows) and "final_obs" in info:
         with torch.no_grad():
             b = policy.observe(info["final_obs"]).index(torch.from_numpy(rows).to(policy.device))
-            out[torch.from_numpy(rows)] = policy.value(policy.context(b), b.state).float().cpu()
+            out[torch.from_numpy(rows)] = observation_value(policy, b).float().cpu()
     return out
 
 
@@ -182,7 +199,7 @@ def collect(policy: FlowPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: 
         stats["chunks"].append(B)
     with torch.no_grad():
         last_batch = policy.observe(obs)
-        last_value = policy.value(policy.context(last_batch), last_batch.state).cpu()
+        last_value = observation_value(policy, last_batch).cpu()
     return ro, obs, last_value
 
 
@@ -242,7 +259,7 @@ def collect_state_groups(policy: FlowPolicy, env, obs: Obs, n_chunks: int, group
         if bootstrap:
             with torch.no_grad():
                 end = policy.observe(rh.obs)
-                v_end = policy.value(policy.context(end), end.state).float().cpu()
+                v_end = observation_value(policy, end).float().cpu()
             score = score + gamma * torch.from_numpy(~rh.terminated).float() * v_end
         adv, informative = group_advantages(score, G)
         advs.append(adv)
@@ -259,7 +276,7 @@ def collect_state_groups(policy: FlowPolicy, env, obs: Obs, n_chunks: int, group
     if bootstrap:
         with torch.no_grad():
             last = policy.observe(obs)
-            last_value = policy.value(policy.context(last), last.state).float().cpu()
+            last_value = observation_value(policy, last).float().cpu()
         st = {k: torch.stack(v) for k, v in executed.items()}
         _, ret = gae(st["rewards"], st["values"], st["dones"], last_value, gamma, lam)
         returns = ret.repeat_interleave(G, dim=1)
@@ -273,13 +290,18 @@ def _record_episodes(stats: dict[str, list], done: np.ndarray, info: dict[str, A
 
 
 def _element_mask(trace) -> Tensor | None:
-    """[N] or [M, N] float: the elements the log-probs count (the trace's action mask, flat)."""
+    """[N] or [M, N] float: the elements the log-probs count (the trace's action mask, flat; a
+    token trace's valid decode steps)."""
+    if isinstance(trace, TokenTrace):
+        return trace.valid.float()
     m = trace.action_mask
     return None if m is None else m.reshape(*m.shape[:-2], -1)
 
 
 def _elements_per_chunk(trace) -> Tensor | float:
     """Elements each chunk's log-prob sums over: a float, or [M] for per-sample masks."""
+    if isinstance(trace, TokenTrace):
+        return trace.valid.sum(-1).float().clamp_min(1.0)
     m = _element_mask(trace)
     if m is None:
         return float(trace.chain[0, 0].numel())
@@ -312,16 +334,16 @@ def policy_gradient_cosine(policy: FlowPolicy, batch: Batch, trace, adv: Tensor,
 class Samples:
     """A rollout flattened for the update: M samples, chunk-major (sample n * B + b)."""
 
-    batch: Batch
-    trace: flow.DenoiseTrace
+    batch: Batch                    # or the policy's own batch type (``index``, ``cat``, ``size``, ``state``)
+    trace: flow.DenoiseTrace | TokenTrace
     valid: Tensor                   # [M] bool: samples the update trains on
     idx: Tensor                     # [M_valid] long: their indices
     envs: Tensor                    # [M] long: each sample's env
     advantages: Tensor              # [M] normalised over the valid samples
-    old_log_prob: Tensor            # [M] chunk log-prob at rollout, or [M, N] per element (ratio "element")
+    old_log_prob: Tensor            # [M] chunk log-prob at rollout, or [M, N] per element / token (ratio "element")
     old_values: Tensor              # [M] critic at rollout
     returns: Tensor | None          # [M] critic targets; None without a critic
-    element_mask: Tensor | None     # [N] or [M, N]: elements a per-element log-prob counts
+    element_mask: Tensor | None     # [N] or [M, N]: elements (tokens) a per-element log-prob counts
     elements_per_chunk: Tensor | float  # float or [M]: the entropy's per-element scale
 
     @property
@@ -331,7 +353,8 @@ class Samples:
 
 def prepare(ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOConfig) -> Samples:
     """Flatten ``ro``, normalise ``advantages`` [N, B] over its valid samples, and take the old
-    log-probs (per chunk, or per element with ``cfg.ratio == "element"``) from its traces."""
+    log-probs (per chunk, or per element with ``cfg.ratio == "element"``: per action element of
+    a flow chunk, per valid decode step of a token chunk, RLinf's token-level PPO) from its traces."""
     batch, trace = ro.flat()
     st = ro.stacked()
     valid = st["valid"].reshape(-1)
@@ -339,7 +362,10 @@ def prepare(ro: Rollout, advantages: Tensor, returns: Tensor | None, cfg: PPOCon
     adv = advantages.reshape(-1).float()
     adv_valid = adv[idx]
     adv = (adv - adv_valid.mean()) / (adv_valid.std(unbiased=False) + 1e-8)  # per-rollout normalisation
-    old_log_prob = element_log_probs(trace) if cfg.ratio == "element" else trace.log_prob.float()
+    if cfg.ratio == "element":
+        old_log_prob = trace.step_log_probs if isinstance(trace, TokenTrace) else element_log_probs(trace)
+    else:
+        old_log_prob = trace.log_prob.float()
     return Samples(batch, trace, valid, idx, st["envs"].reshape(-1), adv, old_log_prob, st["values"].reshape(-1),
                    None if returns is None else returns.reshape(-1), _element_mask(trace), _elements_per_chunk(trace))
 
@@ -351,9 +377,12 @@ MinibatchLoss = Callable[[FlowPolicy, Samples, Tensor, PPOConfig], tuple[Tensor,
 
 def ppo_clip_loss(policy: FlowPolicy, s: Samples, micro: Tensor, cfg: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate (``ppo_loss``) on the samples ``micro`` -> (loss, named terms).
-    Log-probs are recomputed from the stored traces through the sampler's own ``evaluate``;
-    with critic targets the clipped Huber value loss joins, with Flow-Noise the entropy bonus
-    (on the per-element mean entropy, RLinf's scale)."""
+    Log-probs are recomputed from the stored traces through the sampler's own ``evaluate``
+    (token traces: the policy's, ``token_clip_loss``); with critic targets the clipped Huber
+    value loss joins, with Flow-Noise the entropy bonus (on the per-element mean entropy,
+    RLinf's scale)."""
+    if isinstance(s.trace, TokenTrace):
+        return token_clip_loss(policy, s, micro, cfg)
     dev = policy.device
     obs, trace = s.batch.index(micro.to(dev)), s.trace.select(micro)
     ctx = policy.context(obs)
@@ -369,6 +398,32 @@ def ppo_clip_loss(policy: FlowPolicy, s: Samples, micro: Tensor, cfg: PPOConfig)
     mask = s.element_mask if s.element_mask is None or s.element_mask.ndim == 1 else s.element_mask[micro]
     return ppo_loss(ev.element_log_prob if s.per_element else ev.log_prob, s.old_log_prob.to(dev)[m],
                     s.advantages.to(dev)[m], cfg, element_mask=mask, **terms)
+
+
+def token_clip_loss(policy, s: Samples, micro: Tensor, cfg: PPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ppo_clip_loss`` for autoregressive policies: the log-probs of the stored action tokens
+    under the current parameters (teacher forcing, ``policy.evaluate``), one ratio per chunk
+    or, with ``cfg.ratio == "element"``, one per valid token (``policy.evaluate_steps``); the
+    entropy bonus on the mean entropy per token (``TokenTrace.entropy``'s scale)."""
+    dev = policy.device
+    obs, trace = s.batch.index(micro.to(dev)), s.trace.select(micro)
+    m = micro.to(dev)
+    mask = None
+    if s.per_element:
+        if not callable(getattr(policy, "evaluate_steps", None)):
+            raise ValueError(f"ratio 'element' needs the log-prob of each token (evaluate_steps), which "
+                             f"{type(policy).__name__} does not give: use ratio 'chunk'")
+        step_lp, step_ent, values = policy.evaluate_steps(obs, trace)
+        valid = trace.valid.to(step_lp.device)
+        logp = torch.where(valid, step_lp, torch.zeros_like(step_lp))
+        entropy = torch.where(valid, step_ent, torch.zeros_like(step_ent)).sum(-1) / valid.sum(-1).clamp_min(1)
+        mask = s.element_mask.to(dev)[m]
+    else:
+        logp, entropy, values = policy.evaluate(obs, trace)
+    terms: dict[str, Tensor] = {"entropy": entropy}
+    if s.returns is not None:
+        terms |= dict(values=values, old_values=s.old_values.to(dev)[m], returns=s.returns.to(dev)[m])
+    return ppo_loss(logp, s.old_log_prob.to(dev)[m], s.advantages.to(dev)[m], cfg, element_mask=mask, **terms)
 
 
 def _params(opt: torch.optim.Optimizer | None) -> list[Tensor]:
@@ -469,9 +524,10 @@ def update(policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor 
     out["epochs"] = float(epochs)
     if returns is not None:
         out["explained_variance"] = explained_variance(s.old_values[s.valid], s.returns[s.valid])
-    sig = s.trace.sigmas[s.trace.stochastic] if s.trace.stochastic.any() else s.trace.sigmas.new_zeros(1)
-    out["sigma_mean"] = float(sig.float().mean())
-    out["sigma_max"] = float(sig.float().max())
+    if isinstance(s.trace, flow.DenoiseTrace):  # the flow sampler's noise levels (token traces have none)
+        sig = s.trace.sigmas[s.trace.stochastic] if s.trace.stochastic.any() else s.trace.sigmas.new_zeros(1)
+        out["sigma_mean"] = float(sig.float().mean())
+        out["sigma_max"] = float(sig.float().max())
     return out
 
 
@@ -479,9 +535,10 @@ def update(policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor 
 # algorithms: how an update's rollout is collected and scored, and its minibatch loss
 
 
-def rl_sampler(policy: FlowPolicy, cfg: RLConfig) -> flow.SamplerConfig:
-    """The stochastic sampler RL collects and updates with."""
-    return sampler_config(cfg.sampler, policy.noise_head)
+def rl_sampler(policy: FlowPolicy, cfg: RLConfig) -> flow.SamplerConfig | TokenSampler:
+    """The stochastic sampler RL collects and updates with (one sentence when ``cfg.sampler`` is
+    for the other kind of policy: ``sampler_spec.policy_sampler``)."""
+    return policy_sampler(cfg.sampler, policy)
 
 
 def reset_seeds(seed: int, iteration: int, first_env: int, num_envs: int) -> list[int]:
@@ -622,6 +679,19 @@ def make_optimizers(policy: FlowPolicy, cfg: RLConfig) -> tuple[torch.optim.Opti
     return actor_opt, critic_opt
 
 
+def demo_loss(policy, bc_coef: float) -> Callable[..., Tensor]:
+    """The supervised loss the BC anchor (``bc_coef`` > 0) adds on demonstrations: a flow
+    policy's flow-matching loss, an autoregressive policy's ``sft_loss`` (cross-entropy of the
+    demonstrated action tokens); one sentence when the policy has none."""
+    if isinstance(policy, FlowPolicy):
+        return policy.flow_matching_loss
+    loss = getattr(policy, "sft_loss", None)
+    if not callable(loss):
+        raise ValueError(f"bc_coef={bc_coef} anchors on a supervised loss on the demonstrations, which a "
+                         f"{type(policy).__name__} has not: set rl.bc_coef to 0")
+    return loss
+
+
 def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]) -> None:
     """Restore one RNG state from a checkpoint; checkpoints older than the key keep the fresh
     seed-derived state, with a warning (their resumed run is then not bit-reproducible)."""
@@ -651,9 +721,10 @@ def train_rl(policy: FlowPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str 
     bc_rng = np.random.default_rng(seed + 2)                              # demo minibatches
     bc_gen = torch.Generator(device=policy.device).manual_seed(seed + 3)  # their flow-matching noise
     if cfg.bc_coef > 0:
+        bc_loss = demo_loss(policy, cfg.bc_coef)
         if demos is None:
             raise ValueError(f"bc_coef={cfg.bc_coef} needs the demonstrations: train_rl(..., demos=...)")
-        bc = (cfg.bc_coef, lambda: policy.flow_matching_loss(*demos.sample(policy, cfg.bc_batch, bc_rng), generator=bc_gen))
+        bc = (cfg.bc_coef, lambda: bc_loss(*demos.sample(policy, cfg.bc_batch, bc_rng), generator=bc_gen))
     history: list[dict[str, float]] = []
     start = 0
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
