@@ -713,3 +713,24 @@ def test_load_errors_list_every_problem_at_once(tmp_path):
     inf["actions"]["std"][0] = float("inf")
     with pytest.raises(StatsError, match="non-finite"):
         load_pi0fast(write_lerobot(tmp_path / "inf", policy, inf))
+
+
+def test_bench_module_runs_tiny_on_cpu():
+    """The benchmark's CPU path (tiny config): both chunk rows decode the same tokens, the
+    static-buffer decoder is the one the graph would replay, rows follow the schema."""
+    import argparse
+
+    from vlafast.bench import BENCHMARKS
+    from vlafast.bench import pi0fast as bench
+
+    assert "pi0fast" in BENCHMARKS
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    rows = bench.run(parser.parse_args(["--prompt-tokens", "7", "--steps", "5"]))
+    ops = [(r.op, r.backend) for r in rows]
+    if torch.cuda.is_available():
+        assert ("chunk_decode", "graph-decode") in ops and ("decode_step", "graph-decode") in ops
+    else:
+        assert ops == [("chunk_decode", "eager"), ("chunk_decode", "static-eager"), ("decode_step", "eager")]
+    assert all(r.median_ms > 0 for r in rows)
+    assert rows[0].extra["tokens_match"] and rows[1].baseline == "eager" and rows[1].ratio > 0

@@ -36,6 +36,8 @@ class ModelShape:
     target_s: float | None
 
 
+# "pi0" is PaliGemma's Gemma-2B stack (18 x 16384 neurons of width 2048, vocabulary 257152):
+# the same for pi0, pi0.5 and pi0-FAST, whose dictionaries this row times.
 SHAPES = {
     "pi0": ModelShape("pi0", 18, 2048, 16_384, 257_152, True, 1.0),
     "openvla": ModelShape("openvla", 32, 4096, 11_008, 32_064, False, 0.3),

@@ -1,0 +1,134 @@
+"""pi0-FAST action-chunk latency at batch 1: two camera views + prompt -> a fixed number of
+greedy FAST tokens, eager vs CUDA-graphed decode.
+
+On CUDA: the published sizes (SigLIP So400m/14 at 224 px, Gemma-2B, vocabulary 257152) with
+random bf16 weights built on the meta device and materialised on the GPU (~6 GB). A FAST chunk
+of 10 x 7 LIBERO actions is typically 30-60 tokens; the loop decodes ``--steps`` tokens (random
+weights never emit EOS on cue, and a fixed count is what a capturable loop runs anyway).
+Backends: ``eager`` (the baseline: prefill + ``steps - 1`` eager decode steps, ``generate``)
+and ``graph-decode`` (the same prefill, each decode step one replay of
+``vlafast.models.pi0fast.GraphedDecoder``'s graph). A second pair of rows times one decode step
+alone against the memory-bandwidth floor (every Gemma weight and the tied vocabulary read once
+per token). On a CPU the tiny config runs: ``eager`` against the static-buffer decoder, which
+off CUDA runs the very step the graph would replay, eagerly (so the ratio there is the cost of
+the static buffers, not a graph's gain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from vlafast.bench.core import Row, peak, time_ms
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-tokens", type=int, default=48,
+                   help="prompt length (task + 8 state bins + separators; default 48)")
+    p.add_argument("--steps", type=int, default=48, help="decoded tokens per chunk (default 48)")
+
+
+@torch.no_grad()
+def _policy(device: torch.device):
+    from vlafast.models.pi0fast import Pi0FASTConfig, Pi0FASTPolicy
+
+    if device.type != "cuda":
+        torch.manual_seed(0)
+        return Pi0FASTPolicy(Pi0FASTConfig.tiny()).eval(), "fp32", "tiny"
+    with torch.device("meta"):
+        policy = Pi0FASTPolicy(Pi0FASTConfig.pi0fast()).to(torch.bfloat16)
+    policy = policy.to_empty(device=device).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in policy.named_parameters():  # random weights: timing only, kept finite and O(1)
+        if p.ndim == 1 and "norm" in name:
+            p.zero_()  # Gemma's RMSNorm scales by (1 + w)
+        elif p.ndim == 1:
+            p.zero_()
+        else:
+            p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=g)
+    return policy, "bf16", "real"
+
+
+def _decode_bytes(policy) -> int:
+    """Bytes one decode step must read: the Gemma layers once, and the tied vocabulary (the
+    logits' matmul) once."""
+    lm = policy.language_model
+    return sum(p.numel() * p.element_size() for p in lm.parameters())
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    from vlafast.models.pi0fast import GraphedDecoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    policy, dtype, config = _policy(device)
+    cfg = policy.cfg
+    p0 = next(policy.parameters())
+    g = torch.Generator(device=device).manual_seed(1)
+    s, views, L = cfg.vision.image_size, 2, args.prompt_tokens
+    images = (torch.rand(1, views, 3, s, s, device=device, generator=g) * 2 - 1).to(p0.dtype)
+    image_masks = torch.ones(1, views, dtype=torch.bool, device=device)
+    tokens = torch.randint(2, cfg.vocab_size, (1, L), device=device, generator=g)
+    token_masks = torch.ones(1, L, dtype=torch.bool, device=device)
+    postfix = torch.randint(2, cfg.vocab_size, (3,), device=device, generator=g)  # "Action: "
+    steps = min(args.steps, cfg.max_decoding_steps)
+    P = policy.prefix_len(views, L, postfix.numel())
+    quick = {} if cuda else {"warmup": 1, "iters": 3}
+    shape = f"B=1 V={views} P={P} N={steps}"
+    x = (images, image_masks, tokens, token_masks, postfix)
+
+    eager = lambda: policy.generate(*x, max_steps=steps)  # noqa: E731
+    decoder = GraphedDecoder(policy, 1, P, steps)
+    graphed = lambda: policy.generate(*x, decoder=decoder)  # noqa: E731
+    want, got = eager(), graphed()
+    extra = {"config": config, "prompt_tokens": L, "graphed": decoder.graph is not None,
+             "tokens_match": bool(torch.equal(want.tokens, got.tokens))}
+    if not extra["tokens_match"]:  # random bf16 weights can hold near-ties; real weights should not
+        log.warning("graphed decode gave tokens %s, eager %s", got.tokens.tolist(), want.tokens.tolist())
+    times = {"eager": time_ms(eager, device=device, min_time_s=0.5, max_iters=50, **quick),
+             "graph-decode": time_ms(graphed, device=device, min_time_s=0.5, max_iters=50, **quick)}
+    st = decoder.state
+
+    def eager_step() -> None:
+        st.slot.fill_(P)
+        st.position.fill_(P)
+        policy.decode_step(st)
+
+    times["step-eager"] = time_ms(eager_step, device=device, min_time_s=0.3, max_iters=200, **quick)
+    if decoder.graph is not None:
+        def replays() -> None:  # each replay advances slot / step: rewind, then every decode step
+            st.slot.fill_(P)
+            st.position.fill_(P)
+            st.step.fill_(1)
+            for _ in range(steps - 1):
+                decoder.graph.replay()
+
+        times["step-graph"] = time_ms(replays, device=device, min_time_s=0.3, max_iters=100) / (steps - 1)
+        extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+    backend_of = {"eager": "eager", "graph-decode": "graph-decode" if cuda else "static-eager"}
+    rows = []
+    for key in ("eager", "graph-decode"):
+        base = key != "eager"
+        rows.append(Row(
+            bench="pi0fast", op="chunk_decode", shape=shape, dtype=dtype, backend=backend_of[key],
+            median_ms=times[key], baseline="eager" if base else "", baseline_ms=times["eager"] if base else None,
+            achieved=1e3 / times[key], unit="chunks/s", extra=extra,
+        ))
+    tbps = peak("tbps") if cuda else None
+    nbytes = _decode_bytes(policy)
+    for backend, key in (("eager", "step-eager"), ("graph-decode", "step-graph")):
+        if key in times:
+            base = backend != "eager"
+            rows.append(Row(
+                bench="pi0fast", op="decode_step", shape=f"B=1 M={st.cache.max_len}", dtype=dtype, backend=backend,
+                median_ms=times[key], baseline="eager" if base else "",
+                baseline_ms=times["step-eager"] if base else None,
+                achieved=nbytes / (times[key] * 1e-3) / 1e12, unit="TB/s", peak=tbps,
+                extra={"config": config, "weight_gb": round(nbytes / 1e9, 3)},
+            ))
+    return rows
