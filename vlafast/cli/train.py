@@ -1,6 +1,7 @@
 """`vlafast train sft | ppo | grpo`: SFT of the tiny built-in policy on scripted demonstrations,
-then PPO / GRPO (pi_RL) from any flow policy: a run trained here or a LeRobot / openpi pi0 /
-pi0.5 folder (given the env to train on)."""
+then PPO / GRPO from a flow policy (pi_RL on denoising log-probs: a run trained here or a
+LeRobot / openpi pi0 / pi0.5 folder) or an autoregressive one (on the log-probs of its sampled
+action tokens: an OpenVLA Hugging Face folder), given the env to train on."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a flow VLA on a VecEnv: sft (scripted demos) | ppo | grpo (pi_RL)")
+    p = sub.add_parser("train", help="train a VLA on a VecEnv: sft (scripted demos) | ppo | grpo (pi_RL, token RL)")
     p.add_argument("phase", choices=["sft", "ppo", "grpo"])
     p.add_argument("--out", required=True, help="run folder (policy/, metrics.json, summary.json)")
     p.add_argument("--config", default=None, help="recipe JSON (partial; see vlafast/rl/recipe.py)")
     p.add_argument("--env", default=None,
                    help="sft: the built-in task (default ur5e-reach); ppo/grpo: the env for a policy not trained here")
     p.add_argument("--init", default=None,
-                   help="ppo/grpo: the policy to start from (a run folder, or a LeRobot / openpi pi0 / pi0.5 folder)")
-    p.add_argument("--method", choices=["flow_sde", "flow_noise"], default=None, help="ppo/grpo sampler")
+                   help="ppo/grpo: the policy to start from (a run folder, a LeRobot / openpi pi0 / pi0.5 folder, "
+                        "or a Hugging Face OpenVLA folder)")
+    p.add_argument("--method", choices=["flow_sde", "flow_noise", "tokens"], default=None,
+                   help="ppo/grpo sampler: flow_sde / flow_noise for flow policies (default flow_sde), tokens for "
+                        "OpenVLA (its default)")
+    p.add_argument("--unnorm-key", default=None,
+                   help="ppo/grpo from an OpenVLA folder: the dataset statistics its actions are unnormalised with")
     p.add_argument("--iterations", type=int, default=None, help="ppo/grpo updates")
     p.add_argument("--groups", dest="grpo_groups", choices=["episode", "state"], default=None,
                    help="grpo: groups of whole episodes from one seed, or of chunks from one simulator state")
@@ -67,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("vlafast train sft builds a fresh policy: drop --init")
         if args.workers:
             raise ValueError("--workers applies to ppo/grpo (rollouts); sft trains on scripted demos in-process")
+        if args.unnorm_key:
+            raise ValueError("--unnorm-key applies to ppo/grpo from an OpenVLA folder; sft builds a fresh flow policy")
         data = _read_config(args.config)
         data.update({k: v for k, v in (("env", args.env), ("seed", args.seed)) if v is not None})
         recipe = jobs.Recipe.from_json(data)
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             dist = DistConfig(workers=args.workers, learners=args.learners, address=args.address,
                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
         summary = jobs.run_rl(args.init, args.out, recipe_overrides=overrides, resume=args.resume,
-                              overwrite=args.overwrite, progress=progress, dist=dist)
+                              overwrite=args.overwrite, progress=progress, dist=dist, unnorm_key=args.unnorm_key)
     print(jobs.format_eval(args.phase, summary["eval"]))
     print(f"wrote {Path(args.out) / 'policy'} and {Path(args.out) / 'summary.json'}")
     return 0
