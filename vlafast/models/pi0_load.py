@@ -34,16 +34,19 @@ from vlafast.models.pi0 import Pi0Config, Pi0Policy
 from vlafast.models.siglip import SiglipConfig
 
 _PG = "paligemma_with_expert.paligemma."
-_LEGACY = (
-    (_PG + "language_model.model.", _PG + "model.language_model."),
-    (_PG + "language_model.lm_head.", _PG + "lm_head."),
-    (_PG + "vision_tower.", _PG + "model.vision_tower."),
-    (_PG + "multi_modal_projector.", _PG + "model.multi_modal_projector."),
+# transformers' PaliGemma keys, older or newer naming -> the newer (>= 4.52) names this package's modules carry;
+# shared with pi0-FAST, whose PaliGemma sits under another prefix
+PALIGEMMA_RENAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
     # transformers >= 5 drops the `vision_model.` level of the SigLIP tower
-    (_PG + "model.vision_tower.embeddings.", _PG + "model.vision_tower.vision_model.embeddings."),
-    (_PG + "model.vision_tower.encoder.", _PG + "model.vision_tower.vision_model.encoder."),
-    (_PG + "model.vision_tower.post_layernorm.", _PG + "model.vision_tower.vision_model.post_layernorm."),
+    ("model.vision_tower.embeddings.", "model.vision_tower.vision_model.embeddings."),
+    ("model.vision_tower.encoder.", "model.vision_tower.vision_model.encoder."),
+    ("model.vision_tower.post_layernorm.", "model.vision_tower.vision_model.post_layernorm."),
 )
+_LEGACY = tuple((_PG + old, _PG + new) for old, new in PALIGEMMA_RENAMES)
 _EMBED = _PG + "model.language_model.embed_tokens.weight"
 _LM_HEAD = _PG + "lm_head.weight"
 _STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
@@ -94,8 +97,10 @@ def _lerobot_config(meta: dict, pi05: bool) -> Pi0Config:
     )
 
 
-def _lerobot_stats(path: Path, files: list[Path], index: dict[str, TensorInfo], meta: dict, pi05: bool) -> Normalizer:
-    default = "QUANTILES" if pi05 else "MEAN_STD"
+def lerobot_stats(path: Path, files: list[Path], legacy: dict[str, str], meta: dict, default: str) -> Normalizer:
+    """A LeRobot folder's normaliser: modes from config.json's ``normalization_mapping`` (``default``
+    where it is silent), statistics from the ``*normalizer_processor*.safetensors`` files and the
+    legacy buffers ``legacy`` ({key in ``files``: its ``normalize_inputs.*`` name}) of the weights."""
     mapping = meta.get("normalization_mapping") or {}
     try:
         state_mode = LEROBOT_MODES[mapping.get("STATE", default)]
@@ -106,16 +111,16 @@ def _lerobot_stats(path: Path, files: list[Path], index: dict[str, TensorInfo], 
     tensors = {}
     for f in sorted(path.glob("*normalizer_processor*.safetensors")):
         tensors.update(read_tensors([f], read_index([f])))
-    legacy = [k for k in index if _canonical(k, pi05).startswith(_STATS_PREFIXES)]
-    tensors.update({_canonical(k, pi05): v for k, v in read_tensors(files, legacy).items()})
+    tensors.update({legacy[k]: v for k, v in read_tensors(files, list(legacy)).items()})
     if not tensors and (state_mode, action_mode) != ("identity", "identity"):
         raise StatsError(f"no normaliser statistics in {path}: looked for *normalizer_processor*.safetensors "
                          "(LeRobot processors) and normalize_inputs.* buffers in model.safetensors")
     return Normalizer.from_lerobot(tensors, state_mode=state_mode, action_mode=action_mode)
 
 
-def _openpi_stats(path: Path, pi05: bool, asset_id: str | None) -> Normalizer:
-    # asset ids may be nested: assets/physical-intelligence/libero/norm_stats.json
+def openpi_stats(path: Path, asset_id: str | None, *, quantile: bool) -> Normalizer:
+    """An openpi folder's normaliser: ``assets/<asset_id>/norm_stats.json`` (the only one when
+    ``asset_id`` is None); asset ids may be nested (assets/physical-intelligence/libero/...)."""
     found = sorted(p.parent.relative_to(path / "assets").as_posix() for p in (path / "assets").rglob("norm_stats.json"))
     if asset_id is None:
         if len(found) != 1:
@@ -126,7 +131,7 @@ def _openpi_stats(path: Path, pi05: bool, asset_id: str | None) -> Normalizer:
     stats = path / "assets" / asset_id / "norm_stats.json"
     if not stats.is_file():
         raise StatsError(f"no {stats} (available asset ids: {found})")
-    return Normalizer.from_openpi(stats, quantile=pi05)
+    return Normalizer.from_openpi(stats, quantile=quantile)
 
 
 def load_pi0(
@@ -174,9 +179,10 @@ def load_pi0(
     if stats is not None:
         normalizer = stats
     elif layout == "lerobot":
-        normalizer = _lerobot_stats(root, files, index, meta, pi05)
+        legacy = {k: c for k in index if (c := _canonical(k, pi05)).startswith(_STATS_PREFIXES)}
+        normalizer = lerobot_stats(root, files, legacy, meta, "QUANTILES" if pi05 else "MEAN_STD")
     else:
-        normalizer = _openpi_stats(root, pi05, asset_id)
+        normalizer = openpi_stats(root, asset_id, quantile=pi05)
     normalizer.check_finite(f"normaliser statistics of {path} (pass stats=Normalizer(...) to supply them)")
     with torch.device("meta"):
         policy = Pi0Policy(config, normalizer.to(device))

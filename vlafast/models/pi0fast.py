@@ -376,8 +376,15 @@ class Pi0FASTPolicy(nn.Module):
                        postfix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The uncached pass over the prefix + postfix (teacher forcing): -> (logits [B, P, V]
         fp32, where position i predicts token i + 1; pad [B, P])."""
+        h, pad = self.forward_hidden(images, image_masks, tokens, token_masks, postfix)
+        return self.logits(h), pad
+
+    def forward_hidden(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor,
+                       postfix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """As ``forward_logits``, stopping before the LM head: (final-normed hidden states
+        [B, P, D], pad [B, P])."""
         emb, pad, ar = self.embed_prefix(images, image_masks, tokens, token_masks, postfix)
-        return self.logits(self._run_prefix(emb, pad, ar, None)), pad
+        return self._run_prefix(emb, pad, ar, None), pad
 
     def _run_prefix(self, x: Tensor, pad: Tensor, ar: Tensor, cache: KVCache | None) -> Tensor:
         """emb [B, P, D], pad / ar [B, P] -> final-normed hidden states [B, P, D]; writes the
@@ -419,9 +426,10 @@ class Pi0FASTPolicy(nn.Module):
                            valid_steps=z(batch, N, dtype=torch.bool))
 
     def prefill(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor,
-                postfix: Tensor | None, state: DecodeState) -> None:
+                postfix: Tensor | None, state: DecodeState) -> Tensor:
         """Run the prefix into ``state`` (cache slots [0, P), the first logits) and reset its
-        counters and outputs. Inputs as ``embed_prefix``; P must equal the state's prefix length."""
+        counters and outputs. Inputs as ``embed_prefix``; P must equal the state's prefix length.
+        -> the prefix's final-normed hidden states [B, P, D] (a critic's features)."""
         emb, pad, ar = self.embed_prefix(images, image_masks, tokens, token_masks, postfix)
         B, P = pad.shape
         if (B, P) != (state.batch_size, state.prefix_len):
@@ -441,6 +449,7 @@ class Pi0FASTPolicy(nn.Module):
         state.tokens.fill_(self.cfg.pad_token_id)
         state.log_probs.zero_()
         state.valid_steps.zero_()
+        return h
 
     def decode_step(self, state: DecodeState) -> Tensor:
         """Feed ``state.token`` [B] at ``state.slot`` / ``state.position`` and set the next

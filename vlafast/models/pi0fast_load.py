@@ -21,31 +21,22 @@ e.g. tiny test models). The tied LM head may stand in for the input embedding.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from vlafast.models.checkpoint import (
-    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_config, read_index, read_tensors,
+    CheckpointError, TensorInfo, expected_tensors, load_into, plan_load, read_config, read_index,
     safetensors_files,
 )
-from vlafast.models.normalize import LEROBOT_MODES, Normalizer, StatsError
+from vlafast.models.normalize import Normalizer
+from vlafast.models.pi0_load import PALIGEMMA_RENAMES, lerobot_stats, openpi_stats
 from vlafast.models.pi0fast import Pi0FASTConfig, Pi0FASTPolicy
 from vlafast.models.siglip import SiglipConfig
 
 _ROOT = "pi0_paligemma."
 _LEROBOT_PREFIXES = ("model.pi0_paligemma.", "pi0_paligemma.")
-_RENAMES = (  # transformers PaliGemma key (older or newer naming) -> this module's path under _ROOT
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("model.vision_tower.embeddings.", "model.vision_tower.vision_model.embeddings."),
-    ("model.vision_tower.encoder.", "model.vision_tower.vision_model.encoder."),
-    ("model.vision_tower.post_layernorm.", "model.vision_tower.vision_model.post_layernorm."),
-)
 _EMBED = _ROOT + "model.language_model.embed_tokens.weight"
 _LM_HEAD = _ROOT + "lm_head.weight"
 _STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
@@ -62,7 +53,7 @@ def _canonical(key: str, lerobot: bool) -> str:
                 break
         else:
             return key  # not PaliGemma: reported as unexpected
-    for old, new in _RENAMES:
+    for old, new in PALIGEMMA_RENAMES:
         if key.startswith(old):
             key = new + key[len(old):]
     return _ROOT + key
@@ -91,38 +82,6 @@ def _lerobot_config(meta: dict) -> Pi0FASTConfig:
         horizon=int(meta.get("chunk_size", 10)), max_decoding_steps=int(meta.get("max_decoding_steps", 256)),
         fast_skip_tokens=int(meta.get("fast_skip_tokens", 128)),
     )
-
-
-def _lerobot_stats(root: Path, files: list[Path], index: dict[str, TensorInfo], meta: dict) -> Normalizer:
-    mapping = meta.get("normalization_mapping") or {}
-    try:
-        state_mode = LEROBOT_MODES[mapping.get("STATE", "MEAN_STD")]
-        action_mode = LEROBOT_MODES[mapping.get("ACTION", "MEAN_STD")]
-    except KeyError as exc:
-        raise CheckpointError(f"unsupported normalization mode {exc} in {root / 'config.json'}; "
-                              f"supported: {sorted(LEROBOT_MODES)}") from None
-    tensors = {}
-    for f in sorted(root.glob("*normalizer_processor*.safetensors")):
-        tensors.update(read_tensors([f], read_index([f])))
-    tensors.update(read_tensors(files, [k for k in index if k.startswith(_STATS_PREFIXES)]))
-    if not tensors and (state_mode, action_mode) != ("identity", "identity"):
-        raise StatsError(f"no normaliser statistics in {root}: looked for *normalizer_processor*.safetensors "
-                         "(LeRobot processors) and normalize_inputs.* buffers in model.safetensors")
-    return Normalizer.from_lerobot(tensors, state_mode=state_mode, action_mode=action_mode)
-
-
-def _openpi_stats(root: Path, asset_id: str | None) -> Normalizer:
-    assets = root / "assets"
-    found = sorted(p.parent.relative_to(assets).as_posix() for p in assets.rglob("norm_stats.json"))
-    if asset_id is None:
-        if len(found) != 1:
-            raise StatsError(f"no normaliser statistics: expected assets/<id>/norm_stats.json under {root}" if not found
-                             else f"several norm stats {found} under {assets}: pass asset_id=")
-        asset_id = found[0]
-    stats = assets / asset_id / "norm_stats.json"
-    if not stats.is_file():
-        raise StatsError(f"no {stats} (available asset ids: {found})")
-    return Normalizer.from_openpi(stats, quantile=True)
 
 
 def load_pi0fast(
@@ -163,9 +122,9 @@ def load_pi0fast(
     if stats is not None:
         normalizer = stats
     elif lerobot:
-        normalizer = _lerobot_stats(root, files, index, meta)
+        normalizer = lerobot_stats(root, files, {k: k for k in index if k.startswith(_STATS_PREFIXES)}, meta, "MEAN_STD")
     else:
-        normalizer = _openpi_stats(root, asset_id)
+        normalizer = openpi_stats(root, asset_id, quantile=True)
     normalizer.check_finite(f"normaliser statistics of {path} (pass stats=Normalizer(...) to supply them)")
     with torch.device("meta"):
         policy = Pi0FASTPolicy(config, normalizer.to(device))

@@ -8,8 +8,8 @@ from here, never a raw model.
     policies.save(policy, "runs/mine/policy")                # policy.json + safetensors, no pickle
 
 ``PolicySpec`` says what a policy is; ``Policy`` and ``Steerable`` are the protocols;
-``FlowPolicy`` (pi0 / pi0.5) and ``OpenVLAChunkPolicy`` implement them; the processors turn
-env observations into model inputs.
+``FlowPolicy`` (pi0 / pi0.5), ``FASTPolicy`` (pi0-FAST) and ``OpenVLAChunkPolicy`` implement
+them; the processors turn env observations into model inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlafast.policies.base import Policy, PolicyError, Steerable
+from vlafast.policies.fast import FASTPolicy, FASTProcessor
 from vlafast.policies.flow import FlowPolicy
 from vlafast.policies.io import FORMATS, detect_format, load, save
 from vlafast.policies.openvla import OpenVLAChunkPolicy
@@ -40,7 +41,8 @@ def flow_policy(model, tokenizer: Any, env_spec, *, exec_horizon: int, max_token
 
 
 __all__ = [
-    "Batch", "EnvBinding", "FORMATS", "FlowPolicy", "OpenVLAChunkPolicy", "OpenVLAProcessor", "Pi0Processor", "Policy",
+    "Batch", "EnvBinding", "FASTPolicy", "FASTProcessor", "FORMATS", "FlowPolicy",
+    "OpenVLAChunkPolicy", "OpenVLAProcessor", "Pi0Processor", "Policy",
     "PolicyError", "PolicySpec", "ProcessorConfig", "PromptTokenizer", "Steerable", "build_word_tokenizer",
     "detect_format", "flow_policy", "load", "save", "words_of",
 ]

@@ -247,6 +247,10 @@ class FlowPolicy(nn.Module):
         return self.model.flow_matching_loss(batch.as_pi0(with_state=not self.model.cfg.is_pi05), actions.to(self.device),
                                              noise=noise, time=t).mean()
 
+    def sft_loss(self, batch: Batch, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The SFT loss every policy has: here ``flow_matching_loss``."""
+        return self.flow_matching_loss(batch, actions, generator)
+
     def rl_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(actor, critic) parameters for RL: the expert side of pi0 (+ noise head); the VLM
         and vision tower stay frozen. Attaches the value head if there is none."""

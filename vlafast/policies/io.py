@@ -5,9 +5,13 @@ Formats ``load`` reads (``detect_format`` says which a path is):
 * ``vlafast``: a folder written by ``save`` (``vlafast train``'s ``<run>/policy/``, or the
   run folder itself): ``policy.json`` (the ``PolicySpec``), ``model.safetensors`` (model
   weights, the RL heads under ``critic.`` / ``noise_head.``, the normaliser's statistics
-  under ``normalizer.``) and ``tokenizer.json``;
-* ``lerobot``: a LeRobot pi0 / pi0.5 folder (``config.json`` with ``"type": "pi0" | "pi05"``);
-* ``openpi``: an openpi PyTorch pi0 / pi0.5 folder (``model.safetensors`` + ``assets/``);
+  under ``normalizer.``) and ``tokenizer.json``; a pi0-FAST also its FAST codec in
+  ``fast_tokenizer/`` (the codec's own saved layout, ``FASTTokenizer.save``);
+* ``lerobot``: a LeRobot pi0 / pi0.5 / pi0-FAST folder (``config.json`` with ``"type": "pi0" |
+  "pi05" | "pi0fast"``);
+* ``openpi``: an openpi PyTorch pi0 / pi0.5 / pi0-FAST folder (``model.safetensors`` +
+  ``assets/``); pi0-FAST is told from pi0 by its keys: the transformers PaliGemma at top level
+  (``language_model.`` / ``model.language_model.``...) where pi0 has ``paligemma_with_expert.``;
 * ``openvla``: a Hugging Face OpenVLA folder (``config.json`` with ``vision_backbone_id``).
 
 Nothing is unpickled: weights are safetensors, everything else JSON. A ``policy.pt`` from an
@@ -33,6 +37,7 @@ from vlafast.policies.processors import (
 from vlafast.policies.spec import PolicySpec
 
 SPEC_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "policy.json", "model.safetensors", "tokenizer.json"
+FAST_DIR = "fast_tokenizer"
 FORMATS = ("vlafast", "lerobot", "openpi", "openvla")
 EXEC_HORIZON = 5  # openpi's LIBERO example replans every 5 actions
 
@@ -72,17 +77,17 @@ def detect_format(path: str | os.PathLike) -> str:
     if _policy_dir(path) is not None:
         return "vlafast"
     meta = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    if meta.get("type") in ("pi0", "pi05"):
+    if meta.get("type") in ("pi0", "pi05", "pi0fast"):
         return "lerobot"
     if "type" in meta and "vision_backbone_id" not in meta:
         raise PolicyError(f"{path / 'config.json'}: type {meta['type']!r} is not a supported policy (LeRobot folders "
-                          "say 'pi0' or 'pi05'; pi0-FAST folders are not loaded as policies yet)")
+                          "say 'pi0', 'pi05' or 'pi0fast')")
     if "vision_backbone_id" in meta or "openvla" in str(meta.get("model_type", "")).lower():
         return "openvla"
     if (path / "assets").is_dir() and ((path / WEIGHTS_FILE).is_file() or (path / "model.safetensors.index.json").is_file()):
         return "openpi"
     found = sorted(p.name for p in path.iterdir())[:8]
-    raise PolicyError(f"{path} is not a policy folder: expected policy.json (vlafast), config.json with type pi0 / pi05 "
+    raise PolicyError(f"{path} is not a policy folder: expected policy.json (vlafast), config.json with type pi0 / pi05 / pi0fast "
                       f"(LeRobot), model.safetensors + assets/ (openpi) or config.json with vision_backbone_id "
                       f"(OpenVLA); found {found or 'nothing'}")
 
@@ -101,23 +106,59 @@ def _tokenizer_for(path: Path, tokenizer: Any, what: str) -> PromptTokenizer:
 
 
 def load(path: str | os.PathLike, tokenizer: Any = None, *, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None, exec_horizon: int | None = None, unnorm_key: str | None = None):
+         dtype: torch.dtype | None = None, exec_horizon: int | None = None, unnorm_key: str | None = None,
+         fast_tokenizer: str | os.PathLike | None = None):
     """The policy stored at ``path`` (any of ``FORMATS``), on ``device`` (default: CUDA when
     available) in ``dtype`` (default: bf16 on CUDA for published checkpoints, fp32 otherwise).
 
     ``tokenizer``: a tokenizer.json / sentencepiece .model path or a ``tokenizers.Tokenizer``
     (default: the folder's own tokenizer.json). ``exec_horizon``: actions executed per chunk
     (default: the saved one; 5 for published pi0 / pi0.5). ``unnorm_key``: OpenVLA's dataset
-    statistics to unnormalise with."""
+    statistics to unnormalise with. ``fast_tokenizer``: pi0-FAST's FAST processor folder
+    (default: the checkpoint's own ``fast_tokenizer/``; LeRobot and openpi checkpoints name the
+    hub's ``physical-intelligence/fast`` instead of shipping it: pass a local copy)."""
     path = Path(path)
     fmt = detect_format(path)
     device = _default_device(device)
     if fmt == "vlafast":
-        return _load_vlafast(_policy_dir(path), tokenizer, device, dtype, exec_horizon)
+        return _load_vlafast(_policy_dir(path), tokenizer, device, dtype, exec_horizon, fast_tokenizer)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if fmt == "openvla":
         return _load_openvla(path, tokenizer, device, dtype, unnorm_key)
+    if _is_pi0fast(path, fmt):
+        return _load_pi0fast(path, fmt, tokenizer, device, dtype, exec_horizon, fast_tokenizer)
     return _load_pi0(path, fmt, tokenizer, device, dtype, exec_horizon)
+
+
+def _is_pi0fast(path: Path, fmt: str) -> bool:
+    """A LeRobot folder says its type; an openpi pi0-FAST has the transformers PaliGemma keys at
+    top level, where pi0 / pi0.5 nest them under ``paligemma_with_expert.``."""
+    if fmt == "lerobot":
+        return _read_json(path / "config.json").get("type") == "pi0fast"
+    from vlafast.models.checkpoint import read_index, safetensors_files
+
+    try:
+        keys = read_index(safetensors_files(path))
+    except CheckpointError as exc:
+        raise PolicyError(str(exc)) from None
+    return not any(k.startswith(("paligemma_with_expert.", "model.paligemma_with_expert.")) for k in keys)
+
+
+def _fast_codec(path: Path, fast_tokenizer: str | os.PathLike | None, where: Path):
+    """The FAST codec: ``fast_tokenizer`` (a FAST processor folder) or ``path``'s own
+    ``fast_tokenizer/``; a PolicyError names what to pass when there is neither."""
+    from vlafast.models.fast_tokenizer import FASTTokenizer
+
+    folder = Path(fast_tokenizer) if fast_tokenizer is not None else path / FAST_DIR
+    if fast_tokenizer is None and not folder.is_dir():
+        named = _read_json(path / "config.json").get("fast_tokenizer") if (path / "config.json").is_file() else None
+        hint = f" (its config.json names {named!r}: pass a local copy)" if isinstance(named, str) else ""
+        raise PolicyError(f"{where} has no {FAST_DIR}/ FAST processor folder{hint}: pass fast_tokenizer= "
+                          "(--fast-tokenizer) with the folder of the FAST tokenizer it was trained with")
+    try:
+        return FASTTokenizer.load(folder)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise PolicyError(f"{folder} is not a FAST processor folder: {exc}") from None
 
 
 def _load_pi0(path: Path, fmt: str, tokenizer: Any, device: torch.device, dtype: torch.dtype,
@@ -132,6 +173,23 @@ def _load_pi0(path: Path, fmt: str, tokenizer: Any, device: torch.device, dtype:
                       processor=ProcessorConfig(prompt="paligemma", max_tokens=MAX_TOKENS[family]),
                       exec_horizon=min(exec_horizon or EXEC_HORIZON, model.cfg.horizon), source=f"{fmt}:{path}")
     return FlowPolicy(model, Pi0Processor(model, tok, spec.processor), spec, critic=False)
+
+
+def _load_pi0fast(path: Path, fmt: str, tokenizer: Any, device: torch.device, dtype: torch.dtype,
+                  exec_horizon: int | None, fast_tokenizer: str | os.PathLike | None):
+    from vlafast.models.pi0fast_load import load_pi0fast
+    from vlafast.policies.fast import MAX_TOKENS as FAST_MAX_TOKENS, FASTPolicy, FASTProcessor
+
+    tok = _tokenizer_for(path, tokenizer, "PaliGemma's tokenizer.json or paligemma_tokenizer.model")
+    fast = _fast_codec(path, fast_tokenizer, path)
+    try:
+        model = load_pi0fast(path, dtype=dtype, device=device)
+    except CheckpointError as exc:
+        raise PolicyError(str(exc)) from None
+    spec = PolicySpec(family="pi0fast", model=model.cfg.to_json(),
+                      processor=ProcessorConfig(prompt="paligemma", max_tokens=FAST_MAX_TOKENS),
+                      exec_horizon=min(exec_horizon or EXEC_HORIZON, model.cfg.horizon), source=f"{fmt}:{path}")
+    return FASTPolicy(model, FASTProcessor(model, tok, spec.processor), spec, fast, critic=False)
 
 
 def _load_openvla(path: Path, tokenizer: Any, device: torch.device, dtype: torch.dtype, unnorm_key: str | None):
@@ -171,14 +229,19 @@ def _normalizer_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
 
 
 def save(policy, folder: str | os.PathLike) -> Path:
-    """Write ``policy`` (a ``FlowPolicy``) as ``folder/policy.json`` + ``model.safetensors`` +
-    ``tokenizer.json``, each written to a temporary file, fsynced and renamed into place."""
+    """Write ``policy`` (a ``FlowPolicy`` or ``FASTPolicy``) as ``folder/policy.json`` +
+    ``model.safetensors`` + ``tokenizer.json`` (+ ``fast_tokenizer/`` for pi0-FAST), each file
+    written to a temporary file, fsynced and renamed into place."""
     from safetensors.torch import save_file
 
+    from vlafast.policies.fast import FASTPolicy
     from vlafast.policies.flow import FlowPolicy
 
-    if not isinstance(policy, FlowPolicy):
-        raise PolicyError(f"save writes flow policies (pi0 / pi0.5); got {type(policy).__name__}")
+    if not isinstance(policy, (FlowPolicy, FASTPolicy)):
+        raise PolicyError(f"save writes flow policies (pi0 / pi0.5) and pi0-FAST; got {type(policy).__name__}")
+    fast = getattr(policy, "fast", None)
+    if isinstance(policy, FASTPolicy) and fast is None:
+        raise PolicyError("this pi0-FAST has no FAST codec to save with it: fit it (fit_codec) or load one first")
     hf = policy.tokenizer.hf
     if hf is None:
         raise PolicyError("save needs a tokenizers (tokenizer.json) tokenizer; this policy has a sentencepiece model: "
@@ -198,16 +261,20 @@ def save(policy, folder: str | os.PathLike) -> Path:
         save_file(tensors, str(tmp), metadata=meta or None)
     with atomic_path(folder / TOKENIZER_FILE) as tmp:
         hf.save(str(tmp))
+    if fast is not None:
+        fast.save(folder / FAST_DIR)
     atomic_write_text(folder / SPEC_FILE, json.dumps(spec.to_json(), indent=1) + "\n")
     return folder
 
 
 def _load_vlafast(folder: Path, tokenizer: Any, device: torch.device, dtype: torch.dtype | None,
-                  exec_horizon: int | None):
+                  exec_horizon: int | None, fast_tokenizer: str | os.PathLike | None = None):
     from safetensors import SafetensorError, safe_open
 
     from vlafast.flow.noise_head import NoiseHead
     from vlafast.models.pi0 import Pi0Config, Pi0Policy
+    from vlafast.models.pi0fast import Pi0FASTConfig, Pi0FASTPolicy
+    from vlafast.policies.fast import FASTPolicy, FASTProcessor
     from vlafast.policies.flow import FlowPolicy
 
     spec_file = folder / SPEC_FILE
@@ -219,10 +286,12 @@ def _load_vlafast(folder: Path, tokenizer: Any, device: torch.device, dtype: tor
         raise PolicyError(f"{spec_file}: OpenVLA runs are loaded from their Hugging Face folder")
     if exec_horizon is not None:
         spec = dataclasses.replace(spec, exec_horizon=exec_horizon)
+    fast = _fast_codec(folder, fast_tokenizer, folder) if spec.family == "pi0fast" else None
     try:
-        cfg = Pi0Config.from_json(spec.model)
+        cfg = Pi0FASTConfig.from_json(spec.model) if fast is not None else Pi0Config.from_json(spec.model)
     except (TypeError, KeyError, ValueError) as exc:
-        raise PolicyError(f"{spec_file}: model is not a pi0 config ({exc})") from None
+        what = "pi0-FAST" if fast is not None else "pi0"
+        raise PolicyError(f"{spec_file}: model is not a {what} config ({exc})") from None
     weights = folder / WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt") as fh:
@@ -235,10 +304,19 @@ def _load_vlafast(folder: Path, tokenizer: Any, device: torch.device, dtype: tor
         normalizer = _normalizer_from(json.loads(meta["normalizer"]), tensors)
         tensors = {k: v for k, v in tensors.items() if not k.startswith(_NORM)}
     tok = _tokenizer_for(folder, tokenizer, "the policy's tokenizer")
-    model = Pi0Policy(cfg, None if normalizer is None else normalizer.to(device))
-    noise_head = NoiseHead(cfg.expert.width, cfg.action_dim) if "noise_head" in spec.heads else None
-    policy = FlowPolicy(model, Pi0Processor(model, tok, spec.processor), spec, noise_head=noise_head,
-                        critic="critic" in spec.heads)
+    norm = None if normalizer is None else normalizer.to(device)
+    if fast is not None:
+        model = Pi0FASTPolicy(cfg, norm)
+        try:
+            policy = FASTPolicy(model, FASTProcessor(model, tok, spec.processor), spec, fast,
+                                critic="critic" in spec.heads)
+        except ValueError as exc:
+            raise PolicyError(f"{folder}: {exc}") from None
+    else:
+        model = Pi0Policy(cfg, norm)
+        noise_head = NoiseHead(cfg.expert.width, cfg.action_dim) if "noise_head" in spec.heads else None
+        policy = FlowPolicy(model, Pi0Processor(model, tok, spec.processor), spec, noise_head=noise_head,
+                            critic="critic" in spec.heads)
     check_finite(tensors, weights)
     try:
         policy.load_state_dict(tensors)

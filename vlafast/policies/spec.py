@@ -9,9 +9,9 @@ from typing import Any, Literal
 from vlafast.envs.base import EnvSpec
 from vlafast.policies.processors import ProcessorConfig
 
-Family = Literal["pi0", "pi05", "openvla"]
+Family = Literal["pi0", "pi05", "pi0fast", "openvla"]
 ActionSpace = Literal["joint_position", "ee_delta", "unknown"]
-FAMILIES = ("pi0", "pi05", "openvla")
+FAMILIES = ("pi0", "pi05", "pi0fast", "openvla")
 ACTION_SPACES = ("joint_position", "ee_delta", "unknown")
 FORMAT_VERSION = 1
 
@@ -35,8 +35,8 @@ class EnvBinding:
 
 @dataclasses.dataclass(frozen=True)
 class PolicySpec:
-    """family: pi0 | pi05 | openvla; model: the model config as JSON (``Pi0Config`` /
-    ``OpenVLAConfig`` fields); processor: how observations become inputs; exec_horizon:
+    """family: pi0 | pi05 | pi0fast | openvla; model: the model config as JSON (``Pi0Config`` /
+    ``Pi0FASTConfig`` / ``OpenVLAConfig`` fields); processor: how observations become inputs; exec_horizon:
     actions executed per chunk; env: the environment binding (None until bound);
     action_space: what the actions mean (a joint-space robot refuses a task-space policy);
     heads: RL heads saved with the weights; recipe: the built-in task's recipe for runs

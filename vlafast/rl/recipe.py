@@ -23,7 +23,7 @@ from vlafast.models.siglip import SiglipConfig
 from vlafast.rl.losses import PPOConfig
 from vlafast import policies
 from vlafast._validate import number, of_type
-from vlafast.policies import FlowPolicy, build_word_tokenizer, flow_policy, words_of
+from vlafast.policies import FASTPolicy, FlowPolicy, build_word_tokenizer, flow_policy, words_of
 from vlafast.rl import sampler_spec
 from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
 from vlafast.rl.train import Demos, RLConfig, collect_demos
@@ -32,6 +32,12 @@ from vlafast.rl.train import Demos, RLConfig, collect_demos
 # neuron dictionary of a policy trained here has "fast"/"slow"/"up"... tokens to find.
 EXTRA_WORDS = ("up down raise lift high low fast quick rapid slow careful gentle steady smooth "
                "left right forward back stop")
+FAMILIES = ("pi0", "pi0fast")
+FAST_VOCAB = 512  # ids the tiny pi0-FAST reserves for FAST tokens: its BPE, fitted on the demos, uses at most these
+# the tiny pi0-FAST's FAST scale: coarser than FAST's 10 (rounding error <= 0.1 RMS on the [-1, 1] actions),
+# fewer distinct symbols, a BPE vocabulary the tiny model learns in a few hundred steps
+FAST_SCALE = 5.0
+EOS = "[eos]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,8 @@ class Recipe:
     # 7 cm leaves room above few-shot SFT: at 5 cm even 400 demonstrations imitate to only
     # ~55% (the tiny policy's precision), at 7 cm 400 reach ~82% against ~60% for 24.
     reach_radius: float | None = 0.07
+    # "pi0": the tiny flow pi0 (pi05 picks pi0.5); "pi0fast": a tiny pi0-FAST (build_fast_policy)
+    family: str = "pi0"
     pi05: bool = False
     width: int = 64                 # VLM and expert width (the tiny pi0)
     depth: int = 2
@@ -72,6 +80,10 @@ class Recipe:
         of_type("recipe env", self.env, str, "an env name such as ur5e-reach or libero:libero_spatial")
         of_type("recipe env_kwargs", self.env_kwargs, dict, "an object of make_env options")
         of_type("recipe pi05", self.pi05, bool, "true or false")
+        if self.family not in FAMILIES:
+            raise ValueError(f"recipe family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "pi0fast" and self.pi05:
+            raise ValueError("recipe pi05 applies to the flow family: drop it with family 'pi0fast'")
         for name, low in (("num_envs", 1), ("image_size", 8), ("width", 8), ("depth", 1), ("patch_size", 1),
                           ("horizon", 1), ("demos", 1), ("sft_steps", 1), ("sft_batch", 1), ("eval_episodes", 1),
                           ("seed", 0)):
@@ -136,9 +148,16 @@ def env_slice(recipe: Recipe, first_env: int, num_envs: int, seed: int | None = 
     return make_env(recipe.env, num_envs, seed=recipe.seed if seed is None else seed, **overrides)
 
 
-def build_policy(recipe: Recipe, spec) -> FlowPolicy:
-    """The tiny pi0 (or pi0.5) of the recipe, randomly initialised from its seed."""
-    tok = build_word_tokenizer(words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS), EXTRA_WORDS]))
+def task_words() -> list[str]:
+    """The built-in task's words and the steering keywords."""
+    return words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS), EXTRA_WORDS])
+
+
+def build_policy(recipe: Recipe, spec) -> FlowPolicy | FASTPolicy:
+    """The tiny pi0 (or pi0.5, or pi0-FAST) of the recipe, randomly initialised from its seed."""
+    if recipe.family == "pi0fast":
+        return build_fast_policy(recipe, spec)
+    tok = build_word_tokenizer(task_words())
     heads = 4
     g = GemmaConfig(width=recipe.width, depth=recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads,
                     num_kv_heads=1, head_dim=recipe.width // heads)
@@ -154,6 +173,51 @@ def build_policy(recipe: Recipe, spec) -> FlowPolicy:
 
         noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
     return flow_policy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
+
+
+def build_fast_policy(recipe: Recipe, spec) -> FASTPolicy:
+    """The tiny pi0-FAST of the recipe, randomly initialised from its seed; its FAST codec and
+    normaliser are fitted on the SFT demonstrations (``FASTPolicy.fit_codec``, which
+    ``rl.train.sft`` calls).
+
+    The prompt is the real one, ``"Task: <instruction>, State: <bins>;\\n"`` then ``"Action: "``,
+    read by a word-level tokenizer whose vocabulary is, in id order: [PAD] (0, the pad id),
+    [UNK], [eos] (the end-of-sequence id), the task's words and the steering keywords, the
+    prompt's own words and marks (task, state, action, ``:``, ``,``, ``;``, ``|``), the 256 state
+    bins "0" ... "255" (the state normalised with the demos' q01 / q99, cut to its real dims),
+    then ``FAST_VOCAB`` ids for FAST tokens at the top of the vocabulary, FAST id k at
+    ``vocab - 1 - k`` as the real model places them (no skipped ids: the tiny vocabulary has no
+    special tokens up there), named ``<fastk>`` so the neuron dictionary can show them. The
+    Gemma stack has the depth of the flow pi0's VLM and expert together (2 * depth); the
+    vision tower and widths are the flow recipe's; decoding stops at T * A + 2 tokens (a BPE
+    never gives more tokens than symbols, then "|" and EOS)."""
+    from vlafast.models.pi0fast import Pi0FASTConfig, Pi0FASTPolicy
+    from vlafast.policies.fast import FASTProcessor
+    from vlafast.policies.processors import ProcessorConfig
+    from vlafast.policies.spec import EnvBinding, PolicySpec
+
+    prompt = ["task", "state", "action", ":", ",", ";", "|"] + [str(i) for i in range(256)]
+    words = [EOS] + task_words() + [w for w in prompt if w not in task_words()]
+    fast_names = [f"<fast{k}>" for k in range(FAST_VOCAB - 1, -1, -1)]
+    tok = build_word_tokenizer(words + fast_names)
+    heads = 4
+    g = GemmaConfig(width=recipe.width, depth=2 * recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads,
+                    num_kv_heads=1, head_dim=recipe.width // heads)
+    vision = SiglipConfig(image_size=recipe.image_size, patch_size=recipe.patch_size, width=recipe.width,
+                          depth=recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads)
+    cfg = Pi0FASTConfig(vision=vision, vlm=g, vocab_size=tok.get_vocab_size(), action_dim=spec.action_dim,
+                        state_dim=spec.state_dim, pad_state=False, horizon=recipe.horizon,
+                        max_decoding_steps=recipe.horizon * spec.action_dim + 2, fast_skip_tokens=0,
+                        eos_token_id=tok.token_to_id(EOS), pad_token_id=0)
+    torch.manual_seed(recipe.seed)
+    model = Pi0FASTPolicy(cfg)
+    with torch.no_grad():  # the tied LM head: unit-scale token inputs (x sqrt(width)) and O(1) logits, as Gemma's init
+        model.language_model.embed_tokens.weight.normal_(0.0, cfg.vlm.width ** -0.5)
+    processor_cfg = ProcessorConfig(prompt="paligemma", max_tokens=32)
+    pspec = PolicySpec(family="pi0fast", model=cfg.to_json(), processor=processor_cfg, exec_horizon=recipe.exec_horizon,
+                       env=EnvBinding.of(spec))
+    return FASTPolicy(model, FASTProcessor(model, tok, processor_cfg), pspec, None, fast_vocab=FAST_VOCAB,
+                      fast_scale=FAST_SCALE)
 
 
 def ensure_noise_head(policy: FlowPolicy, recipe: Recipe) -> None:
@@ -172,7 +236,7 @@ def collect_recipe_demos(recipe: Recipe, env, progress: bool = True) -> Demos:
     return collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=recipe.seed + 1, progress=progress)
 
 
-def save_policy(policy: FlowPolicy, recipe: Recipe, folder: str | Path) -> Path:
+def save_policy(policy: FlowPolicy | FASTPolicy, recipe: Recipe, folder: str | Path) -> Path:
     """The policy with its recipe in its spec, as ``vlafast.policies.save`` writes it (a folder
     of JSON + safetensors, each file written atomically)."""
     return policies.save(policy.with_recipe(recipe.to_json()), folder)
@@ -187,15 +251,16 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
-                device: str = "cpu") -> tuple[FlowPolicy, Recipe, Any]:
+                device: str = "cpu") -> tuple[FlowPolicy | FASTPolicy, Recipe, Any]:
     """(policy, recipe, env) of a policy folder, the recipe updated with ``overrides`` (partial
     recipe JSON). A run trained here carries its recipe; its policy is rebuilt from it (the same
     random draws as when it was trained) and given the saved weights. Any other flow policy (a
-    LeRobot / openpi pi0 or pi0.5) needs ``overrides["env"]`` and is bound to that env."""
+    LeRobot / openpi pi0 or pi0.5) needs ``overrides["env"]`` and is bound to that env. A
+    pi0-FAST is used as loaded (its FAST codec and normaliser were fitted on its own demos)."""
     policy = policies.load(path, device=device)
-    if not isinstance(policy, FlowPolicy):
-        raise policies.PolicyError(f"{path} holds a {policy.spec.family} policy; this job needs a flow policy "
-                                   "(pi0 / pi0.5): its RL is on the denoising log-probs")
+    if not isinstance(policy, (FlowPolicy, FASTPolicy)):
+        raise policies.PolicyError(f"{path} holds a {policy.spec.family} policy; this job needs a pi0 / pi0.5 or a "
+                                   "pi0-FAST")
     overrides = dict(overrides or {})
     carried = policy.spec.recipe
     if carried is None and not overrides.get("env"):
@@ -208,7 +273,7 @@ def load_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
     recipe = Recipe.from_json(merge(start.to_json(), overrides))
     env = build_env(recipe)
     try:
-        rebuilt = build_policy(base, env.spec) if base is not None else None
+        rebuilt = build_policy(base, env.spec) if base is not None and isinstance(policy, FlowPolicy) else None
         if rebuilt is not None and rebuilt.model.cfg == policy.model.cfg:  # the recipe's own model, not a checkpoint's
             if policy.noise_head is not None:
                 rebuilt.attach_noise_head()
