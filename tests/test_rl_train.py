@@ -233,21 +233,29 @@ def _constant_critic(pol, value):
 
 def test_truncation_bootstraps_from_final_observation():
     pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
-    # A chunk that hits the time limit earns gamma * V(final obs) on top of its reward; a chunk
-    # that ends by success or goes on earns its reward only. Same rollout, critics V = 0 and 5.
+    # timeouts="bootstrap": a chunk that hits the time limit earns gamma * V(final obs) on top of
+    # its reward; a chunk that ends by success or goes on earns its reward only. "terminal" (the
+    # default): no chunk earns anything from the critic. Same rollout, critics V = 0 and 5.
     env = make_env("ur5e-reach", 3, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=5)
     pol = tiny_policy(env)
     cfg = sampler_config(FlowSDE(num_steps=2))
-    rewards, dones = [], None
-    for v in (0.0, 5.0):
-        _constant_critic(pol, v)
-        ro, _, _ = T.collect(pol, env, env.reset(seed=1), 4, cfg, torch.Generator().manual_seed(2), T.new_stats(), 0.9)
-        rewards.append(torch.stack(ro.rewards))
-        dones = torch.stack(ro.dones)
-    diff = rewards[1] - rewards[0]
+    rewards, dones = {}, None
+    for timeouts in ("bootstrap", "terminal"):
+        for v in (0.0, 5.0):
+            _constant_critic(pol, v)
+            ro, _, _ = T.collect(pol, env, env.reset(seed=1), 4, cfg, torch.Generator().manual_seed(2), T.new_stats(),
+                                 0.9, timeouts=timeouts)
+            rewards[timeouts, v] = torch.stack(ro.rewards)
+            dones = torch.stack(ro.dones)
+    diff = rewards["bootstrap", 5.0] - rewards["bootstrap", 0.0]
     assert dones.any()  # 3-step chunks against a 5-step limit: truncations happen
     torch.testing.assert_close(diff[dones.bool() & (diff != 0)], torch.full_like(diff[dones.bool() & (diff != 0)], 4.5))
     assert (diff[~dones.bool()] == 0).all() and (diff == 4.5).any()
+    assert torch.equal(rewards["terminal", 5.0], rewards["terminal", 0.0])
+    assert torch.equal(rewards["terminal", 0.0], rewards["bootstrap", 0.0])
+    assert T.RLConfig().timeouts == "terminal"
+    with pytest.raises(ValueError, match="timeouts must be"):
+        T.RLConfig(timeouts="truncate")
     env.close()
 
 

@@ -45,6 +45,10 @@ class RLConfig:
     grpo_groups: Literal["episode", "state"] = "episode"  # GRPO groups: whole episodes from one seed, or
                                        # chunks from one simulator state (env.rehearse), compared on their reward
     rehearsal_bootstrap: bool = True   # GRPO over states: score a rehearsed chunk by r + gamma * V(end state), not r alone
+    timeouts: Literal["terminal", "bootstrap"] = "terminal"  # an episode cut by its time limit ends there, or its
+                                       # last chunk earns gamma * V(final obs). A critic that cannot see the step
+                                       # index bootstraps a fixed-horizon task's time-outs from its own drift
+                                       # (docs/rl-results.md: V at time-outs -0.2 -> -4.0 in 28 PPO updates)
     critic_warmup: int = 3             # runs with a critic: first updates train the critic only (an untrained
                                        # critic's advantages are noise); must be >= 1 when a critic is used
     bc_coef: float = 0.0               # weight of an auxiliary flow-matching loss on the SFT demos (DAPG-style anchor)
@@ -64,6 +68,8 @@ class RLConfig:
         if not isinstance(self.sampler, (FlowSDE, FlowNoise, Tokens)):
             raise ValueError(f"RL needs a stochastic sampler: sampler must be FlowSDE(...), FlowNoise(...) or "
                              f"Tokens(...) (vlafast.rl.sampler_spec), got {self.sampler!r}")
+        if self.timeouts not in ("terminal", "bootstrap"):
+            raise ValueError(f"timeouts must be 'terminal' or 'bootstrap', got {self.timeouts!r}")
         if self.grpo_groups not in ("episode", "state"):
             raise ValueError(f"grpo_groups must be 'episode' or 'state', got {self.grpo_groups!r}")
         if self.bc_coef < 0 or self.critic_warmup < 0:
@@ -167,13 +173,15 @@ def observation_value(policy, batch) -> Tensor:
     return policy.value(batch)
 
 
-def truncation_values(policy: FlowPolicy, terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any]) -> Tensor:
+def truncation_values(policy: FlowPolicy, terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any],
+                      timeouts: str = "terminal") -> Tensor:
     """[B] V(final observation) where an episode hit its time limit (0 elsewhere): the return
-    a time limit cuts off, which the collectors add as gamma * V to the last chunk's reward.
-    Envs without ``info["final_obs"]`` (LIBERO, ManiSkill adapters) treat truncation as terminal."""
+    a time limit cuts off, which the collectors add as gamma * V to the last chunk's reward
+    with ``timeouts="bootstrap"``. With ``"terminal"`` (``RLConfig.timeouts``' default) and for
+    envs without ``info["final_obs"]`` (LIBERO, ManiSkill adapters) a time-out is terminal: 0."""
     rows = np.where(truncated & ~terminated & np.array([e is None for e in info["errors"]]))[0]
     out = torch.zeros(len(truncated))
-    if len(rows) and "final_obs" in info:
+    if timeouts == "bootstrap" and len(rows) and "final_obs" in info:
         with torch.no_grad():
             b = policy.observe(info["final_obs"]).index(torch.from_numpy(rows).to(policy.device))
             out[torch.from_numpy(rows)] = observation_value(policy, b).float().cpu()
@@ -181,10 +189,10 @@ def truncation_values(policy: FlowPolicy, terminated: np.ndarray, truncated: np.
 
 
 def collect(policy: FlowPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: torch.Generator,
-            stats: dict[str, list], gamma: float = 0.99) -> tuple[Rollout, Obs, Tensor]:
+            stats: dict[str, list], gamma: float = 0.99, timeouts: str = "terminal") -> tuple[Rollout, Obs, Tensor]:
     """PPO rollout: n_chunks chunk steps of every env with auto-reset -> (rollout, last obs,
-    last value [B]). Truncated chunks earn gamma * V(final obs) on top of their reward.
-    Finished episodes are appended to ``stats``."""
+    last value [B]). With ``timeouts="bootstrap"`` truncated chunks earn gamma * V(final obs)
+    on top of their reward. Finished episodes are appended to ``stats``."""
     ro = Rollout()
     B = env.spec.num_envs
     all_valid = torch.ones(B, dtype=torch.bool)
@@ -192,7 +200,7 @@ def collect(policy: FlowPolicy, env, obs: Obs, n_chunks: int, sampler_cfg, gen: 
         batch = policy.observe(obs)
         actions, trace, value = policy.act(batch, sampler_cfg, gen)
         obs, reward, term, trunc, info = env.step(actions)
-        reward_t = torch.from_numpy(reward) + gamma * truncation_values(policy, term, trunc, info)
+        reward_t = torch.from_numpy(reward) + gamma * truncation_values(policy, term, trunc, info, timeouts)
         ro.add(batch, trace, value.cpu(), reward_t, torch.from_numpy(term | trunc), all_valid)
         _record_episodes(stats, term | trunc, info)
         stats["env_steps"].append(int(info["steps"].sum()))
@@ -233,13 +241,14 @@ def collect_groups(policy: FlowPolicy, env, seed: int, group_size: int, sampler_
 
 def collect_state_groups(policy: FlowPolicy, env, obs: Obs, n_chunks: int, group_size: int, sampler_cfg,
                          gen: torch.Generator, stats: dict[str, list], *, gamma: float = 0.99, lam: float = 0.95,
-                         bootstrap: bool = True) -> tuple[Rollout, Obs, Tensor, Tensor | None]:
+                         bootstrap: bool = True, timeouts: str = "terminal") -> tuple[Rollout, Obs, Tensor, Tensor | None]:
     """GRPO over states (simulators only: it needs ``env.rehearse``): at each of n_chunks chunk
     steps, ``group_size`` chunks are sampled from every env's observation and each is rehearsed
     from that env's simulator state. A chunk's score is its reward plus, with ``bootstrap``,
-    gamma * V(the state it ends in) unless it ended the episode by success, so what a chunk
-    sets up for later chunks counts (horizon-correct; without it the score is myopic). Scores
-    normalised within the group are the advantages. The envs then go on with each group's
+    gamma * V(the state it ends in) unless it ended the episode (by success, or by the time
+    limit with ``timeouts="terminal"``), so what a chunk sets up for later chunks counts
+    (horizon-correct; without it the score is myopic). Scores normalised within the group are
+    the advantages. The envs then go on with each group's
     first chunk. -> (rollout of B * G samples per step, last obs, advantages [N, B * G],
     critic targets [N, B * G] or None): the critic learns GAE returns of the executed path,
     shared by the G samples of a state. Comparing chunks from one state removes the
@@ -260,13 +269,15 @@ def collect_state_groups(policy: FlowPolicy, env, obs: Obs, n_chunks: int, group
             with torch.no_grad():
                 end = policy.observe(rh.obs)
                 v_end = observation_value(policy, end).float().cpu()
-            score = score + gamma * torch.from_numpy(~rh.terminated).float() * v_end
+            ended = rh.terminated | (rh.truncated if timeouts == "terminal" else False)
+            score = score + gamma * torch.from_numpy(~ended).float() * v_end
         adv, informative = group_advantages(score, G)
         advs.append(adv)
         obs, reward, term, trunc, info = env.step(actions[::G])
         ro.add(batch, trace, value.cpu(), torch.from_numpy(rh.reward), torch.zeros(B * G), informative, envs=rows)
         if bootstrap:  # the executed path, for the critic (its chunk g = 0 ended as rehearsed: bit-exact)
-            executed["rewards"].append(torch.from_numpy(reward) + gamma * truncation_values(policy, term, trunc, info))
+            executed["rewards"].append(torch.from_numpy(reward) + gamma * truncation_values(policy, term, trunc, info,
+                                                                                            timeouts))
             executed["values"].append(value[::G].float().cpu())
             executed["dones"].append(torch.from_numpy(term | trunc).float())
         _record_episodes(stats, term | trunc, info)
@@ -562,7 +573,8 @@ def gae_rollout(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, it: int
                 sampler_cfg: flow.SamplerConfig, gen: torch.Generator, stats: dict[str, list],
                 first_env: int) -> RolloutResult:
     """PPO: ``cfg.chunks_per_rollout`` chunk steps of every env, advantages and critic targets by GAE."""
-    ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, cfg.ppo.gamma)
+    ro, obs, last_value = collect(policy, env, obs, cfg.chunks_per_rollout, sampler_cfg, gen, stats, cfg.ppo.gamma,
+                                  cfg.timeouts)
     st = ro.stacked()
     adv, ret = gae(st["rewards"], st["values"], st["dones"], last_value, cfg.ppo.gamma, cfg.ppo.lam)
     return ro, obs, adv, ret
@@ -575,7 +587,8 @@ def group_rollout(policy: FlowPolicy, env, obs: Obs | None, cfg: RLConfig, it: i
     (``grpo_groups="state"``) or of whole episodes from one seed (no critic targets)."""
     if cfg.grpo_groups == "state":
         return collect_state_groups(policy, env, obs, cfg.chunks_per_rollout, cfg.group_size, sampler_cfg, gen,
-                                    stats, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, bootstrap=cfg.rehearsal_bootstrap)
+                                    stats, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, bootstrap=cfg.rehearsal_bootstrap,
+                                    timeouts=cfg.timeouts)
     ro, ep_returns = collect_groups(policy, env, seed + 1000 * it, cfg.group_size, sampler_cfg, gen, stats,
                                     first_env=first_env)
     ep_adv, informative = group_advantages(ep_returns, cfg.group_size)
