@@ -12,8 +12,11 @@ def add_parser(sub) -> None:
     d = p.add_subparsers(dest="dict_cmd", required=True)
     b = d.add_parser("build", help="project every VLM MLP neuron onto the vocabulary (top-k tokens)")
     b.add_argument("--policy", "--checkpoint", dest="policy", required=True,
-                   help="a run folder from `vlafast train`, a LeRobot / openpi pi0 / pi0.5 folder, an OpenVLA folder")
+                   help="a run folder from `vlafast train`, a LeRobot / openpi pi0 / pi0.5 / pi0-FAST folder, an OpenVLA "
+                        "folder")
     b.add_argument("--tokenizer", default=None, help="tokenizer.json or sentencepiece .model (default: the folder's own)")
+    b.add_argument("--fast-tokenizer", default=None,
+                   help="pi0-FAST: its FAST processor folder (default: the policy folder's fast_tokenizer/)")
     b.add_argument("-o", "--out", required=True, help="output .safetensors file")
     b.add_argument("-k", "--k", type=int, default=10, help="tokens kept per neuron (default 10)")
     b.add_argument("--layers", type=int, nargs="+", default=None, help="VLM layers (default: all)")
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"-k must be >= 1 (tokens kept per neuron), got {args.k}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-        policy = policies.load(args.policy, args.tokenizer, device=device, dtype=dtype)
+        policy = policies.load(args.policy, args.tokenizer, device=device, dtype=dtype, fast_tokenizer=args.fast_tokenizer)
         d = NeuronDictionary.build(policy, policy.tokenizer, k=args.k, layers=args.layers, bottom_k=args.bottom_k,
                                    final_norm=args.final_norm, model_id=args.model_id or str(args.policy),
                                    progress=True)

@@ -2,7 +2,7 @@
 95% Wilson intervals per task and overall.
 
 Without ``--env`` the policy's own task is used (a run trained here carries its recipe); with
-it any supported checkpoint (a vlafast run, a LeRobot / openpi pi0 / pi0.5, an OpenVLA folder)
+it any supported checkpoint (a vlafast run, a LeRobot / openpi pi0 / pi0.5 / pi0-FAST, an OpenVLA folder)
 is evaluated on the benchmark and the run folder gets summary.json, summary.md and GIFs.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ENV_OPTIONS = ("tokenizer", "tasks", "num_envs", "videos", "out", "steps", "exec_horizon", "max_episode_steps",
+ENV_OPTIONS = ("tokenizer", "fast_tokenizer", "tasks", "num_envs", "videos", "out", "steps", "exec_horizon", "max_episode_steps",
                "unnorm_key")  # --overwrite goes with --out
 
 
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a policy (success rate with a 95%% Wilson interval), on its own task "
                                     "or a benchmark --env")
     p.add_argument("--policy", "--checkpoint", dest="policy", required=True,
-                   help="a run folder from `vlafast train`, a LeRobot / openpi pi0 / pi0.5 folder, an OpenVLA folder")
+                   help="a run folder from `vlafast train`, a LeRobot / openpi pi0 / pi0.5 / pi0-FAST folder, an OpenVLA "
+                        "folder")
     p.add_argument("--episodes", type=int, default=None, help="per task (default: 10 with --env, else the recipe's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -28,6 +29,8 @@ def add_parser(sub) -> None:
                                                 "(e.g. maniskill:PickCube-v1)")
     g.add_argument("--tokenizer", default=None, help="the model's tokenizer.json or sentencepiece .model "
                                                      "(default: the policy folder's own)")
+    g.add_argument("--fast-tokenizer", default=None,
+                   help="pi0-FAST: its FAST processor folder (default: the policy folder's fast_tokenizer/)")
     g.add_argument("--tasks", default=None, help="LIBERO task ids, comma separated (default: the whole suite)")
     g.add_argument("--num-envs", type=int, default=None, help="parallel envs (default: LIBERO one per task, ManiSkill 1)")
     g.add_argument("--videos", type=int, default=None, help="episodes saved as GIFs (default 2)")
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         raise ValueError(f"--out {args.out} is not empty: choose a new folder or add --overwrite")
-    policy = policies.load(args.policy, args.tokenizer, exec_horizon=args.exec_horizon, unnorm_key=args.unnorm_key)
+    policy = policies.load(args.policy, args.tokenizer, exec_horizon=args.exec_horizon, unnorm_key=args.unnorm_key,
+                           fast_tokenizer=args.fast_tokenizer)
     cfg = EvalConfig(episodes=args.episodes or 10, num_steps=args.steps,
                      videos=2 if args.videos is None else args.videos, seed=args.seed or 0)
     overrides = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}

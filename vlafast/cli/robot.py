@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-hz", type=float, default=20.0,
                    help="a policy folder's control rate: its chunk's waypoints are 1/hz apart (default 20)")
     p.add_argument("--tokenizer", default=None, help="a policy folder's tokenizer (default: its own)")
+    p.add_argument("--fast-tokenizer", default=None,
+                   help="pi0-FAST: its FAST processor folder (default: the policy folder's fast_tokenizer/)")
+
     p.add_argument("--hz", type=float, default=500.0, help="servo rate: 500 (e-series) or 125 (CB3)")
     p.add_argument("--seconds", type=float, default=None, help="run time (default: until Ctrl-C)")
     p.add_argument("--amplitude", type=float, default=0.2, help="sinusoid amplitude per joint (rad)")
@@ -119,6 +122,26 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("choose one of --rtc and --ensemble")
 
 
+class TokenChunkPolicy:
+    """A pi0-FAST folder as a real-time chunk policy (unguided: chunks hand over with the runner's
+    blend or ensembling): the backend's rendered camera, the joint positions as state, the
+    prompt; each call decodes one greedy chunk [T, 6]."""
+
+    name = "pi0fast"
+    guided = False
+
+    def __init__(self, policy, render, camera: str, prompt: str, *, dt: float) -> None:
+        self.policy, self.render, self.camera, self.prompt, self.dt = policy, render, camera, prompt, dt
+        self.horizon = policy.model.cfg.horizon
+
+    def __call__(self, q, t: float, **_) -> "np.ndarray":
+        import numpy as np
+
+        image = self.render(self.policy.model.cfg.vision.image_size)[None]
+        obs = {"images": {self.camera: image}, "state": np.asarray(q, np.float32)[None], "instruction": [self.prompt]}
+        return self.policy.act_obs(obs)[0]
+
+
 def _folder_policy(args: argparse.Namespace, robot):
     """A joint-position policy folder as a real-time chunk policy: the backend's rendered camera,
     the joint positions as state, ``--prompt`` as instruction."""
@@ -127,10 +150,14 @@ def _folder_policy(args: argparse.Namespace, robot):
     from vlafast import policies
     from vlafast.policies.spec import EnvBinding
 
-    policy = policies.load(args.policy, args.tokenizer)
-    if not isinstance(policy, policies.FlowPolicy):
-        raise policies.PolicyError(f"{args.policy} is a {policy.spec.family} policy; the robot loop drives flow "
-                                   "policies (pi0 / pi0.5) whose actions are joint positions")
+    policy = policies.load(args.policy, args.tokenizer, fast_tokenizer=args.fast_tokenizer)
+    fast = isinstance(policy, policies.FASTPolicy)
+    if not isinstance(policy, policies.FlowPolicy) and not fast:
+        raise policies.PolicyError(f"{args.policy} is a {policy.spec.family} policy; the robot loop drives pi0 / pi0.5 / "
+                                   "pi0-FAST policies whose actions are joint positions")
+    if fast and args.rtc:
+        raise policies.PolicyError("--rtc guides a flow sampler; pi0-FAST decodes tokens: drop --rtc (chunks hand over "
+                                   "with --blend, or use --ensemble)")
     space = policy.spec.action_space
     if space != "joint_position" and not (space == "unknown" and args.joint_positions):
         hint = ("its folder does not say what its actions are: add --joint-positions if they are the UR5e's 6 joint "
@@ -141,15 +168,18 @@ def _folder_policy(args: argparse.Namespace, robot):
         raise policies.PolicyError(f"--policy {args.policy} needs camera images: use --backend mujoco (it renders the "
                                    f"arm); the {args.backend} backend has no camera here")
     cameras = policy.spec.env.cameras[:1] if policy.spec.env is not None else ("robot",)
-    policy.bind(EnvBinding(cameras=cameras, action_dim=DOF, state_dim=DOF))
     size = policy.model.cfg.vision.image_size
+    dt = 1.0 / args.policy_hz  # waypoint spacing of the policy's chunks
+    if fast:  # the whole decoded chunk goes to the runner, which executes --chunk-exec of it
+        policy.bind(EnvBinding(cameras=cameras, action_dim=DOF, state_dim=DOF), exec_horizon=policy.model.cfg.horizon)
+        return TokenChunkPolicy(policy, render, cameras[0], args.prompt, dt=dt)
+    policy.bind(EnvBinding(cameras=cameras, action_dim=DOF, state_dim=DOF))
 
     def observe(q, t):
         image = render(size)[None]
         obs = {"images": {cameras[0]: image}, "state": np.asarray(q, np.float32)[None], "instruction": [args.prompt]}
         return policy.model_inputs(obs)
 
-    dt = 1.0 / args.policy_hz  # waypoint spacing of the policy's chunks
     return Pi0ChunkPolicy(policy.model, observe, dt=dt, guided=args.rtc, num_steps=args.num_steps, noise_seed=args.seed)
 
 

@@ -13,6 +13,8 @@ def add_parser(sub) -> None:
                    help="any supported policy folder (default: train the tiny built-in policy now)")
     p.add_argument("--env", default=None, help="libero:<suite> | maniskill:<task> (default: the policy's own task)")
     p.add_argument("--tokenizer", default=None, help="the model's tokenizer (default: the policy folder's own)")
+    p.add_argument("--fast-tokenizer", default=None,
+                   help="pi0-FAST: its FAST processor folder (default: the policy folder's fast_tokenizer/)")
     p.add_argument("--tasks", default=None, help="with a LIBERO --env: task ids, comma separated")
     p.add_argument("--unnorm-key", default=None, help="OpenVLA: the dataset statistics to unnormalise with")
     p.add_argument("--max-episode-steps", type=int, default=None, help="with --env: step budget per episode")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     positive("max_episode_steps", args.max_episode_steps)
     if not math.isfinite(args.alpha):
         raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
-    given = [f"--{k.replace('_', '-')}" for k in ("tokenizer", "tasks", "unnorm_key", "max_episode_steps")
+    given = [f"--{k.replace('_', '-')}" for k in ("tokenizer", "fast_tokenizer", "tasks", "unnorm_key", "max_episode_steps")
              if getattr(args, k) is not None]
     if given and not args.env:
         raise ValueError(f"{', '.join(given)} apply with --env libero:<suite> | maniskill:<task>")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--env needs --policy (the built-in policy trains on its own task)")
         check_env_name(args.env)
         tasks = parse_tasks(args.tasks)
-        policy = policies.load(args.policy, args.tokenizer, unnorm_key=args.unnorm_key)
+        policy = policies.load(args.policy, args.tokenizer, unnorm_key=args.unnorm_key, fast_tokenizer=args.fast_tokenizer)
         overrides = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
         env, _ = benchmark_env(args.env, seed=args.seed, tasks=tasks, overrides=overrides)
     elif args.policy:
@@ -76,7 +78,14 @@ def run(args: argparse.Namespace) -> int:
         if args.env:
             policy.bind(env.spec)
         policy.eval()
-        direction = args.direction if args.direction is not None else (0.0 if args.env else 1.0)
+        from vlafast.policies import FlowPolicy
+
+        flow = isinstance(policy, FlowPolicy)
+        if args.direction and not flow:
+            raise ValueError(f"--direction reads pi0's prefix activations; this {policy.spec.family} policy has none of "
+                             "that kind: drop --direction (or pass 0)")
+        # the direction baseline reads pi0's prefix activations (interp.behaviour.prefix_activations)
+        direction = args.direction if args.direction is not None else (0.0 if args.env or not flow else 1.0)
         d = None
         if args.dictionary:
             d = NeuronDictionary.load(args.dictionary)
