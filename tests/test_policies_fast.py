@@ -122,7 +122,7 @@ def test_evaluate_recomputes_act_log_probs(lerobot_folder, temperature):
     actions, trace, value = p.act(batch, sampler, g)
     assert actions.shape == (3, p.exec_horizon, 3) and trace.tokens.shape == (3, CFG.max_decoding_steps)
     log_prob, entropy, value2 = p.evaluate(batch, trace)
-    # KV-cached decode vs one uncached pass, fp32: measured |diff| <= 4e-6 (log-probs summed over 9 steps)
+    # KV-cached decode vs one uncached pass, fp32: measured |diff| <= 7.7e-6 over 10 draws (sums of 9 steps)
     assert (log_prob - trace.log_prob).abs().max() < 5e-5
     assert (entropy - trace.entropy).abs().max() < 5e-5
     assert (value - value2).abs().max() < 1e-5
@@ -154,7 +154,7 @@ def test_sft_loss_decreases_on_a_fixed_batch(lerobot_folder):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0], losses  # measured: about 6.4 -> 0.3
+    assert losses[-1] < 0.3 * losses[0], losses  # loss drops below 0.3x its start in 25 steps (asserted; the margin is wide)
     with pytest.raises(ValueError, match=r"actions must be \[B, T=4"):
         p.sft_loss(batch, actions[:, :3])
 
