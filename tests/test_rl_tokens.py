@@ -233,3 +233,65 @@ def test_cli_ppo_from_an_openvla_folder(tmp_path, capsys):
     # a flow sampler for OpenVLA, and the tokens sampler for a flow policy: one sentence, exit 2
     assert main([*args, "--overwrite", "--iterations", "1", "--method", "flow_sde"]) == 2
     assert "this openvla policy decodes action tokens" in capsys.readouterr().err
+
+
+# -- pi0-FAST through the same path --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fast_demos(env):
+    """Scripted chunks and states of the built-in task: what a tiny pi0-FAST fits its codec on."""
+    demos = T.collect_demos(env, episodes=4, horizon=4, exec_horizon=2, seed=0, progress=False)
+    return np.concatenate(demos.actions), np.concatenate([o["state"] for o in demos.obs])
+
+
+def tiny_fast(env, fast_demos):
+    from vlafast.rl.recipe import Recipe, build_policy
+
+    recipe = Recipe(family="pi0fast", num_envs=env.spec.num_envs, image_size=16, width=32, depth=1, horizon=4,
+                    exec_horizon=2)
+    pol = build_policy(recipe, env.spec)
+    pol.fit_codec(*fast_demos)
+    return pol
+
+
+def test_fast_log_probs_agree_and_ppo_moves_its_gemma(env, fast_demos):
+    pol = tiny_fast(env, fast_demos)
+    batch = pol.observe(env.reset(seed=0))
+    _, trace, value = pol.act(batch, TokenSampler(), torch.Generator().manual_seed(0))
+    logp, ent, v = pol.evaluate(batch, trace)
+    # measured max 7.6e-6 on chunk log-probs of about -75 (14 tokens), 9.5e-7 on entropies
+    torch.testing.assert_close(logp, trace.log_prob, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ent, trace.entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, value, rtol=0, atol=1e-5)
+    actor, critic = pol.rl_parameters()
+    ids = {id(p) for p in actor + critic}
+    frozen = [p for p in pol.parameters() if id(p) not in ids]
+    actor0, frozen0 = [p.detach().clone() for p in actor], [p.detach().clone() for p in frozen]
+    cfg = T.RLConfig(iterations=2, chunks_per_rollout=2, sampler=Tokens(), critic_warmup=1,
+                     ppo=PPOConfig(actor_lr=1e-3, minibatch=4))
+    hist = T.train_rl(pol, env, cfg, seed=0, progress=False)
+    assert all(np.isfinite(h["policy_loss"]) and np.isfinite(h["value_loss"]) for h in hist)
+    assert not all(torch.equal(a, b) for a, b in zip(actor0, actor))
+    assert frozen and all(torch.equal(a, b) for a, b in zip(frozen0, frozen))  # the vision tower
+    with pytest.raises(ValueError, match="ratio 'element' needs the log-prob of each token"):
+        T.train_rl(pol, env, dataclasses.replace(cfg, ppo=PPOConfig(ratio="element")), seed=0, progress=False)
+
+
+@pytest.mark.slow
+def test_cli_ppo_from_a_fast_folder(env, fast_demos, tmp_path, capsys):
+    folder = policies.save(tiny_fast(env, fast_demos), tmp_path / "fast")
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"num_envs": 2, "image_size": 16, "eval_episodes": 2, "env_kwargs": {"max_episode_steps": 6},
+                                  "rl": {"chunks_per_rollout": 2, "critic_warmup": 1,
+                                         "ppo": {"actor_lr": 1e-3, "epochs": 1, "micro_batch": 4}}}))
+    out = tmp_path / "run"
+    assert main(["train", "ppo", "--init", str(folder), "--env", "ur5e-reach", "--out", str(out), "--config",
+                 str(config), "--iterations", "2", "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["method"] == "tokens"
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["policy"]
+    result = policies.load(out / "policy", device="cpu")
+    got = result.state_dict()
+    assert set(got) == set(trained) and all(torch.equal(trained[k], v) for k, v in got.items())
+    start = policies.load(folder, device="cpu").state_dict()
+    assert any(not torch.equal(start[k], got[k]) for k in got if ".language_model." in k)  # the Gemma moved
+    assert all(torch.equal(start[k], got[k]) for k in got if ".vision_tower." in k)

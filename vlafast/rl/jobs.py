@@ -155,8 +155,10 @@ def checkpoint_family(path: str | Path) -> str:
     fmt = policies.detect_format(path)
     if fmt == "openvla":
         return "openvla"
-    if fmt == "openpi":
-        return "pi0"
+    if fmt == "openpi":  # its keys say which: the format's own test (no config names the family)
+        from vlafast.policies.io import _is_pi0fast
+
+        return "pi0fast" if _is_pi0fast(path, fmt) else "pi0"
     folder = path if (path / "policy.json").is_file() or fmt != "vlafast" else path / "policy"
     try:
         meta = json.loads((folder / ("policy.json" if fmt == "vlafast" else "config.json")).read_text())
@@ -173,19 +175,25 @@ def eval_steps(recipe: Recipe) -> int | None:
 def load_token_policy(path: str | Path, *, overrides: dict[str, Any] | None = None,
                       unnorm_key: str | None = None) -> tuple[Any, Recipe, Any]:
     """(policy, recipe, env) for RL of an autoregressive policy (OpenVLA, pi0-FAST) loaded from
-    ``path`` on the CPU: such a folder carries no env, so ``overrides["env"]`` names it; the
-    recipe starts from plain RL settings with the tokens sampler. The policy is bound to the env
-    and has its value head."""
+    ``path`` on the CPU. A run trained here carries its recipe (env, RL settings); any other
+    folder needs ``overrides["env"]`` and starts from plain RL settings. Either way the sampler
+    is the tokens one unless ``overrides`` name another (which ``run_rl`` then refuses). The
+    policy is bound to the env and has its value head."""
     overrides = dict(overrides or {})
-    if not overrides.get("env"):
+    policy = policies.load(path, device="cpu", unnorm_key=unnorm_key)
+    carried = policy.spec.recipe
+    if carried is None and not overrides.get("env"):
         raise policies.PolicyError(f"{path} was not trained here, so it carries no env: give the env "
                                    "(--env ur5e-reach | libero:<suite> | maniskill:<task>)")
-    policy = policies.load(path, device="cpu", unnorm_key=unnorm_key)
-    start = dataclasses.replace(Recipe(), rl=T.RLConfig(sampler=Tokens()))
+    start = Recipe.from_json(carried) if carried is not None else dataclasses.replace(Recipe(), rl=T.RLConfig())
+    start = dataclasses.replace(start, rl=dataclasses.replace(start.rl, sampler=Tokens()))
     recipe = Recipe.from_json(merge(start.to_json(), overrides))
     env = build_env(recipe)
     try:
-        policy.bind(env.spec)
+        if carried is not None:
+            policy.bind(env.spec, exec_horizon=recipe.exec_horizon)
+        else:
+            policy.bind(env.spec)
         policy.attach_value_head()
     except BaseException:
         env.close()
@@ -250,7 +258,8 @@ def run_rl(init: str | Path | None, out: str | Path, *, recipe_overrides: dict[s
     try:
         if dist is not None:
             # replicas for Ray workers / learners: the recipe's tiny model, or a copy of a loaded checkpoint
-            make_policy = (functools.partial(build_policy, recipe) if policy.spec.recipe is not None
+            rebuild = isinstance(policy, FlowPolicy) and policy.spec.recipe is not None
+            make_policy = (functools.partial(build_policy, recipe) if rebuild
                            else functools.partial(replica_of, copy.deepcopy(policy).cpu()))
             collector = RayCollector(policy, functools.partial(env_slice, recipe), make_policy, recipe.rl, dist,
                                      seed=recipe.seed + 7, num_envs=recipe.num_envs)

@@ -521,6 +521,9 @@ def update(policy: FlowPolicy, ro: Rollout, advantages: Tensor, returns: Tensor 
     are summed over ranks before clipping, so every rank takes the same step as one learner
     would. BC and the gradient-cosine health metric run on rank 0 only."""
     policy.train()
+    if not any(bool(v.any()) for v in ro.valid):  # GRPO: every group's returns were equal (all failed, or alike)
+        log.warning("no sample of this rollout carries a signal (every group is degenerate): the update is skipped")
+        return {"epochs": 0.0, "approx_kl": 0.0}
     s = prepare(ro, advantages, returns, cfg)
     out: dict[str, float] = {}
     if grad_cosine and train_actor and len(s.idx) > 1 and (sync is None or sync.rank == 0):
