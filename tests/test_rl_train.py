@@ -344,28 +344,6 @@ def test_critic_runs_need_warmup_and_old_checkpoints_resume(env, tmp_path, caplo
     assert "no 'bc_rng'" in caplog.text and "older vlafast" in caplog.text
 
 
-def test_compare_budgets_and_table(tmp_path):
-    # Equal env-step budgets: each method's iterations follow from what one update spends
-    # (GRPO over states pays for its G rehearsed chunks); the CSV has the columns.
-    from tools import rl_compare as C
-    from vlafast.rl.recipe import Recipe
-
-    base = Recipe()
-    ppo, grpo = C.method_recipe(base, "ppo_flow_sde"), C.method_recipe(base, "grpo_states_sim_only")
-    assert ppo.rl.algo == "ppo" and ppo.rl.bc_coef == 0 and ppo.rl.ppo.actor_lr <= 1e-5
-    assert grpo.rl.rehearsal_bootstrap and grpo.rl.uses_critic
-    assert C.steps_per_update(ppo) == 32 * 16 * 5 and C.steps_per_update(grpo) == 16 * 4 * 5 * 9
-    rows = [{"method": "sft", "seed": 0, "env_steps": 0, "success": 0.5, "ci_low": 0.4, "ci_high": 0.6, "episodes": 8,
-             "updates": 0, "seconds": 1.0},
-            {"method": "ppo_flow_sde", "seed": 0, "env_steps": 100, "success": 0.75, "ci_low": 0.5, "ci_high": 0.9,
-             "episodes": 8, "updates": 2, "seconds": 2.0}]
-    C._write(rows, tmp_path / "r.csv")
-    lines = (tmp_path / "r.csv").read_text().splitlines()
-    assert lines[0].split(",")[:6] == ["method", "seed", "env_steps", "success", "ci_low", "ci_high"]
-    assert lines[1].startswith("sft,0,0,0.5000") and len(lines) == 3
-    assert "| ppo_flow_sde | 100 | 75.0% [50, 90] | 75.0% |" in C.summary(rows)
-
-
 def test_ensure_noise_head_adds_one_only_when_flow_noise_needs_it():
     pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
     from vlafast.rl.recipe import Recipe, build_env, build_policy, ensure_noise_head

@@ -1,5 +1,7 @@
 """The one evaluator: ``run_episodes(policy, env, cfg)`` runs a fixed number of episodes per
-task and ``summarise`` gives success rates with 95% Wilson intervals per task and overall.
+task and ``summarise`` gives success rates with 95% Wilson intervals per task and overall;
+``paired_difference`` compares two policies on the same episodes, and ``seed_streams`` gives
+each run seed demonstration, training and evaluation episodes no other seed shares.
 
 ``vlafast eval``, ``vlafast train``'s evaluations, ``vlafast steer``'s behaviour runs and the
 demo all call it. Episodes: each env runs a fixed quota of episodes (the first ones it
@@ -44,6 +46,81 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     lo = 0.0 if successes == 0 else max(0.0, centre - half)
     hi = 1.0 if successes == n else min(1.0, centre + half)
     return lo, hi
+
+
+def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,
+                               z: float = Z95) -> tuple[float, float, float]:
+    """Success of a first policy minus that of a second on the same n episodes, from the paired
+    counts (both succeeded, only the first, only the second, neither) -> (difference, lo, hi):
+    Newcombe's hybrid score interval for paired proportions (his method 10: the two Wilson
+    intervals combined with the phi correlation of the pairs), 95% by default. Pairing removes
+    the between-episode variance that two separate Wilson intervals both carry."""
+    counts = (both, only_first, only_second, neither)
+    if any(c < 0 for c in counts):
+        raise ValueError(f"paired counts must be >= 0, got {counts}")
+    n = sum(counts)
+    if n == 0:
+        return 0.0, -1.0, 1.0
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    l1, u1 = wilson_interval(both + only_first, n, z)
+    l2, u2 = wilson_interval(both + only_second, n, z)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return d, max(lo, -1.0), min(hi, 1.0)
+
+
+def paired_difference(first: Sequence[dict], second: Sequence[dict], z: float = Z95) -> dict[str, Any]:
+    """Success of ``first`` minus ``second``, two evaluations (``run_episodes`` records) of the
+    same episodes, matched by (env, index) -> {"episodes", "difference", "ci95" ([lo, hi],
+    ``paired_difference_interval``), "both", "only_first", "only_second", "neither"}. The two
+    runs must have used the same env count, seed and quota (``evaluate`` with equal arguments):
+    records that do not pair up are refused."""
+    a = {(r["env"], r["index"]): r for r in first}
+    b = {(r["env"], r["index"]): r for r in second}
+    if a.keys() != b.keys() or len(a) != len(first) or len(b) != len(second):
+        raise ValueError(f"paired_difference needs two evaluations of the same episodes (same env count, seed and "
+                         f"episodes): got {len(first)} and {len(second)} records, {len(a.keys() & b.keys())} in common")
+    differ = [k for k in a if a[k]["instruction"] != b[k]["instruction"]]
+    if differ:
+        raise ValueError(f"episode {differ[0]} has different instructions in the two evaluations "
+                         f"({a[differ[0]]['instruction']!r} vs {b[differ[0]]['instruction']!r}): not the same episodes")
+    both = sum(a[k]["success"] and b[k]["success"] for k in a)
+    only_first = sum(a[k]["success"] and not b[k]["success"] for k in a)
+    only_second = sum(b[k]["success"] and not a[k]["success"] for k in a)
+    neither = len(a) - both - only_first - only_second
+    d, lo, hi = paired_difference_interval(both, only_first, only_second, neither, z)
+    return {"episodes": len(a), "difference": d, "ci95": [lo, hi], "both": both, "only_first": only_first,
+            "only_second": only_second, "neither": neither}
+
+
+# Episode streams of a run seed. A run seed s draws its demonstrations, training episodes and
+# evaluation episodes from three disjoint blocks of env seeds, and no block is shared between
+# run seeds: block 3 s + k (k = 0 demos, 1 training, 2 evaluation) holds env seeds
+# [(3 s + k) * STREAM_STRIDE, (3 s + k + 1) * STREAM_STRIDE). A run uses few of them: a vector
+# env resets env i with base + i, and training resets at base + 10_000 * iteration + i
+# (``rl.train.reset_seeds``; episode-group GRPO at base + 1_000 * iteration + group), so runs
+# of under 10_000 updates stay inside their block.
+STREAM_STRIDE = 100_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedStreams:
+    """Base env seeds of one run seed's demonstration, training and evaluation episodes."""
+
+    demos: int
+    train: int
+    eval: int
+
+
+def seed_streams(seed: int) -> SeedStreams:
+    """The independent episode streams of run seed ``seed`` (see ``STREAM_STRIDE``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    base = 3 * seed * STREAM_STRIDE
+    return SeedStreams(demos=base, train=base + STREAM_STRIDE, eval=base + 2 * STREAM_STRIDE)
 
 
 def env_quotas(task_of_env: Sequence[Any], episodes: int) -> list[int]:
@@ -304,4 +381,5 @@ def evaluate_on_env(policy, env_name: str, *, cfg: EvalConfig = EvalConfig(video
     return summary
 
 
-__all__ = ["EvalConfig", "benchmark_env", "speed_by_word", "speed_word", "check_env_name", "evaluate_on_env", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]
+__all__ = ["EvalConfig", "SeedStreams", "benchmark_env", "paired_difference", "paired_difference_interval",
+           "seed_streams", "speed_by_word", "speed_word", "check_env_name", "evaluate_on_env", "env_quotas", "evaluate", "format_summary", "run_episodes", "summarise", "wilson_interval", "write_gif"]

@@ -5,7 +5,9 @@ ball slowly". The arm must bring its tool site within ``reach_radius`` of the na
 and the speed word is part of success: "slowly" caps the mean end-effector displacement per
 control step, "quickly" sets a deadline. ``num_targets=2`` is the harder variant ("touch the red
 ball then the blue ball": a waypoint first). A scripted expert (``expert_chunk``) produces
-demonstrations at the instructed speed.
+demonstrations at the instructed speed. The reward is shaped (2 per metre of approach, a
+penalty for speeding under "slowly", 1 for success) or pi_RL's sparse 0/1 success
+(``ReachConfig(reward="sparse")``); success is the same in both.
 
 Axes: B envs, T actions per chunk, A = 3 (end-effector delta, default) or 6 (joint delta).
 """
@@ -59,8 +61,11 @@ class ReachConfig:
     reach_radius: float = 0.05            # m
     slow_cap: float = 0.55                # "slowly": mean step displacement <= slow_cap * max_ee_step
     fast_deadline: int = 20               # "quickly": each target reached within this many steps
-    progress_reward: float = 2.0          # shaping per metre of approach (success pays 1)
-    speed_penalty: float = 4.0            # "slowly": cost per metre a step moves beyond the slow cap
+    # "shaped": progress_reward per metre of approach, the speed penalty, and 1 for success;
+    # "sparse": pi_RL's 0/1 success reward (1 on the step that succeeds, 0 on every other)
+    reward: Literal["shaped", "sparse"] = "shaped"
+    progress_reward: float = 2.0          # shaping per metre of approach (success pays 1); "shaped" only
+    speed_penalty: float = 4.0            # "slowly": cost per metre a step moves beyond the slow cap; "shaped" only
     slot_jitter: float | None = None      # None: balls anywhere; else each colour in its own slot +- this (m)
     image_size: int = 64
     cameras: tuple[str, ...] = ("base",)  # "base" (fixed, facing the arm) and/or "wrist"
@@ -76,6 +81,9 @@ class ReachConfig:
             raise ValueError(f"cameras must be a non-empty subset of ('base', 'wrist'), got {self.cameras}")
         if self.slot_jitter is not None and not 0 <= self.slot_jitter <= 0.1:
             raise ValueError(f"slot_jitter must be None or in [0, 0.1] m, got {self.slot_jitter}")
+        if self.reward not in ("shaped", "sparse"):
+            raise ValueError(f"reward must be 'shaped' (progress, speed penalty, success) or 'sparse' (0/1 success), "
+                             f"got {self.reward!r}")
         if self.progress_reward < 0 or self.speed_penalty < 0:
             raise ValueError(f"progress_reward and speed_penalty must be >= 0, got {self.progress_reward}, {self.speed_penalty}")
         if self.image_size < 8:
@@ -288,9 +296,11 @@ class UR5eReach:
             moved = float(np.linalg.norm(d.site_xpos[self._site] - before))
             ep.path_length += moved
             dist = self._dist_to_target(ep, d)
-            r = cfg.progress_reward * (ep.prev_dist - dist)  # progress shaping
-            if ep.speed_word == "slowly":  # the dense side of the slow cap, so shaping never pays for speeding
-                r -= cfg.speed_penalty * max(0.0, moved - cfg.slow_cap * cfg.max_ee_step)
+            r = 0.0
+            if cfg.reward == "shaped":
+                r = cfg.progress_reward * (ep.prev_dist - dist)  # progress shaping
+                if ep.speed_word == "slowly":  # the dense side of the slow cap, so shaping never pays for speeding
+                    r -= cfg.speed_penalty * max(0.0, moved - cfg.slow_cap * cfg.max_ee_step)
             ep.prev_dist = dist
             done = False
             if dist < cfg.reach_radius:
