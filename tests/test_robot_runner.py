@@ -116,11 +116,19 @@ def test_servo_loop_context_manager_stops_cleanly_and_reports():
 def tracking_error(be, policy, t_from, t_to):
     rec = be.records()
     t = rec["t"]
-    # After a missed cycle (a stalled VM) the arm catches up under the acceleration limit; the
-    # 150 ms after each gap are left out.
+    # After missed cycles (a stalled VM) the command lags the plan by at most v_peak * stall and
+    # the servo closes that lag under the acceleration limit, in at most 2 sqrt(lag / a_max)
+    # (accelerate, then brake): those cycles are left out, one period of margin added. Gaps
+    # are judged by their length, so a busy machine's frequent short stalls (a few ms, lag
+    # ~1e-3 rad) cost a few cycles each, not the whole window.
     sel = (t >= t_from) & (t <= t_to)
-    for gap in t[1:][np.diff(t) > 1.5 * CFG.period_s]:
-        sel &= ~((t >= gap) & (t < gap + 0.15))
+    grid = np.arange(t_from - 0.5, t_to + 0.5, 1e-3)
+    v_peak = np.abs(np.diff(policy.reference(grid), axis=0)).max() / 1e-3
+    a_max = float(CFG.limits.a_max[0])
+    steps = np.diff(t)
+    for start, step in zip(t[1:][steps > 1.5 * CFG.period_s], steps[steps > 1.5 * CFG.period_s]):
+        settle = 2.0 * np.sqrt(v_peak * (step - CFG.period_s) / a_max) + CFG.period_s
+        sel &= ~((t >= start) & (t < start + settle))
     assert sel.sum() > 0, "no undisturbed cycle to judge tracking"  # measured ~600 of 650 idle
     # The command sent at t is the plan's position for the next deadline, t + period.
     return np.abs(rec["q"][sel] - policy.reference(t[sel] + CFG.period_s)).max(), rec
@@ -316,7 +324,10 @@ def test_guided_policy_receives_the_executing_plan_as_its_prefix():
         # Measured 6.8e-8 rad, 3.5e-6 rad/s with the local Catmull-Rom; 1.1e-5 rad with the default
         # spline, which is global: the curve's ramp ends with a step in curvature at 0.5 s, and
         # chunks whose knots sit differently around it interpolate it a little differently.
-        assert c["jump_rad"] < 5e-5 and c["jump_rad_s"] < 1e-3, c
+        # Where the knots fall around that step depends on when observations happen (scheduling):
+        # 1.3e-3 rad/s measured on a VM next to two busy processes. A chunk misaligned by one
+        # waypoint would jump ~1e-2 rad and ~4e-2 rad/s.
+        assert c["jump_rad"] < 5e-5 and c["jump_rad_s"] < 5e-3, c
         # ... and the stitched plan's jerk is the curve's own (third differences of the
         # reference at dt; 1e-3 rad/s^3 of slack for the cubic's resampling, measured 2e-5)
         assert c["jerk_plan"] <= curve_jerk + 1e-3 and c["jerk_new"] <= curve_jerk + 1e-3, (c, curve_jerk)
