@@ -240,3 +240,9 @@ def test_compare_runs_end_to_end(tmp_path, monkeypatch):
     assert sorted((r["env"], r["index"], r["instruction"]) for r in sft) == \
         sorted((r["env"], r["index"], r["instruction"]) for r in rl)
     assert (tmp_path / "r_reach.png").exists()
+    # --lr-sweep from the same SFT policy: one critic-only update, then the actor's step size
+    assert C.main(["--testbeds", "reach", "--seeds", "3", "--methods", "ppo_flow_noise", "--lr-sweep", "1e-4",
+                   "--sweep-updates", "1", "--jobs", "1", "--work", str(tmp_path / "w"),
+                   "--out", str(tmp_path / "sweep.csv")]) == 0
+    sweep = dict(zip(C.SWEEP_COLUMNS, (tmp_path / "sweep.csv").read_text().splitlines()[1].split(",")))
+    assert sweep["actor_lr"] == "0.0001" and sweep["chunks_per_step"] == "8" and 0 < float(sweep["approx_kl"]) < 1

@@ -167,9 +167,10 @@ def run_sft(testbed: str, seed: int, work: Path, episodes: int, overrides: dict[
 
 
 def _train(method: str, testbed: str, seed: int, work: Path, iterations: int | None, budget: int | None,
-           actor_lr: float | None = None):
+           actor_lr: float | None = None, critic_warmup: int | None = None):
     """(policy, recipe, history, seconds): ``method`` from the seed's SFT policy, for ``iterations``
-    updates or as many as ``budget`` env steps pay for."""
+    updates or as many as ``budget`` env steps pay for (``actor_lr``, ``critic_warmup``: instead
+    of the method's)."""
     from vlafast.rl import train as T
     from vlafast.rl.recipe import build_env, ensure_noise_head, load_policy
 
@@ -178,6 +179,8 @@ def _train(method: str, testbed: str, seed: int, work: Path, iterations: int | N
     if actor_lr is not None:
         recipe = dataclasses.replace(recipe, rl=dataclasses.replace(
             recipe.rl, ppo=dataclasses.replace(recipe.rl.ppo, actor_lr=actor_lr)))
+    if critic_warmup is not None:
+        recipe = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, critic_warmup=critic_warmup))
     if iterations is None:
         sft = json.loads((_run_dir(work, testbed) / f"sft_seed{seed}.episodes.json").read_text())
         iterations = math.ceil(budget / steps_per_update(recipe, float(np.mean([r["length"] for r in sft]))))
@@ -222,7 +225,8 @@ def run_sweep(method: str, testbed: str, seed: int, actor_lr: float, updates: in
     policy, after one critic-only update (advantages are normalised per rollout, so the step
     size follows the lr more than the critic)."""
     torch.set_num_threads(threads)
-    policy, recipe, history, seconds = _train(method, testbed, seed, work, 1 + updates, None, actor_lr=actor_lr)
+    policy, recipe, history, seconds = _train(method, testbed, seed, work, 1 + updates, None, actor_lr=actor_lr,
+                                              critic_warmup=1)
     return {"method": method, "testbed": testbed, "seed": seed, "actor_lr": actor_lr,
             "chunks_per_step": recipe.num_envs * recipe.rl.chunks_per_rollout, "actor_updates": updates,
             **actor_means(history, recipe.rl.critic_warmup), "seconds": seconds}
