@@ -103,6 +103,34 @@ def test_dictionary_and_steer_cli(trained, tmp_path, capsys):
     assert result["runs"]["fast"]["neurons"] == result["runs"]["random:fast#0"]["neurons"] == 4
 
 
+@pytest.mark.slow
+def test_cluster_file_cli_writes_and_steers_the_papers_form(trained, tmp_path, capsys):
+    """`dictionary clusters` writes keyword clusters as flat ids with their top tokens; `steer
+    --cluster-file` clamps exactly those neurons (and random controls of their size)."""
+    from vlafast.interp import read_cluster_file
+
+    policy, _, path = trained
+    d = NeuronDictionary.build(policy, policy.tokenizer, k=3)
+    dict_path = d.save(tmp_path / "d.safetensors")
+    clusters = tmp_path / "clusters.yaml"
+    assert main(["dictionary", "clusters", str(dict_path), "fast", "slow", "--max-neurons", "3", "-o", str(clusters)]) == 0
+    assert "fast 3, slow 3 neurons (flat id = layer x" in capsys.readouterr().out
+    read = read_cluster_file(clusters, policy)
+    layers = [l for l in d.layers if l.startswith("vlm.")]
+    assert read["fast"] == list(bh.cluster(d, "fast", layers=layers, max_neurons=3).neurons)
+    js = tmp_path / "steer.json"
+    assert main(["steer", "--policy", str(path), "--cluster-file", str(clusters), "--cluster", "fast", "--alpha", "10",
+                 "--controls", "1", "--episodes", "8", "--direction", "0", "--json", str(js)]) == 0
+    capsys.readouterr()
+    runs = json.loads(js.read_text())["runs"]
+    assert set(runs) == {"baseline", "fast", "random:fast#0"} and runs["fast"]["neurons"] == 3
+    # one sentence, exit 2: a cluster the file lacks, a file together with --dictionary
+    assert main(["steer", "--policy", str(path), "--cluster-file", str(clusters), "--cluster", "care"]) == 2
+    assert f"{clusters} has no cluster 'care'; it has ['fast', 'slow']" in capsys.readouterr().err
+    assert main(["steer", "--policy", str(path), "--cluster-file", str(clusters), "--dictionary", str(dict_path)]) == 2
+    assert "--cluster-file names its neurons itself" in capsys.readouterr().err
+
+
 def test_random_control_matches_plan_sizes():
     from test_interp_dictionary import tiny_pi0
 

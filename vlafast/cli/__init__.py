@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose or args.cmd == "demo":
                 print(line, file=sys.stderr)
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `vlafast dictionary search ... | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except _user_errors() as exc:
         if args.debug:
             raise

@@ -1,4 +1,5 @@
-"""`vlafast dictionary build | search | explain`: the neuron dictionary (value vectors -> vocabulary top-k)."""
+"""`vlafast dictionary build | search | explain | clusters`: the neuron dictionary (value vectors ->
+vocabulary top-k) and keyword clusters written in the steering paper's form."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def add_parser(sub) -> None:
     e.add_argument("dictionary")
     e.add_argument("layer", help="layer index or name (vlm.3)")
     e.add_argument("neuron", type=int)
+    c = d.add_parser("clusters", help="keyword clusters as a cluster file in the paper's form (flat ids, top tokens)")
+    c.add_argument("dictionary")
+    c.add_argument("names", nargs="+", help="ready keyword sets: fast slow up down care")
+    c.add_argument("-o", "--out", required=True, help="output .yaml / .json (name: {flat id: top tokens})")
+    c.add_argument("--max-neurons", type=int, default=None, help="keep the strongest N neurons of each (default all)")
+    c.add_argument("--min-hits", type=int, default=1)
+    c.add_argument("--layers", type=int, nargs="+", default=None, help="VLM layers (default: all in the dictionary)")
     p.set_defaults(func=run)
 
 
@@ -61,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dict_cmd == "explain" and args.neuron < 0:
         raise ValueError(f"neuron must be an index >= 0, got {args.neuron}")
     d = NeuronDictionary.load(args.dictionary)
+    if args.dict_cmd == "clusters":
+        return write_clusters(d, args)
     if args.dict_cmd == "search":
         hits = d.search(args.words, limit=args.limit, min_hits=args.min_hits)
         if not hits:
@@ -70,4 +80,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     layer = int(args.layer) if args.layer.isdigit() else args.layer
     print(d.explain(layer, args.neuron))
+    return 0
+
+
+def write_clusters(d, args: argparse.Namespace) -> int:
+    from vlafast.interp import cluster, write_cluster_file
+
+    if args.min_hits < 1 or (args.max_neurons is not None and args.max_neurons < 1):
+        raise ValueError(f"--min-hits and --max-neurons must be >= 1, got {args.min_hits} and {args.max_neurons}")
+    layers = args.layers if args.layers is not None else [l for l in d.layers if l.startswith("vlm.")]
+    found = {name: cluster(d, name, min_hits=args.min_hits, layers=layers, max_neurons=args.max_neurons)
+             for name in args.names}
+    empty = [name for name, c in found.items() if not len(c)]
+    if empty:
+        raise ValueError(f"no neuron of layers {layers} has the words of {', '.join(map(repr, empty))} in its top-{d.k}")
+    write_cluster_file(args.out, found, d_ff=d.neurons_per_layer, dictionary=d)
+    sizes = ", ".join(f"{name} {len(c)}" for name, c in found.items())
+    print(f"wrote {args.out}: {sizes} neurons (flat id = layer x {d.neurons_per_layer} + neuron)")
     return 0

@@ -19,9 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--unnorm-key", default=None, help="OpenVLA: the dataset statistics to unnormalise with")
     p.add_argument("--max-episode-steps", type=int, default=None, help="with --env: step budget per episode")
     p.add_argument("--dictionary", default=None, help="a dictionary of this policy (default: build it, k=--k)")
-    p.add_argument("--cluster", nargs="+", default=["fast", "slow"],
-                   help="ready keyword sets (fast slow up down care) to clamp, one run each")
-    p.add_argument("--alpha", type=float, default=4.0, help="clamp value (default 4)")
+    p.add_argument("--cluster", nargs="+", default=None,
+                   help="ready keyword sets (fast slow up down care) to clamp, one run each (default fast slow); "
+                        "with --cluster-file: names of its clusters (default all)")
+    p.add_argument("--cluster-file", default=None,
+                   help="clusters in the steering paper's form: YAML / JSON of name: [flat id = layer * d_ff + neuron, ...]")
+    p.add_argument("--alpha", type=float, default=4.0, help="the constant the neurons are clamped to (default 4; the paper: 10)")
     p.add_argument("--max-neurons", type=int, default=None, help="keep the strongest N neurons of each cluster (default all)")
     p.add_argument("-k", "--k", type=int, default=3, help="top-k of the dictionary built here (default 3: a ~40-word vocabulary)")
     p.add_argument("--direction", type=float, default=None,
@@ -50,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     positive("max_episode_steps", args.max_episode_steps)
     if not math.isfinite(args.alpha):
         raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
+    if args.cluster_file and args.dictionary:
+        raise ValueError("--cluster-file names its neurons itself; drop --dictionary")
+    names = args.cluster or (None if args.cluster_file else ["fast", "slow"])
     given = [f"--{k.replace('_', '-')}" for k in ("tokenizer", "fast_tokenizer", "tasks", "unnorm_key", "max_episode_steps")
              if getattr(args, k) is not None]
     if given and not args.env:
@@ -91,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
             d = NeuronDictionary.load(args.dictionary)
             if not d.matches(policy):
                 raise ValueError(f"--dictionary {args.dictionary} was built from other weights than this policy")
-        plans = bh.default_plans(policy, env, dictionary=d, clusters=tuple(args.cluster), alpha=args.alpha, k=args.k,
-                                 max_neurons=args.max_neurons, direction_alpha=direction, controls=args.controls)
-        for name in args.cluster:
+        plans = bh.default_plans(policy, env, dictionary=d, clusters=names, alpha=args.alpha, k=args.k,
+                                 max_neurons=args.max_neurons, direction_alpha=direction, controls=args.controls,
+                                 cluster_file=args.cluster_file)
+        for name in names or ():
             if name not in plans:
                 print(f"cluster {name!r}: no neuron of layers {bh.action_layers(policy)} has its words in its top-k")
         result = bh.steering_comparison(policy, env, plans, episodes=args.episodes, seed=args.seed)

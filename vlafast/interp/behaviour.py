@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlafast.interp.cluster_files import read_cluster_file
 from vlafast.interp.clusters import cluster
 from vlafast.interp.dictionary import NeuronDictionary
 from vlafast.interp.steering import DirectionPlan, SteeringPlan
@@ -51,14 +52,26 @@ def action_layers(policy) -> list[str]:
 def cluster_plans(policy, dictionary: NeuronDictionary, names: list[str], alpha: float, *,
                   min_hits: int = 1, max_neurons: int | None = None) -> dict[str, SteeringPlan]:
     """{name: SteeringPlan clamping cluster ``name`` at ``alpha``} over ``action_layers``. A
-    cluster with no neuron is left out (its name is absent from the result)."""
+    cluster with no neuron is left out (its name is absent from the result). Clamped at every
+    position the MLPs see, as the paper's hooks do: for pi0 that is the prefix (its VLM MLPs run
+    on nothing else); for decoders (OpenVLA, pi0-FAST) the prefill and every decoded token."""
     layers = [l for l in action_layers(policy) if l in dictionary.layers]
     plans = {}
     for name in names:
         c = cluster(dictionary, name, min_hits=min_hits, layers=layers, max_neurons=max_neurons)
         if len(c):
-            plans[name] = SteeringPlan(c.neurons, alpha=alpha, positions="prefix")
+            plans[name] = SteeringPlan(c.neurons, alpha=alpha, positions="all")
     return plans
+
+
+def file_plans(policy, path: str, names: list[str] | None, alpha: float, *,
+               max_neurons: int | None = None) -> dict[str, SteeringPlan]:
+    """{name: SteeringPlan} for the clusters ``names`` (default all) of a cluster file in the
+    paper's form (``vlafast.interp.cluster_files``: flat ids over this policy's layers), each
+    clamped to the constant ``alpha`` at every position (the paper's coefficient), the first
+    ``max_neurons`` of each when given."""
+    clusters = read_cluster_file(path, policy, names=names)
+    return {name: SteeringPlan(neurons[:max_neurons], alpha=alpha, positions="all") for name, neurons in clusters.items()}
 
 
 def random_like(plan: SteeringPlan, policy, seed: int) -> SteeringPlan:
@@ -78,14 +91,18 @@ def random_like(plan: SteeringPlan, policy, seed: int) -> SteeringPlan:
 
 def default_plans(policy, env, *, dictionary: NeuronDictionary | None = None, clusters: tuple[str, ...] = ("fast", "slow"),
                   alpha: float = 4.0, k: int = 3, max_neurons: int | None = None, direction_alpha: float = 1.0,
-                  controls: int = 0, seed: int = 0) -> dict[str, Any]:
+                  controls: int = 0, seed: int = 0, cluster_file: str | None = None) -> dict[str, Any]:
     """The plans `vlafast steer` and the demo compare: keyword clusters from ``dictionary`` (built
-    here with top-``k`` when None) clamped at ``alpha``, ``controls`` random sets of the same sizes
-    per cluster ("random:fast#0", ...), and the speed-word direction baseline at
-    +-``direction_alpha`` ("dir:quickly", "dir:slowly"; none when 0)."""
-    if dictionary is None:
-        dictionary = NeuronDictionary.build(policy, policy.tokenizer, k=k)
-    plans: dict[str, Any] = dict(cluster_plans(policy, dictionary, list(clusters), alpha, max_neurons=max_neurons))
+    here with top-``k`` when None) clamped at ``alpha`` (or, with ``cluster_file``, the file's
+    clusters named ``clusters``), ``controls`` random sets of the same sizes per cluster
+    ("random:fast#0", ...), and the speed-word direction baseline at +-``direction_alpha``
+    ("dir:quickly", "dir:slowly"; none when 0)."""
+    if cluster_file is not None:
+        plans: dict[str, Any] = dict(file_plans(policy, cluster_file, None if clusters is None else list(clusters), alpha, max_neurons=max_neurons))
+    else:
+        if dictionary is None:
+            dictionary = NeuronDictionary.build(policy, policy.tokenizer, k=k)
+        plans = dict(cluster_plans(policy, dictionary, list(clusters), alpha, max_neurons=max_neurons))
     for name in list(plans):
         for i in range(controls):
             plans[f"random:{name}#{i}"] = random_like(plans[name], policy, seed=seed * 1000 + i)
