@@ -45,14 +45,17 @@ from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
 # scripted demonstrations, shaped reward).
 TESTBEDS: dict[str, dict[str, Any]] = {
     "reach": {},
-    # a 5 cm radius: few-shot SFT well below its ceiling, as pi_RL's LIBERO (57.6%) and
-    # ManiSkill (41.6%) starting points are (SFT levels: bench/results/rl_sft_levels.csv)
+    # a 5 cm radius: few-shot SFT at 41.0 / 47.1 / 51.3% for seeds 0 / 1 / 2 (1024 episodes
+    # each; "reach": 69.9 / 66.6 / 72.3%, bench/results/rl_sft_levels.csv), where pi_RL's
+    # LIBERO (57.6%) and ManiSkill (41.6%) runs start
     "headroom": {"reach_radius": 0.05},
 }
 
-# Actor lr per sampler for the tiny pi0 (0.24 M parameters), for approx_kl 5e-3..1e-2 per PPO
-# update (``--lr-sweep``; at 512 chunks per update, 1e-4 gave 7.7e-3 / 5.3e-3 for Flow-SDE /
-# Flow-Noise, 1e-5 gave 3e-4). RLinf uses 5e-6..1e-5 for the 3B pi0 / pi0.5.
+# Actor lr per sampler for the tiny pi0 (0.24 M parameters), chosen by the sweep in
+# bench/results/rl_lr_sweep.csv (``--lr-sweep``; seed 0, 2048 chunks per optimiser step, the
+# first two actor updates) for approx_kl 5e-3..1e-2: 1e-4 gives 8.2e-3 (Flow-SDE) and 6.4e-3
+# (Flow-Noise), 3e-5 gives 2.1e-3 / 1.1e-3, 3e-4 gives 6.2e-2 / 2.1e-2. RLinf uses 5e-6..1e-5
+# for the 3B pi0 / pi0.5.
 ACTOR_LR = {"flow_sde": 1e-4, "flow_noise": 1e-4}
 
 # PPO in RLinf's regime, scaled to the tiny policy: 64 envs x 32 chunks = 2048 chunks per
