@@ -113,22 +113,32 @@ def test_servo_loop_context_manager_stops_cleanly_and_reports():
         loop.start()
 
 
-def tracking_error(be, policy, t_from, t_to):
+def tracking_error(be, policy, t_from, t_to, first_push=None):
+    """Max |command - plan| over [t_from, t_to] outside catch-ups: after stalls, and (with
+    ``first_push``, the first chunk's hand-over time) before the arm, held still until a chunk
+    arrives, has caught up with a plan that already started moving."""
     rec = be.records()
     t = rec["t"]
     # After missed cycles (a stalled VM) the command lags the plan by at most v_peak * stall and
     # the servo closes that lag under the acceleration limit, in at most 2 sqrt(lag / a_max)
     # (accelerate, then brake): those cycles are left out, one period of margin added. Gaps
     # are judged by their length, so a busy machine's frequent short stalls (a few ms, lag
-    # ~1e-3 rad) cost a few cycles each, not the whole window.
+    # ~1e-3 rad) cost a few cycles each, not the whole window; a burst of stalls (0.03 rad of
+    # lag measured next to eight busy processes) is left out until its summed lag is closed.
     sel = (t >= t_from) & (t <= t_to)
     grid = np.arange(t_from - 0.5, t_to + 0.5, 1e-3)
     v_peak = np.abs(np.diff(policy.reference(grid), axis=0)).max() / 1e-3
     a_max = float(CFG.limits.a_max[0])
     steps = np.diff(t)
+    lag, until = 0.0, -np.inf
     for start, step in zip(t[1:][steps > 1.5 * CFG.period_s], steps[steps > 1.5 * CFG.period_s]):
-        settle = 2.0 * np.sqrt(v_peak * (step - CFG.period_s) / a_max) + CFG.period_s
-        sel &= ~((t >= start) & (t < start + settle))
+        # stalls in a burst add up before the first is closed (counted as not closing at all)
+        lag = (lag if start < until else 0.0) + v_peak * (step - CFG.period_s)
+        until = max(until, start + 2.0 * np.sqrt(lag / a_max) + CFG.period_s)
+        sel &= ~((t >= start) & (t < until))
+    if first_push is not None:  # a busy machine delays the first chunk: the plan has moved on by then
+        lag = np.abs(policy.reference(np.array([first_push])) - rec["q"][0]).max()
+        sel &= t >= first_push + 2.0 * np.sqrt(lag / a_max) + CFG.period_s
     assert sel.sum() > 0, "no undisturbed cycle to judge tracking"  # measured ~600 of 650 idle
     # The command sent at t is the plan's position for the next deadline, t + period.
     return np.abs(rec["q"][sel] - policy.reference(t[sel] + CFG.period_s)).max(), rec
@@ -145,7 +155,7 @@ def test_runner_follows_a_sinusoid_despite_inference_latency():
     assert s["latency"]["p50_us"] >= 30_000  # inference takes 30 ms: obs -> first command is later
     # Chunks are stamped with their observation time, so a 30 ms inference does not shift the
     # plan: the commands follow the analytic curve (up to interpolation and hand-over blending).
-    err, rec = tracking_error(be, policy, policy.t_start + 0.1, policy.t_start + 1.3)
+    err, rec = tracking_error(be, policy, policy.t_start + 0.1, policy.t_start + 1.3, runner.cycles[0]["push_s"])
     assert err < 5e-3, err  # measured max 6e-5 rad on a loaded VM with missed cycles
     a = np.abs(np.diff(rec["v"], axis=0)).max() / CFG.period_s
     assert a <= CFG.limits.a_max[0] * (1 + 1e-9)
