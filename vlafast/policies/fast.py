@@ -318,16 +318,21 @@ class FASTPolicy(nn.Module):
         first = self._prefix_len(batch) + self.postfix.shape[0] - 1  # the last "Action: " token predicts token 0
         return self.model.logits(h[:, first: first + tokens.shape[1]]), h
 
-    def evaluate(self, batch: Batch, trace: TokenTrace) -> tuple[Tensor, Tensor, Tensor]:
-        """(log_prob [B], entropy [B], value [B]) of stored token chunks under the current
-        parameters: the sum of the valid steps' log-probs, the mean valid-step entropy."""
+    def evaluate_steps(self, batch: Batch, trace: TokenTrace) -> tuple[Tensor, Tensor, Tensor]:
+        """(step log-probs [B, N], step entropies [B, N], value [B]) of stored token chunks under
+        the current parameters, one teacher-forced pass (0 where not valid): per-token PPO ratios."""
         logits, h = self._scored_logits(batch, trace.tokens)
         lp, ent = token_log_probs(logits, trace.tokens.to(self.device), trace.config.temperature)
         valid = trace.valid.to(self.device)
         zero = torch.zeros_like(lp)
-        log_prob = torch.where(valid, lp, zero).sum(-1)
-        entropy = torch.where(valid, ent, zero).sum(-1) / valid.sum(-1).clamp_min(1).float()
-        return log_prob, entropy, self._value(h, batch)
+        return torch.where(valid, lp, zero), torch.where(valid, ent, zero), self._value(h, batch)
+
+    def evaluate(self, batch: Batch, trace: TokenTrace) -> tuple[Tensor, Tensor, Tensor]:
+        """(log_prob [B], entropy [B], value [B]) of stored token chunks under the current
+        parameters: the sum of the valid steps' log-probs, the mean valid-step entropy."""
+        step_lp, step_ent, value = self.evaluate_steps(batch, trace)
+        n = trace.valid.to(self.device).sum(-1).clamp_min(1).float()
+        return step_lp.sum(-1), step_ent.sum(-1) / n, value
 
     # -- supervised training ---------------------------------------------------------------
 
