@@ -22,7 +22,7 @@ from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.models.action_tokenizer import parse_dataset_statistics
 from vlafast.models.openvla import OpenVLAConfig
 from vlafast.policies import OpenVLAChunkPolicy, OpenVLAProcessor, PolicyError, PolicySpec, build_word_tokenizer, words_of
-from vlafast.policies.openvla import OpenVLABatch, save_openvla
+from vlafast.policies.openvla import OpenVLABatch
 from vlafast.policies.tokens import TokenSampler, TokenTrace
 from vlafast.rl import train as T
 from vlafast.rl.buffer import Rollout
@@ -187,7 +187,7 @@ def test_save_openvla_round_trip(env, tmp_path):
     pol = tiny_openvla(env)
     with torch.no_grad():
         pol.model.language_model.lm_head.weight.mul_(1.5)  # not the source's weights
-    folder = save_openvla(pol, tmp_path / "out")
+    folder = policies.save(pol, tmp_path / "out")  # dispatches to save_openvla
     back = policies.load(folder, device="cpu")
     assert isinstance(back, OpenVLAChunkPolicy) and back.model.cfg == pol.model.cfg
     want, got = pol.model.state_dict(), back.model.state_dict()

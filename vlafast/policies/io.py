@@ -231,12 +231,16 @@ def _normalizer_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]):
 def save(policy, folder: str | os.PathLike) -> Path:
     """Write ``policy`` (a ``FlowPolicy`` or ``FASTPolicy``) as ``folder/policy.json`` +
     ``model.safetensors`` + ``tokenizer.json`` (+ ``fast_tokenizer/`` for pi0-FAST), each file
-    written to a temporary file, fsynced and renamed into place."""
+    written to a temporary file, fsynced and renamed into place; an OpenVLA policy as the
+    Hugging Face folder ``load`` reads (``policies.openvla.save_openvla``)."""
     from safetensors.torch import save_file
 
     from vlafast.policies.fast import FASTPolicy
     from vlafast.policies.flow import FlowPolicy
+    from vlafast.policies.openvla import OpenVLAChunkPolicy, save_openvla
 
+    if isinstance(policy, OpenVLAChunkPolicy):
+        return save_openvla(policy, folder)
     if not isinstance(policy, (FlowPolicy, FASTPolicy)):
         raise PolicyError(f"save writes flow policies (pi0 / pi0.5) and pi0-FAST; got {type(policy).__name__}")
     fast = getattr(policy, "fast", None)

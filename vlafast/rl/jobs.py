@@ -23,8 +23,7 @@ import numpy as np
 
 from vlafast import policies
 from vlafast.eval import evaluate, speed_by_word
-from vlafast.policies import FlowPolicy, OpenVLAChunkPolicy
-from vlafast.policies.openvla import save_openvla
+from vlafast.policies import FlowPolicy
 from vlafast._io import atomic_write_text, remove_stale_temps
 from vlafast.rl import train as T
 from vlafast.rl.dist import DistConfig, LearnerGroup, RayCollector
@@ -217,8 +216,6 @@ def save_result(policy, recipe: Recipe, folder: Path) -> Path:
     recipe (flow), a Hugging Face OpenVLA folder (OpenVLA), ``policies.save``'s folder (others)."""
     if isinstance(policy, FlowPolicy):
         return save_policy(policy, recipe, folder)
-    if isinstance(policy, OpenVLAChunkPolicy):
-        return save_openvla(policy, folder)
     return policies.save(policy, folder)
 
 
