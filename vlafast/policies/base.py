@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+import dataclasses
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -11,9 +12,70 @@ from torch import nn
 
 from vlafast.envs.base import EnvSpec, Obs
 
+if TYPE_CHECKING:
+    from vlafast.policies.spec import EnvBinding, PolicySpec
+
 
 class PolicyError(ValueError):
     """A policy cannot do what it was asked (wrong env, wrong job, bad file): one sentence."""
+
+
+class BoundPolicy:
+    """What the policy classes share: the spec, the environment binding (checked, and undone
+    when the check refuses it), the executed horizon, the recipe and the prompt tokenizer.
+
+    A subclass sets ``_spec``, ``processor`` and ``critic``, and implements ``_check_binding``
+    (raise ``PolicyError`` when an env does not fit); ``_bound(binding)`` runs after a
+    successful bind (FlowPolicy rebuilds its action mask there)."""
+
+    _spec: "PolicySpec"
+    critic: nn.Module | None
+
+    @property
+    def env_spec(self) -> "EnvBinding":
+        if self._spec.env is None:
+            raise PolicyError("this policy is not bound to an environment yet: call policy.bind(env.spec)")
+        return self._spec.env
+
+    @property
+    def exec_horizon(self) -> int:
+        return self._spec.exec_horizon
+
+    @property
+    def tokenizer(self):
+        """The prompt tokenizer (``PromptTokenizer``): what the neuron dictionary decodes
+        vocabulary ids with."""
+        return self.processor.tokenizer
+
+    def _check_binding(self, env: "EnvBinding") -> None:
+        raise NotImplementedError
+
+    def _bound(self, env: "EnvBinding") -> None:
+        """Called after a successful bind."""
+
+    def bind(self, env: "EnvSpec | EnvBinding", *, exec_horizon: int | None = None):
+        """Check ``env`` against the model and use its cameras and dims from now on."""
+        from vlafast.policies.spec import EnvBinding
+
+        binding = env if isinstance(env, EnvBinding) else EnvBinding.of(env)
+        if self._spec.env is not None and self.critic is not None and binding.state_dim != self._spec.env.state_dim:
+            raise PolicyError(f"the value head reads a {self._spec.env.state_dim}-dim state; this env's has "
+                              f"{binding.state_dim}")
+        spec = dataclasses.replace(self._spec, env=binding,
+                                   exec_horizon=self._spec.exec_horizon if exec_horizon is None else exec_horizon)
+        old, self._spec = self._spec, spec
+        try:
+            self._check_binding(binding)
+        except PolicyError:
+            self._spec = old
+            raise
+        self._bound(binding)
+        return self
+
+    def with_recipe(self, recipe: dict[str, Any] | None):
+        """This policy, its spec carrying ``recipe`` (the built-in task's, for runs trained here)."""
+        self._spec = dataclasses.replace(self._spec, recipe=recipe)
+        return self
 
 
 @runtime_checkable
@@ -47,4 +109,4 @@ class Steerable(Protocol):
     def tokenizer(self): ...
 
 
-__all__ = ["Policy", "PolicyError", "Steerable"]
+__all__ = ["BoundPolicy", "Policy", "PolicyError", "Steerable"]

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlafast.envs.base import EnvSpec, Obs
+from vlafast.envs.base import Obs
 from vlafast.models.fast_tokenizer import FASTTokenizer, fast_to_paligemma
 from vlafast.models.normalize import FeatureStats, Normalizer
 from vlafast.models.pi0 import preprocess_images
 from vlafast.models.pi0fast import ACTION_END, ACTION_PREFIX, DecodeOutput, Pi0FASTPolicy, encode_text
-from vlafast.policies.base import PolicyError
+from vlafast.policies.base import BoundPolicy, PolicyError
 from vlafast.policies.flow import value_head
 from vlafast.policies.processors import Batch, ProcessorConfig, as_prompt_tokenizer, check_cameras
 from vlafast.policies.spec import EnvBinding, PolicySpec
@@ -103,7 +103,7 @@ def fit_normalizer(chunks: np.ndarray, states: np.ndarray, action_low: float = -
     return Normalizer(state, actions, "quantile", "quantile", "lerobot")
 
 
-class FASTPolicy(nn.Module):
+class FASTPolicy(BoundPolicy, nn.Module):
     """A pi0-FAST bound to an environment's observation and action spaces.
 
     ``fast``: the FAST codec the model was trained with (None only for a policy about to be
@@ -145,22 +145,6 @@ class FASTPolicy(nn.Module):
         return dataclasses.replace(self._spec, heads=("critic",) if self.critic is not None else ())
 
     @property
-    def env_spec(self) -> EnvBinding:
-        if self._spec.env is None:
-            raise PolicyError("this policy is not bound to an environment yet: call policy.bind(env.spec)")
-        return self._spec.env
-
-    @property
-    def exec_horizon(self) -> int:
-        return self._spec.exec_horizon
-
-    @property
-    def tokenizer(self):
-        """The PaliGemma text tokenizer (``PromptTokenizer``): what the neuron dictionary decodes
-        vocabulary ids with."""
-        return self.processor.tokenizer
-
-    @property
     def device(self) -> torch.device:
         return self.model.device
 
@@ -189,27 +173,6 @@ class FASTPolicy(nn.Module):
         if not env.cameras:
             raise PolicyError("pi0-FAST needs camera images; this env has none (build it with render=True; "
                               "ManiSkill: obs_mode='rgb')")
-
-    def bind(self, env: EnvSpec | EnvBinding, *, exec_horizon: int | None = None) -> "FASTPolicy":
-        """Check ``env`` against the model and use its cameras and dims from now on."""
-        binding = env if isinstance(env, EnvBinding) else EnvBinding.of(env)
-        if self._spec.env is not None and self.critic is not None and binding.state_dim != self._spec.env.state_dim:
-            raise PolicyError(f"the value head reads a {self._spec.env.state_dim}-dim state; this env's has "
-                              f"{binding.state_dim}")
-        spec = dataclasses.replace(self._spec, env=binding,
-                                   exec_horizon=self._spec.exec_horizon if exec_horizon is None else exec_horizon)
-        old, self._spec = self._spec, spec
-        try:
-            self._check_binding(binding)
-        except PolicyError:
-            self._spec = old
-            raise
-        return self
-
-    def with_recipe(self, recipe: dict[str, Any] | None) -> "FASTPolicy":
-        """This policy, its spec carrying ``recipe`` (the built-in task's, for runs trained here)."""
-        self._spec = dataclasses.replace(self._spec, recipe=recipe)
-        return self
 
     def attach_value_head(self) -> nn.Module:
         """The critic on the mean valid prefix hidden state + raw state (built once; drawn from

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlafast.envs.base import EnvSpec, Obs
+from vlafast.envs.base import Obs
 from vlafast.flow import sampler as flow
 from vlafast.flow.noise_head import NoiseHead
 from vlafast.models.pi0 import Pi0Context, Pi0Policy
-from vlafast.policies.base import PolicyError
+from vlafast.policies.base import BoundPolicy, PolicyError
 from vlafast.policies.processors import Batch, Pi0Processor
 from vlafast.policies.spec import EnvBinding, PolicySpec
 
@@ -34,7 +34,7 @@ def value_head(width: int, state_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width + state_dim, 64), nn.Tanh(), nn.Linear(64, 1))
 
 
-class FlowPolicy(nn.Module):
+class FlowPolicy(BoundPolicy, nn.Module):
     """A flow VLA (pi0 / pi0.5) bound to an environment's observation and action spaces.
 
     ``spec.env`` holds the binding (cameras, env action / state dims); ``bind(env.spec)``
@@ -64,21 +64,6 @@ class FlowPolicy(nn.Module):
         heads = tuple(n for n, m in (("critic", self.critic), ("noise_head", self.noise_head)) if m is not None)
         return dataclasses.replace(self._spec, heads=heads)
 
-    @property
-    def env_spec(self) -> EnvBinding:
-        if self._spec.env is None:
-            raise PolicyError("this policy is not bound to an environment yet: call policy.bind(env.spec)")
-        return self._spec.env
-
-    @property
-    def exec_horizon(self) -> int:
-        return self._spec.exec_horizon
-
-    @property
-    def tokenizer(self):
-        """The prompt tokenizer (``PromptTokenizer``): what the neuron dictionary decodes with."""
-        return self.processor.tokenizer
-
     def _check_binding(self, env: EnvBinding) -> None:
         cfg = self.model.cfg
         out_dim = self.action_out_dim
@@ -96,33 +81,14 @@ class FlowPolicy(nn.Module):
             raise PolicyError("pi0 needs camera images; this env has none (build it with render=True; "
                               "ManiSkill: obs_mode='rgb')")
 
+    def _bound(self, env: EnvBinding) -> None:
+        self._set_mask(env)
+
     def _set_mask(self, env: EnvBinding) -> None:
         cfg = self.model.cfg
         mask = torch.zeros(cfg.horizon, cfg.action_dim, device=self.model.device)
         mask[: self.exec_horizon, : env.action_dim] = 1.0
         self.register_buffer("action_mask", mask, persistent=False)  # [T, A] executed part
-
-    def bind(self, env: EnvSpec | EnvBinding, *, exec_horizon: int | None = None) -> "FlowPolicy":
-        """Check ``env`` against the model and use its cameras and dims from now on."""
-        binding = env if isinstance(env, EnvBinding) else EnvBinding.of(env)
-        if self._spec.env is not None and self.critic is not None and binding.state_dim != self._spec.env.state_dim:
-            raise PolicyError(f"the value head reads a {self._spec.env.state_dim}-dim state; this env's has "
-                              f"{binding.state_dim}")
-        spec = dataclasses.replace(self._spec, env=binding,
-                                   exec_horizon=self._spec.exec_horizon if exec_horizon is None else exec_horizon)
-        old, self._spec = self._spec, spec
-        try:
-            self._check_binding(binding)
-        except PolicyError:
-            self._spec = old
-            raise
-        self._set_mask(binding)
-        return self
-
-    def with_recipe(self, recipe: dict[str, Any] | None) -> "FlowPolicy":
-        """This policy, its spec carrying ``recipe`` (the built-in task's, for runs trained here)."""
-        self._spec = dataclasses.replace(self._spec, recipe=recipe)
-        return self
 
     def attach_value_head(self) -> nn.Module:
         """The critic (built once; drawn from torch's global RNG)."""
