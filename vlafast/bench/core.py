@@ -217,6 +217,36 @@ def time_ms(
 # results files
 
 
+def decoder_rows(bench: str, *, op: str, shape: str, step_shape: str, dtype: str, times: dict[str, float],
+                 unit: str, extra: dict[str, Any], step_bytes: int, config: str, cuda: bool,
+                 graph_backend: str = "graph-decode") -> list[Row]:
+    """The rows of an autoregressive decoder's benchmark (OpenVLA, pi0-FAST): ``op`` per call
+    for ``times["eager"]`` and ``times["graph-decode"]`` (as ``graph_backend``, against eager,
+    ``unit`` = calls/s), and one decode step for ``times["step-eager"]`` / ``["step-graph"]``
+    against the bandwidth floor (``step_bytes`` read per step, TB/s vs the device's peak).
+    Missing keys give no row."""
+    rows = []
+    for key, backend in (("eager", "eager"), ("graph-decode", graph_backend)):
+        if key in times:
+            base = key != "eager"
+            rows.append(Row(
+                bench=bench, op=op, shape=shape, dtype=dtype, backend=backend, median_ms=times[key],
+                baseline="eager" if base else "", baseline_ms=times["eager"] if base else None,
+                achieved=1e3 / times[key], unit=unit, extra=extra,
+            ))
+    tbps = peak("tbps") if cuda else None
+    for key, backend in (("step-eager", "eager"), ("step-graph", "graph-decode")):
+        if key in times:
+            base = key != "step-eager"
+            rows.append(Row(
+                bench=bench, op="decode_step", shape=step_shape, dtype=dtype, backend=backend, median_ms=times[key],
+                baseline="eager" if base else "", baseline_ms=times["step-eager"] if base else None,
+                achieved=step_bytes / (times[key] * 1e-3) / 1e12, unit="TB/s", peak=tbps,
+                extra={"config": config, "weight_gb": round(step_bytes / 1e9, 3)},
+            ))
+    return rows
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():

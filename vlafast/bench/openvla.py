@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from vlafast.bench.core import Row, peak, time_ms
+from vlafast.bench.core import Row, decoder_rows, time_ms
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +101,5 @@ def run(args: argparse.Namespace) -> list[Row]:
         times["step-graph"] = time_ms(replays, device=device, min_time_s=0.3, max_iters=200) / steps
         extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
-    rows = []
-    for backend in [b for b in ("eager", "graph-decode") if b in times]:
-        base = backend != "eager"
-        rows.append(Row(
-            bench="openvla", op="action_7tok", shape=shape, dtype=dtype, backend=backend, median_ms=times[backend],
-            baseline="eager" if base else "", baseline_ms=times["eager"] if base else None,
-            achieved=1e3 / times[backend], unit="actions/s", extra=extra,
-        ))
-    tbps = peak("tbps") if cuda else None
-    nbytes = _llm_bytes(policy)
-    for backend, key in (("eager", "step-eager"), ("graph-decode", "step-graph")):
-        if key in times:
-            base = backend != "eager"
-            rows.append(Row(
-                bench="openvla", op="decode_step", shape=f"B=1 S={seq}", dtype=dtype, backend=backend,
-                median_ms=times[key], baseline="eager" if base else "",
-                baseline_ms=times["step-eager"] if base else None,
-                achieved=nbytes / (times[key] * 1e-3) / 1e12, unit="TB/s", peak=tbps,
-                extra={"config": config, "weight_gb": round(nbytes / 1e9, 3)},
-            ))
-    return rows
+    return decoder_rows("openvla", op="action_7tok", shape=shape, step_shape=f"B=1 S={seq}", dtype=dtype, times=times,
+                        unit="actions/s", extra=extra, step_bytes=_llm_bytes(policy), config=config, cuda=cuda)

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from vlafast.bench.core import Row, peak, time_ms
+from vlafast.bench.core import Row, decoder_rows, time_ms
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +110,6 @@ def run(args: argparse.Namespace) -> list[Row]:
         times["step-graph"] = time_ms(replays, device=device, min_time_s=0.3, max_iters=100) / (steps - 1)
         extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
-    backend_of = {"eager": "eager", "graph-decode": "graph-decode" if cuda else "static-eager"}
-    rows = []
-    for key in ("eager", "graph-decode"):
-        base = key != "eager"
-        rows.append(Row(
-            bench="pi0fast", op="chunk_decode", shape=shape, dtype=dtype, backend=backend_of[key],
-            median_ms=times[key], baseline="eager" if base else "", baseline_ms=times["eager"] if base else None,
-            achieved=1e3 / times[key], unit="chunks/s", extra=extra,
-        ))
-    tbps = peak("tbps") if cuda else None
-    nbytes = _decode_bytes(policy)
-    for backend, key in (("eager", "step-eager"), ("graph-decode", "step-graph")):
-        if key in times:
-            base = backend != "eager"
-            rows.append(Row(
-                bench="pi0fast", op="decode_step", shape=f"B=1 M={st.cache.max_len}", dtype=dtype, backend=backend,
-                median_ms=times[key], baseline="eager" if base else "",
-                baseline_ms=times["step-eager"] if base else None,
-                achieved=nbytes / (times[key] * 1e-3) / 1e12, unit="TB/s", peak=tbps,
-                extra={"config": config, "weight_gb": round(nbytes / 1e9, 3)},
-            ))
-    return rows
+    return decoder_rows("pi0fast", op="chunk_decode", shape=shape, step_shape=f"B=1 M={st.cache.max_len}", dtype=dtype,
+                        times=times, unit="chunks/s", extra=extra, step_bytes=_decode_bytes(policy), config=config,
+                        cuda=cuda, graph_backend="graph-decode" if cuda else "static-eager")
