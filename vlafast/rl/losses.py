@@ -63,9 +63,9 @@ def gae(
     """Generalised advantage estimation over chunks -> (advantages [N, B], returns [N, B]).
 
     An episode that ends inside chunk n does not bootstrap from the next observation (it is the
-    first of a new episode under auto-reset). A truncated episode's value goes on past the time
-    limit: the collector adds gamma * V(final observation) to that chunk's reward
-    (``rl.train.collect``), so here every end is terminal.
+    first of a new episode under auto-reset). Time limits are the collector's business
+    (``rl.train.collect``): terminal by default (``RLConfig.timeouts``), or, with "bootstrap",
+    gamma * V(final observation) added to that chunk's reward; here every end is terminal.
     """
     if rewards.shape != values.shape or rewards.shape != dones.shape or rewards.ndim != 2:
         raise ValueError(

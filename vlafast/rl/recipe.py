@@ -71,7 +71,7 @@ class Recipe:
     # compared on their reward, then the env goes on with the first. Episode-level advantages
     # (PPO with GAE, episode GRPO) did not beat the noise at this budget (README, "The demo").
     # The demo keeps the myopic score (the chunk's own reward, no critic) that its README figures
-    # were measured with; `python -m tools.rl_compare` runs the horizon-correct variant.
+    # were measured with, and `python -m tools.rl_compare` runs the same settings.
     rl: RLConfig = RLConfig(algo="grpo", grpo_groups="state", group_size=8, sampler=FlowSDE(), iterations=200,
                             chunks_per_rollout=4, bc_coef=1.0, rehearsal_bootstrap=False, critic_warmup=0,
                             ppo=PPOConfig(actor_lr=1e-4, critic_lr=1e-3, minibatch=128, epochs=2))
