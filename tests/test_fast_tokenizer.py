@@ -410,3 +410,20 @@ def test_bench_rows_have_the_schema(monkeypatch):
         assert r.baseline.startswith("FAST reference loop") and r.unit == "chunks/s"
         extra = json.loads(rec["extra"])
         assert extra["ok"] and 0 < extra["tokens_per_chunk"] <= 15
+
+
+def test_decode_failures_warn_first_and_at_each_power_of_ten(fitted, caplog):
+    """A policy that often fails to decode must not log at every control step: the first failing
+    call warns, then one warning each time the running count passes 10, 100, ...; the rest go to
+    debug, and ``failures`` counts them all."""
+    import logging
+
+    tok, _ = fitted
+    bad = [[]] * 3  # three empty streams per call
+    with caplog.at_level(logging.DEBUG, logger="vlafast.models.fast_tokenizer"):
+        for _ in range(5):
+            tok.decode(bad, time_horizon=10, action_dim=7)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert tok.failures == 15
+    assert [r.getMessage().endswith(f"({n} failed so far)") for r, n in zip(warnings, (3, 12))] == [True, True]
+    assert len(warnings) == 2 and len(caplog.records) == 5

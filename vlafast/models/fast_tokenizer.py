@@ -310,11 +310,16 @@ class FASTTokenizer:
                     ok[b] = True
         actions = idct_time(coef.reshape(B, T, A) / self.config.scale)  # failed rows: zero coefficients
         if reasons:
+            before = self.failures
             self.failures += len(reasons)
             first = min(reasons)
-            log.warning("FAST decode: %d of %d token streams failed (%s: %s); their actions are %s",
-                        len(reasons), B, f"row {first}", reasons[first],
-                        "cut / padded" if relaxed else "zeros")
+            # a warning for the first failing call and each time the running count passes a power
+            # of ten (a policy that often fails would otherwise log at every control step)
+            loud = before == 0 or len(str(self.failures)) > len(str(before))
+            log.log(logging.WARNING if loud else logging.DEBUG,
+                    "FAST decode: %d of %d token streams failed (%s: %s); their actions are %s (%d failed so far)",
+                    len(reasons), B, f"row {first}", reasons[first], "cut / padded" if relaxed else "zeros",
+                    self.failures)
         return actions, ok
 
     # -- save / load ----------------------------------------------------------------------------
