@@ -50,6 +50,19 @@ class BoundPolicy:
     def _check_binding(self, env: "EnvBinding") -> None:
         raise NotImplementedError
 
+    def _check_chunk_binding(self, env: "EnvBinding", what: str) -> None:
+        """The checks every chunking model makes (``what`` names it): the checkpoint's state
+        statistics fit the env's state, the executed horizon fits the chunk, there is a camera."""
+        norm, horizon = self.model.normalizer, self.model.cfg.horizon
+        if norm is not None and norm.state_mode != "identity" and norm.state.dim != env.state_dim:
+            raise PolicyError(f"the checkpoint's state statistics have {norm.state.dim} dims but the env's state "
+                              f"{env.state_dim}: this checkpoint was trained for another robot / benchmark")
+        if not 1 <= self.exec_horizon <= horizon:
+            raise PolicyError(f"exec_horizon must be in [1, horizon={horizon}], got {self.exec_horizon}")
+        if not env.cameras:
+            raise PolicyError(f"{what} needs camera images; this env has none (build it with render=True; "
+                              "ManiSkill: obs_mode='rgb')")
+
     def _bound(self, env: "EnvBinding") -> None:
         """Called after a successful bind."""
 

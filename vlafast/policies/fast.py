@@ -161,18 +161,9 @@ class FASTPolicy(BoundPolicy, nn.Module):
                               f"{cfg.fast_top + 1} (vocab {cfg.vocab_size} less 1 and {cfg.fast_skip_tokens} skipped)")
 
     def _check_binding(self, env: EnvBinding) -> None:
-        cfg = self.model.cfg
         if env.action_dim > self.action_out_dim:
             raise PolicyError(f"the env has {env.action_dim} action dims but this pi0-FAST outputs {self.action_out_dim}")
-        norm = self.model.normalizer
-        if norm is not None and norm.state_mode != "identity" and norm.state.dim != env.state_dim:
-            raise PolicyError(f"the checkpoint's state statistics have {norm.state.dim} dims but the env's state "
-                              f"{env.state_dim}: this checkpoint was trained for another robot / benchmark")
-        if not 1 <= self.exec_horizon <= cfg.horizon:
-            raise PolicyError(f"exec_horizon must be in [1, horizon={cfg.horizon}], got {self.exec_horizon}")
-        if not env.cameras:
-            raise PolicyError("pi0-FAST needs camera images; this env has none (build it with render=True; "
-                              "ManiSkill: obs_mode='rgb')")
+        self._check_chunk_binding(env, "pi0-FAST")
 
     def attach_value_head(self) -> nn.Module:
         """The critic on the mean valid prefix hidden state + raw state (built once; drawn from

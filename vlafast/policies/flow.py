@@ -71,15 +71,7 @@ class FlowPolicy(BoundPolicy, nn.Module):
             raise PolicyError(f"the env has {env.action_dim} action dims but this {cfg.variant} outputs {out_dim}")
         if not cfg.is_pi05 and env.state_dim > cfg.state_dim:
             raise PolicyError(f"the env's state has {env.state_dim} dims but this pi0 takes at most {cfg.state_dim}")
-        norm = self.model.normalizer
-        if norm is not None and norm.state_mode != "identity" and norm.state.dim != env.state_dim:
-            raise PolicyError(f"the checkpoint's state statistics have {norm.state.dim} dims but the env's state "
-                              f"{env.state_dim}: this checkpoint was trained for another robot / benchmark")
-        if not 1 <= self.exec_horizon <= cfg.horizon:
-            raise PolicyError(f"exec_horizon must be in [1, horizon={cfg.horizon}], got {self.exec_horizon}")
-        if not env.cameras:
-            raise PolicyError("pi0 needs camera images; this env has none (build it with render=True; "
-                              "ManiSkill: obs_mode='rgb')")
+        self._check_chunk_binding(env, "pi0")
 
     def _bound(self, env: EnvBinding) -> None:
         self._set_mask(env)
