@@ -43,9 +43,9 @@ from vlafast.models.pi0 import preprocess_images
 from vlafast.models.pi0fast import ACTION_END, ACTION_PREFIX, DecodeOutput, Pi0FASTPolicy, encode_text
 from vlafast.policies.base import BoundPolicy, PolicyError
 from vlafast.policies.flow import value_head
-from vlafast.policies.processors import Batch, ProcessorConfig, as_prompt_tokenizer, check_cameras
+from vlafast.policies.processors import Batch, ProcessorConfig, check_cameras, model_tokenizer
 from vlafast.policies.spec import EnvBinding, PolicySpec
-from vlafast.policies.tokens import TokenSampler, TokenTrace, token_log_probs
+from vlafast.policies.tokens import StepScored, TokenSampler, TokenTrace, masked_steps, token_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,8 @@ class FASTProcessor:
         if config.prompt != "paligemma":
             raise ValueError(f"pi0-FAST builds its own prompt: the processor's prompt style must be 'paligemma', "
                              f"got {config.prompt!r}")
-        self.model, self.tokenizer, self.config = model, as_prompt_tokenizer(tokenizer), config
-        if self.tokenizer.vocab_size > model.cfg.vocab_size:
-            where = f" {self.tokenizer.path}" if self.tokenizer.path else ""
-            raise ValueError(f"tokenizer{where} has {self.tokenizer.vocab_size} tokens but the model's embedding only "
-                             f"{model.cfg.vocab_size}: pass the tokenizer the checkpoint was trained with "
-                             "(PaliGemma's for the published pi0-FAST)")
+        self.model, self.config = model, config
+        self.tokenizer = model_tokenizer(tokenizer, model.cfg.vocab_size, "pi0-FAST")
 
     def ids(self, text: str) -> list[int]:
         """Ids of a postfix piece (``"Action: "``, ``"|"``): without BOS."""
@@ -103,7 +99,7 @@ def fit_normalizer(chunks: np.ndarray, states: np.ndarray, action_low: float = -
     return Normalizer(state, actions, "quantile", "quantile", "lerobot")
 
 
-class FASTPolicy(BoundPolicy, nn.Module):
+class FASTPolicy(StepScored, BoundPolicy, nn.Module):
     """A pi0-FAST bound to an environment's observation and action spaces.
 
     ``fast``: the FAST codec the model was trained with (None only for a policy about to be
@@ -277,16 +273,7 @@ class FASTPolicy(BoundPolicy, nn.Module):
         the current parameters, one teacher-forced pass (0 where not valid): per-token PPO ratios."""
         logits, h = self._scored_logits(batch, trace.tokens)
         lp, ent = token_log_probs(logits, trace.tokens.to(self.device), trace.config.temperature)
-        valid = trace.valid.to(self.device)
-        zero = torch.zeros_like(lp)
-        return torch.where(valid, lp, zero), torch.where(valid, ent, zero), self._value(h, batch)
-
-    def evaluate(self, batch: Batch, trace: TokenTrace) -> tuple[Tensor, Tensor, Tensor]:
-        """(log_prob [B], entropy [B], value [B]) of stored token chunks under the current
-        parameters: the sum of the valid steps' log-probs, the mean valid-step entropy."""
-        step_lp, step_ent, value = self.evaluate_steps(batch, trace)
-        n = trace.valid.to(self.device).sum(-1).clamp_min(1).float()
-        return step_lp.sum(-1), step_ent.sum(-1) / n, value
+        return (*masked_steps(lp, ent, trace.valid), self._value(h, batch))
 
     # -- supervised training ---------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from vlafast.envs.base import EnvSpec, Obs
 from vlafast.policies.base import PolicyError
 from vlafast.policies.processors import OpenVLAProcessor
 from vlafast.policies.spec import EnvBinding, PolicySpec
-from vlafast.policies.tokens import TokenSampler, TokenTrace, token_log_probs
+from vlafast.policies.tokens import StepScored, TokenSampler, TokenTrace, masked_steps, token_log_probs
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ class _LayerCaches:
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.depth)], max_len)
 
 
-class OpenVLAChunkPolicy(nn.Module):
+class OpenVLAChunkPolicy(StepScored, nn.Module):
     def __init__(self, model, processor: OpenVLAProcessor, spec: PolicySpec, *, unnorm_key: str | None = None):
         super().__init__()
         self.model, self.processor, self._spec = model, processor, spec
@@ -253,7 +253,6 @@ class OpenVLAChunkPolicy(nn.Module):
         step_ent = torch.zeros(B, N, device=self.device)
         feats = torch.zeros(B, self.model.cfg.llm.width, device=self.device)
         tokens = trace.tokens.to(self.device)
-        valid = trace.valid.to(self.device)
         for rows, pixels, ids in batch.groups():
             prefix_len = self.model.prefix_len(ids.shape[1])
             cache = self._new_cache(len(rows), prefix_len + N - 1)
@@ -262,15 +261,7 @@ class OpenVLAChunkPolicy(nn.Module):
             step_lp = step_lp.index_put((rows,), lp)
             step_ent = step_ent.index_put((rows,), ent)
             feats[rows] = self._prefix_features(h, prefix_len)
-        zero = torch.zeros_like(step_lp)
-        return torch.where(valid, step_lp, zero), torch.where(valid, step_ent, zero), self._value_of(feats, batch.state)
-
-    def evaluate(self, batch: OpenVLABatch, trace: TokenTrace) -> tuple[Tensor, Tensor, Tensor]:
-        """(log_prob [B], entropy [B], value [B]) of stored chunks under current parameters: the
-        sum of the valid steps' log-probs and their mean entropy, as ``TokenTrace.of`` reduces."""
-        step_lp, step_ent, value = self.evaluate_steps(batch, trace)
-        n = trace.valid.to(self.device).sum(-1).clamp_min(1).float()
-        return step_lp.sum(-1), step_ent.sum(-1) / n, value
+        return (*masked_steps(step_lp, step_ent, trace.valid), self._value_of(feats, batch.state))
 
     def value(self, batch: OpenVLABatch) -> Tensor:
         """Critic [B] of an observation batch: the mean last hidden state over each row's prefix

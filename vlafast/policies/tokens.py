@@ -65,10 +65,8 @@ class TokenTrace:
            step_entropy: Tensor) -> "TokenTrace":
         """A trace from per-step values (zeroed where not valid; chunk values summed / averaged)."""
         v = valid.bool()
-        lp = torch.where(v, step_log_probs.float(), torch.zeros_like(step_log_probs, dtype=torch.float32))
-        ent = torch.where(v, step_entropy.float(), torch.zeros_like(step_entropy, dtype=torch.float32))
-        n = v.sum(-1).clamp_min(1).float()
-        return cls(config, tokens.long(), v, lp, ent, lp.sum(-1), ent.sum(-1) / n)
+        lp, ent = masked_steps(step_log_probs, step_entropy, v)
+        return cls(config, tokens.long(), v, lp, ent, *chunk_values(lp, ent, v))
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -103,6 +101,35 @@ _PER_STEP = ("tokens", "valid", "step_log_probs", "step_entropy")
 _PER_ROW = _PER_STEP + ("log_prob", "entropy")
 
 
+def masked_steps(step_log_probs: Tensor, step_entropy: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-step log-probs and entropies [B, N] as fp32, 0 where ``valid`` [B, N] is False."""
+    v = valid.bool().to(step_log_probs.device)
+    zero = torch.zeros((), dtype=torch.float32, device=step_log_probs.device)
+    return torch.where(v, step_log_probs.float(), zero), torch.where(v, step_entropy.float(), zero)
+
+
+def chunk_values(step_log_probs: Tensor, step_entropy: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """A chunk's (log-prob, entropy) [B] from its valid steps: the sum of the log-probs, the mean
+    entropy per valid step (``TokenTrace``'s reduction, which ``evaluate`` must match)."""
+    lp, ent = masked_steps(step_log_probs, step_entropy, valid)
+    n = valid.bool().to(lp.device).sum(-1).clamp_min(1).float()
+    return lp.sum(-1), ent.sum(-1) / n
+
+
+class StepScored:
+    """``evaluate`` for a token policy that scores per step (``evaluate_steps``): the chunk's
+    log-prob and entropy by ``chunk_values``, as the rollout's ``TokenTrace`` reduced them."""
+
+    def evaluate_steps(self, batch, trace: "TokenTrace") -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, batch, trace: "TokenTrace") -> tuple[Tensor, Tensor, Tensor]:
+        """(log_prob [B], entropy [B], value [B]) of stored token chunks under the current
+        parameters: the sum of the valid steps' log-probs, the mean valid-step entropy."""
+        step_lp, step_ent, value = self.evaluate_steps(batch, trace)
+        return (*chunk_values(step_lp, step_ent, trace.valid), value)
+
+
 def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Per-step log-prob of ``tokens`` [B, N] under ``softmax(logits / temperature)`` (logits
     [B, N, V], position n scoring token n) and the entropy of each step's distribution: two
@@ -113,4 +140,4 @@ def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float) -> tuple
     return chosen, entropy
 
 
-__all__ = ["TokenSampler", "TokenTrace", "token_log_probs"]
+__all__ = ["StepScored", "TokenSampler", "TokenTrace", "chunk_values", "masked_steps", "token_log_probs"]

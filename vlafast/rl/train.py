@@ -29,7 +29,7 @@ from vlafast.flow.sampler import FlowNoiseConfig, element_log_probs
 from vlafast.rl.buffer import Rollout
 from vlafast.rl.losses import PPOConfig, explained_variance, gae, group_advantages, ppo_loss
 from vlafast.policies import Batch, FlowPolicy
-from vlafast.policies.tokens import TokenSampler, TokenTrace
+from vlafast.policies.tokens import TokenSampler, TokenTrace, chunk_values, masked_steps
 from vlafast.rl.sampler_spec import FlowNoise, FlowSDE, SamplerSpec, Tokens, policy_sampler
 
 log = logging.getLogger(__name__)
@@ -425,9 +425,8 @@ def token_clip_loss(policy, s: Samples, micro: Tensor, cfg: PPOConfig) -> tuple[
             raise ValueError(f"ratio 'element' needs the log-prob of each token (evaluate_steps), which "
                              f"{type(policy).__name__} does not give: use ratio 'chunk'")
         step_lp, step_ent, values = policy.evaluate_steps(obs, trace)
-        valid = trace.valid.to(step_lp.device)
-        logp = torch.where(valid, step_lp, torch.zeros_like(step_lp))
-        entropy = torch.where(valid, step_ent, torch.zeros_like(step_ent)).sum(-1) / valid.sum(-1).clamp_min(1)
+        logp, _ = masked_steps(step_lp, step_ent, trace.valid)
+        entropy = chunk_values(step_lp, step_ent, trace.valid)[1]
         mask = s.element_mask.to(dev)[m]
     else:
         logp, entropy, values = policy.evaluate(obs, trace)
@@ -696,11 +695,9 @@ def make_optimizers(policy: FlowPolicy, cfg: RLConfig) -> tuple[torch.optim.Opti
 
 
 def demo_loss(policy, bc_coef: float) -> Callable[..., Tensor]:
-    """The supervised loss the BC anchor (``bc_coef`` > 0) adds on demonstrations: a flow
-    policy's flow-matching loss, an autoregressive policy's ``sft_loss`` (cross-entropy of the
-    demonstrated action tokens); one sentence when the policy has none."""
-    if isinstance(policy, FlowPolicy):
-        return policy.flow_matching_loss
+    """The supervised loss the BC anchor (``bc_coef`` > 0) adds on demonstrations: the policy's
+    ``sft_loss`` (flow matching for pi0 / pi0.5, cross-entropy of the demonstrated action tokens
+    for pi0-FAST); one sentence when the policy has none."""
     loss = getattr(policy, "sft_loss", None)
     if not callable(loss):
         raise ValueError(f"bc_coef={bc_coef} anchors on a supervised loss on the demonstrations, which a "
