@@ -217,6 +217,29 @@ def time_ms(
 # results files
 
 
+@torch.no_grad()
+def random_decoder(cls, tiny_cfg, published_cfg, device: torch.device, *,
+                   ones: tuple[str, ...] = ()) -> tuple[Any, str, str]:
+    """(model, dtype, config) of a decoder benchmark: off CUDA ``cls(tiny_cfg)`` in fp32 (seed 0);
+    on CUDA ``cls(published_cfg)`` in bf16, built on the meta device and materialised straight on
+    the GPU (no fp32 copy ever exists) with random weights kept finite and O(1), for timing only:
+    matrices N(0, 1 / fan_in), 1-D tensors 0 except those whose name holds one of ``ones`` (1:
+    norm gains that scale by w, not 1 + w)."""
+    if device.type != "cuda":
+        torch.manual_seed(0)
+        return cls(tiny_cfg).eval(), "fp32", "tiny"
+    with torch.device("meta"):
+        model = cls(published_cfg).to(torch.bfloat16)
+    model = model.to_empty(device=device).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.fill_(1.0 if any(o in name for o in ones) else 0.0)
+        else:
+            p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=g)
+    return model, "bf16", "real"
+
+
 def decoder_rows(bench: str, *, op: str, shape: str, step_shape: str, dtype: str, times: dict[str, float],
                  unit: str, extra: dict[str, Any], step_bytes: int, config: str, cuda: bool,
                  graph_backend: str = "graph-decode") -> list[Row]:

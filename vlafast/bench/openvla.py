@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from vlafast.bench.core import Row, decoder_rows, time_ms
+from vlafast.bench.core import Row, decoder_rows, random_decoder, time_ms
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt length incl. BOS and the empty token (default 24, a typical instruction)")
 
 
-@torch.no_grad()
 def _policy(device: torch.device):
     from vlafast.models.openvla import OpenVLAConfig, OpenVLAPolicy
 
-    if device.type != "cuda":
-        torch.manual_seed(0)
-        return OpenVLAPolicy(OpenVLAConfig.tiny()).eval(), "fp32", "tiny"
-    with torch.device("meta"):
-        policy = OpenVLAPolicy(OpenVLAConfig.openvla_7b()).to(torch.bfloat16)
-    policy = policy.to_empty(device=device).eval()  # bf16 storage, no fp32 copy ever exists
-    g = torch.Generator(device=device).manual_seed(0)
-    for name, p in policy.named_parameters():  # random weights: timing only, kept finite and O(1)
-        if p.ndim == 1 and ("norm" in name or "scale_factor" in name):
-            p.fill_(1.0)
-        elif p.ndim == 1:
-            p.zero_()
-        else:
-            p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=g)
-    return policy, "bf16", "real"
+    # Llama's RMSNorm and the projector's scale factors multiply by w: those start at 1
+    return random_decoder(OpenVLAPolicy, OpenVLAConfig.tiny(), OpenVLAConfig.openvla_7b(), device,
+                          ones=("norm", "scale_factor"))
 
 
 def _llm_bytes(policy) -> int:

@@ -192,16 +192,24 @@ class ProcessorConfig:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
 
 
+def model_tokenizer(tokenizer: Any, vocab_size: int, published: str) -> PromptTokenizer:
+    """``tokenizer`` as a ``PromptTokenizer``, refused when it has more tokens than the model's
+    embedding (``vocab_size``) holds; ``published`` names the models the hint is about."""
+    tok = as_prompt_tokenizer(tokenizer)
+    if tok.vocab_size > vocab_size:
+        where = f" {tok.path}" if tok.path else ""
+        raise ValueError(f"tokenizer{where} has {tok.vocab_size} tokens but the model's embedding only "
+                         f"{vocab_size}: pass the tokenizer the checkpoint was trained with "
+                         f"(PaliGemma's for the published {published})")
+    return tok
+
+
 class Pi0Processor:
     """Env observation -> ``Batch`` for one pi0 / pi0.5 model (module docstring)."""
 
     def __init__(self, model, tokenizer: Any, config: ProcessorConfig) -> None:
-        self.model, self.tokenizer, self.config = model, as_prompt_tokenizer(tokenizer), config
-        if self.tokenizer.vocab_size > model.cfg.vocab_size:
-            where = f" {self.tokenizer.path}" if self.tokenizer.path else ""
-            raise ValueError(f"tokenizer{where} has {self.tokenizer.vocab_size} tokens but the model's embedding only "
-                             f"{model.cfg.vocab_size}: pass the tokenizer the checkpoint was trained with "
-                             "(PaliGemma's for the published pi0 / pi0.5)")
+        self.model, self.config = model, config
+        self.tokenizer = model_tokenizer(tokenizer, model.cfg.vocab_size, "pi0 / pi0.5")
 
     def tokenize(self, texts: Sequence[str], state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """texts (and, pi0.5 PaliGemma prompts, the raw state [B, S]) -> tokens [B, L], masks [B, L]."""
