@@ -72,6 +72,34 @@ def test_expert_solves_task_at_instructed_speed():
     assert means[0] < means[1] < means[2], means
 
 
+def test_speed_synonyms_change_only_the_words():
+    # The same seeds with and without synonyms: the same scenes, targets, speeds and expert
+    # behaviour; only the instruction's last word changes, to a synonym of the same speed.
+    from vlafast.envs.reach_words import SPEED_SYNONYMS, speed_of
+    from vlafast.eval import speed_word
+
+    plain = make_env("ur5e-reach", 8, seed=0, render=False)
+    syn = make_env("ur5e-reach", 8, seed=0, render=False, speed_synonyms=True)
+    used = set()
+    for seed in range(6):
+        a, b = plain.reset(seed=10 * seed), syn.reset(seed=10 * seed)
+        np.testing.assert_array_equal(a["state"], b["state"])
+        assert [ep.speed_word for ep in plain._episodes] == [ep.speed_word for ep in syn._episodes]
+        for s, t, ep in zip(a["instruction"], b["instruction"], syn._episodes):
+            assert s.split()[:-1] == t.split()[:-1] or s == t
+            assert speed_word(t) == speed_word(s) == (ep.speed_word or "(none)")
+            if ep.speed_word:
+                assert t.split()[-1] in SPEED_SYNONYMS[ep.speed_word]
+                used.add(t.split()[-1])
+        ra, rb = plain.step(plain.expert_chunk(5)), syn.step(syn.expert_chunk(5))
+        np.testing.assert_array_equal(ra[0]["state"], rb[0]["state"])
+        np.testing.assert_array_equal(ra[1], rb[1])
+    assert len(used) >= 5, used  # 48 speed-worded episodes draw most of the 7 words
+    assert speed_of("rapid") == "quickly" and speed_of("steady") == "slowly" and speed_of("ball") == ""
+    with pytest.raises(ValueError, match="speed_synonyms must be true or false"):
+        ReachConfig(speed_synonyms="yes")
+
+
 def test_waypoint_variant_needs_both_targets():
     env = make_env("ur5e-reach2", 2, seed=5, render=False)
     obs = env.reset(seed=5)

@@ -43,6 +43,7 @@ def test_bootstrap_ci_matches_normal_theory():
 def test_with_speed_word():
     assert bh.with_speed_word("touch the red ball slowly", "quickly") == "touch the red ball quickly"
     assert bh.with_speed_word("go to the blue ball", "slowly") == "go to the blue ball slowly"
+    assert bh.with_speed_word("reach the green ball rapid", "slowly") == "reach the green ball slowly"  # a synonym
 
 
 @pytest.mark.slow

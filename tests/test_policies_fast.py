@@ -66,7 +66,7 @@ def test_lerobot_and_openpi_folders_load_as_fast_policies(lerobot_folder, tmp_pa
         chunk = p.bind(SPEC).act_obs(obs())
         assert chunk.shape == (3, p.exec_horizon, 3) and np.isfinite(chunk).all()
         # a random model's tokens do not decode: counted, never raised
-        assert p.decode_failures == 3
+        assert p.decode_failures == 3 and p.decoded_chunks == 3
         assert p.action_layers() == [f"vlm.{l}" for l in range(CFG.vlm.depth)]
 
 
@@ -172,6 +172,17 @@ def test_tiny_pi0fast_recipe_through_train_eval_dictionary(tmp_path, capsys):
     assert main(["eval", "--policy", str(run), "--episodes", "4", "--no-progress"]) == 0
     assert "success" in capsys.readouterr().out
     d = tmp_path / "dict.safetensors"
-    assert main(["dictionary", "build", "--policy", str(run), "-o", str(d), "-k", "3"]) == 0
+    assert main(["dictionary", "build", "--policy", str(run), "-o", str(d), "-k", "32"]) == 0
     assert "2 layers" in capsys.readouterr().out  # every Gemma layer of the 2 * depth stack
     assert main(["dictionary", "search", str(d), "quickly"]) == 0
+    # the paper's path: clusters written as flat ids, clamped at 10, with a random control; every
+    # run reports the fraction of chunks that did not decode (a broken stream holds the arm)
+    clusters, out = tmp_path / "clusters.yaml", tmp_path / "steer.json"
+    assert main(["dictionary", "clusters", str(d), "fast", "slow", "-o", str(clusters)]) == 0
+    capsys.readouterr()
+    assert main(["steer", "--policy", str(run), "--cluster-file", str(clusters), "--alpha", "10", "--controls", "1",
+                 "--episodes", "4", "--json", str(out)]) == 0
+    assert "undecoded" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert "baseline" in runs and len(runs) >= 3, list(runs)
+    assert all(0.0 <= r["undecoded"] <= 1.0 for r in runs.values())

@@ -238,9 +238,12 @@ def evaluate(policy, env, *, episodes: int, seed: int, num_steps: int | None = N
 
 
 def speed_word(instruction: str) -> str:
-    """The instruction's speed word: "slowly", "quickly" or "(none)"."""
+    """The speed the instruction asks for: "slowly", "quickly" (its last word or a synonym,
+    ``envs.reach_words.SPEED_SYNONYMS``) or "(none)"."""
+    from vlafast.envs.reach_words import speed_of
+
     words = instruction.split()
-    return words[-1] if words and words[-1] in ("slowly", "quickly") else "(none)"
+    return (speed_of(words[-1]) if words else "") or "(none)"
 
 
 def speed_by_word(records: list[dict[str, Any]], key: str = "speed") -> dict[str, float]:

@@ -28,7 +28,7 @@ import mujoco  # noqa: E402
 from vlafast.envs.base import (  # noqa: E402
     EnvSpec, Obs, Rehearsal, check_actions, check_rehearsal, env_seeds, step_outputs,
 )
-from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS  # noqa: E402,F401 (re-exported)
+from vlafast.envs.reach_words import COLOURS, SPEED_SYNONYMS, SPEEDS, VERBS  # noqa: E402,F401 (re-exported)
 from vlafast.envs.ur5e import EE_SITE, HOME_QPOS, NUM_JOINTS, build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class ReachConfig:
     progress_reward: float = 2.0          # shaping per metre of approach (success pays 1); "shaped" only
     speed_penalty: float = 4.0            # "slowly": cost per metre a step moves beyond the slow cap; "shaped" only
     slot_jitter: float | None = None      # None: balls anywhere; else each colour in its own slot +- this (m)
+    # True: the instruction names its speed with one of SPEED_SYNONYMS' words, drawn per
+    # episode ("touch the red ball fast"); the speed itself, success and the expert are unchanged
+    speed_synonyms: bool = False
     image_size: int = 64
     cameras: tuple[str, ...] = ("base",)  # "base" (fixed, facing the arm) and/or "wrist"
     render: bool = True
@@ -86,6 +89,8 @@ class ReachConfig:
                              f"got {self.reward!r}")
         if self.progress_reward < 0 or self.speed_penalty < 0:
             raise ValueError(f"progress_reward and speed_penalty must be >= 0, got {self.progress_reward}, {self.speed_penalty}")
+        if not isinstance(self.speed_synonyms, bool):
+            raise ValueError(f"speed_synonyms must be true or false, got {self.speed_synonyms!r}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
@@ -262,7 +267,10 @@ class UR5eReach:
         ep.speed_word = str(ep.rng.choice(list(SPEEDS)))
         verb = str(ep.rng.choice(VERBS))
         goal = " then the ".join(f"{c} ball" for c in ep.targets)
-        ep.instruction = f"{verb} the {goal}" + (f" {ep.speed_word}" if ep.speed_word else "")
+        word = ep.speed_word
+        if word and self.cfg.speed_synonyms:  # drawn last: without synonyms the episode stream is unchanged
+            word = str(ep.rng.choice(SPEED_SYNONYMS[word]))
+        ep.instruction = f"{verb} the {goal}" + (f" {word}" if word else "")
         ep.steps, ep.next_target, ep.reached_at, ep.path_length, ep.ret = 0, 0, -1, 0.0, 0.0
         ep.prev_dist = self._dist_to_target(ep, d)
 

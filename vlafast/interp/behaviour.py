@@ -113,8 +113,11 @@ def default_plans(policy, env, *, dictionary: NeuronDictionary | None = None, cl
 
 
 def with_speed_word(instruction: str, word: str) -> str:
-    """The instruction with its speed word (if any) replaced by ``word``."""
-    base = re.sub(r"\s+(%s)$" % "|".join(SPEED_WORDS), "", instruction.strip())
+    """The instruction with its speed word or synonym (if any) replaced by ``word``."""
+    from vlafast.envs.reach_words import SPEED_SYNONYMS
+
+    synonyms = [w for words in SPEED_SYNONYMS.values() for w in words]
+    base = re.sub(r"\s+(%s)$" % "|".join(synonyms), "", instruction.strip())
     return f"{base} {word}"
 
 
@@ -171,6 +174,14 @@ def episode_records(policy, env, *, episodes: int, seed: int, num_steps: int = 4
     return sorted(out["records"], key=lambda r: (r["env"], r["index"]))
 
 
+def _decode_counts(policy) -> tuple[int, int] | None:
+    """(chunks that failed to decode, chunks decoded) so far, for token policies that count them
+    (pi0-FAST): a clamp that breaks the token stream holds the arm, which is not steering."""
+    if hasattr(policy, "decode_failures") and hasattr(policy, "decoded_chunks"):
+        return policy.decode_failures, policy.decoded_chunks
+    return None
+
+
 def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, seed: int = 100, *,
                         num_steps: int = 4, bootstrap: int = 2000) -> dict[str, Any]:
     """Mean end-effector speed (m per control step) per plan on one fixed seed set.
@@ -178,7 +189,8 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
     plans: {name: SteeringPlan | DirectionPlan}; the unsteered run is added as "baseline".
     ``episodes`` should be a multiple of the env count so every run sees the same episodes.
     Returns {"episodes", "seed", "runs": {name: {"speed", "speed_ci95", "delta", "delta_ci95",
-    "success_rate", "by_word": {word: speed}, "neurons"}}}.
+    "success_rate", "by_word": {word: speed}, "neurons"[, "undecoded"]}}}; "undecoded" (the
+    fraction of chunks whose tokens did not decode) for policies that count it (pi0-FAST).
     """
     from vlafast.eval import speed_by_word
 
@@ -189,9 +201,14 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
         raise ValueError(f"episodes must be a multiple of the env count {B} (same episodes for every plan), "
                          f"got {episodes}")
     raw: dict[str, list[dict]] = {}
+    undecoded: dict[str, float] = {}
     for name, plan in {"baseline": None, **plans}.items():
+        counts = _decode_counts(policy)
         with plan.applied(policy) if plan is not None else contextlib.nullcontext():
             raw[name] = episode_records(policy, env, episodes=episodes, seed=seed, num_steps=num_steps)
+        if counts is not None:
+            failed, chunks = (b - a for a, b in zip(counts, _decode_counts(policy)))
+            undecoded[name] = failed / max(chunks, 1)
     # the env's end-effector speed where it reports one (the built-in task), else the actions' norm
     metric = "speed" if all(np.isfinite(r["speed"]) for r in raw["baseline"]) else "action_norm"
     base = np.array([r[metric] for r in raw["baseline"]])
@@ -210,6 +227,8 @@ def steering_comparison(policy, env, plans: dict[str, Any], episodes: int = 32, 
             "by_word": speed_by_word(records, metric),
             "neurons": len(plan) if isinstance(plan, SteeringPlan) else 0,
         }
+        if name in undecoded:
+            runs[name]["undecoded"] = undecoded[name]
     return {"episodes": episodes, "seed": seed, "metric": metric, "runs": runs}
 
 
@@ -217,8 +236,9 @@ def format_comparison(result: dict[str, Any]) -> str:
     """A plain-text table of ``steering_comparison``'s result (speeds in mm per control step)."""
     runs = result["runs"]
     words = list(next(iter(runs.values()))["by_word"])
+    tokens = all("undecoded" in r for r in runs.values())
     head = (f"{'plan':<14}{'neurons':>8}{'speed':>8}{'95% CI':>16}{'delta':>8}{'95% CI':>16}{'success':>9}"
-            + "".join(f"{w:>9}" for w in words))
+            + (f"{'undecoded':>10}" if tokens else "") + "".join(f"{w:>9}" for w in words))
     what = ("mean end-effector speed, mm per control step" if result.get("metric", "speed") == "speed"
             else "mean action norm (first 3 dims) x 1000 per action")
     lines = [f"{what} ({result['episodes']} episodes, seed {result['seed']})", head]
@@ -228,5 +248,5 @@ def format_comparison(result: dict[str, Any]) -> str:
         lines.append(
             f"{name:<14}{r['neurons']:>8}{1e3 * r['speed']:>8.2f}{f'[{1e3 * lo:.2f}, {1e3 * hi:.2f}]':>16}"
             f"{1e3 * r['delta']:>+8.2f}{f'[{1e3 * dlo:+.2f}, {1e3 * dhi:+.2f}]':>16}{r['success_rate']:>9.2f}"
-            + "".join(f"{1e3 * r['by_word'].get(w, math.nan):>9.2f}" for w in words))
+            + (f"{r['undecoded']:>10.2f}" if tokens else "") + "".join(f"{1e3 * r['by_word'].get(w, math.nan):>9.2f}" for w in words))
     return "\n".join(lines)

@@ -4,7 +4,8 @@ An observation becomes a ``Batch`` (``FASTProcessor``): camera images, the model
 ``"Task: <task>, State: <bins>;\\n"`` (``Pi0FASTPolicy.prompt_tokens``, the state normalised
 and discretised into 256 bins) and the raw state. The policy then decodes FAST action tokens
 after ``"Action: "`` and the FAST codec turns them into a normalised chunk, unnormalised to
-env units. A stream the codec cannot decode exactly is counted in ``decode_failures`` and
+env units. A stream the codec cannot decode exactly is counted in ``decode_failures`` (of
+``decoded_chunks``) and
 decoded relaxed, as LeRobot's pi0fast does (``relaxed_action_decoding``): a stream with the
 wrong number of DCT symbols is cut or zero-padded to T * A (the symbols run frequency-major,
 so what is cut or padded are the highest frequencies: a smoothed chunk); a stream that does
@@ -117,6 +118,7 @@ class FASTPolicy(StepScored, BoundPolicy, nn.Module):
         self.fast_vocab, self.fast_scale = fast_vocab, fast_scale
         self.critic: nn.Module | None = None
         self.decode_failures = 0  # chunks whose tokens did not decode since construction
+        self.decoded_chunks = 0   # chunks decoded since construction (failed ones included)
         cfg = model.cfg
         postfix = processor.ids(ACTION_PREFIX)
         end = processor.ids(ACTION_END)
@@ -219,6 +221,7 @@ class FASTPolicy(StepScored, BoundPolicy, nn.Module):
         decode are counted in ``decode_failures`` (their chunk: see the module docstring)."""
         actions, ok = self.model.decode_actions(out, self._codec(), self.end_ids, relaxed=True)
         self.decode_failures += int((~ok).sum())
+        self.decoded_chunks += len(ok)
         return actions[:, : self.exec_horizon, : self.env_spec.action_dim].double().cpu().numpy()
 
     @torch.no_grad()
