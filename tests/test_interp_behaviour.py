@@ -53,6 +53,8 @@ def test_steering_comparison_measures_speed(trained):
     assert set(plans) == {"fast", "slow", "dir:quickly", "dir:slowly"}
     # the last VLM MLP is skipped: it cannot reach the actions
     assert all(layer == "vlm.0" for name in ("fast", "slow") for layer in plans[name].neurons)
+    for i in range(2):
+        plans[f"random:fast#{i}"] = bh.random_like(plans["fast"], policy, seed=i)
     res = bh.steering_comparison(policy, env, plans, 16, 100)
     runs = res["runs"]
     print(bh.format_comparison(res))
@@ -76,6 +78,16 @@ def test_steering_comparison_measures_speed(trained):
     assert (want - before).abs().max() > 1e-3  # the speed word changes the activations
     torch.testing.assert_close(shifted, want, atol=1e-5, rtol=1e-5)  # measured max 7.2e-7 (|values| <= 4)
     assert runs["fast"]["neurons"] == len(plans["fast"]) > 0
+    # the cluster against its random sets: per-episode differences to their mean, ranked
+    c = runs["fast"]["vs_controls"]
+    controls = [runs[f"random:fast#{i}"] for i in range(2)]
+    assert c["controls"] == 2 and "vs_controls" not in runs["slow"]
+    assert c["delta"] == pytest.approx(runs["fast"]["speed"] - np.mean([r["speed"] for r in controls]), abs=1e-12)
+    assert c["ci95"][0] <= c["delta"] <= c["ci95"][1]
+    assert c["above"] == sum(runs["fast"]["speed"] > r["speed"] for r in controls)
+    assert c["below"] == sum(runs["fast"]["speed"] < r["speed"] for r in controls)
+    assert c["p_faster"] == (1 + 2 - c["above"]) / 3 and c["p_slower"] == (1 + 2 - c["below"]) / 3  # no ties
+    assert "fast against its 2 random sets" in bh.format_comparison(res)
 
 
 @pytest.mark.slow
