@@ -186,3 +186,41 @@ def test_tiny_pi0fast_recipe_through_train_eval_dictionary(tmp_path, capsys):
     runs = json.loads(out.read_text())["runs"]
     assert "baseline" in runs and len(runs) >= 3, list(runs)
     assert all(0.0 <= r["undecoded"] <= 1.0 for r in runs.values())
+
+
+@pytest.mark.slow
+def test_robot_run_drives_a_joint_space_pi0fast_folder(tmp_path, capsys):
+    """`vlafast robot run --policy <pi0-FAST folder>`: a tiny joint-space pi0-FAST (the recipe's
+    builder, its FAST codec fitted on chunks around the UR5e's home pose) decodes whole greedy
+    chunks from the MuJoCo backend's rendered camera, joint state and prompt, and the servo
+    accepts them; --rtc (a flow sampler's guidance) is refused in one sentence."""
+    import dataclasses
+    import re
+
+    pytest.importorskip("mujoco", reason="the MuJoCo backend simulates the UR5e")
+    from vlafast.rl.recipe import Recipe, build_fast_policy
+    from vlafast.robot.servo import UR5E_HOME
+
+    spec = EnvSpec(num_envs=1, action_dim=6, state_dim=6, cameras=("robot",), image_size=(16, 16),
+                   max_episode_steps=100, control_hz=20.0)
+    recipe = Recipe(family="pi0fast", width=16, depth=1, image_size=16, horizon=8, exec_horizon=4)
+    pol = build_fast_policy(recipe, spec)
+    pol._spec = dataclasses.replace(pol.spec, action_space="joint_position")
+    g = np.random.default_rng(0)
+    t = np.linspace(0, 1, recipe.horizon)[None, :, None]
+    chunks = np.asarray(UR5E_HOME)[None, None] + 0.05 * np.sin(2 * t * g.uniform(0.5, 2, (64, 1, 6)) + g.uniform(0, 3, (64, 1, 6)))
+    pol.fit_codec(chunks, chunks[:, 0])
+    folder = policies.save(pol, tmp_path / "fast-joint")
+    assert policies.load(folder).spec.action_space == "joint_position"
+    code = main(["robot", "run", "--backend", "mujoco", "--policy", str(folder), "--prompt", "lift", "--seconds", "1.5",
+                 "--no-realtime", "--report", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    # as the pi0 folder's test: what the code controls, not this machine's speed (a watchdog stop
+    # under load, exit 1, is the servo's job; a policy error is not)
+    assert code in (0, 1) and "policy error" not in out, out
+    accepted = [int(m) for m in re.findall(r"chunks (\d+)/\d+", out)]
+    assert accepted and max(accepted) >= 1, out
+    assert (tmp_path / "report" / "cycles.csv").exists()
+    assert main(["robot", "run", "--backend", "mujoco", "--policy", str(folder), "--rtc", "--seconds", "0.5",
+                 "--no-realtime"]) == 2
+    assert "--rtc guides a flow sampler; pi0-FAST decodes tokens" in capsys.readouterr().err
