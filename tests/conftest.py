@@ -40,3 +40,15 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """The device kernels run on in this session: CUDA when present, else CPU (interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def env():
+    """The built-in reach task, small (4 envs, 16 px, 12 steps), one per test module: the RL tests'
+    env. A module that defines its own ``env`` fixture overrides this one."""
+    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
+    from vlafast.envs import make_env
+
+    e = make_env("ur5e-reach", 4, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=12)
+    yield e
+    e.close()

@@ -17,7 +17,6 @@ from test_openvla_load import REAL_CONFIG, checkpoint_tensors, write_checkpoint
 from test_rl_train import tiny_policy
 from vlafast import policies
 from vlafast.cli import main
-from vlafast.envs import make_env
 from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.models.action_tokenizer import parse_dataset_statistics
 from vlafast.models.openvla import OpenVLAConfig
@@ -53,14 +52,6 @@ def openvla_folder(path, seed: int = 2):
                           config={**REAL_CONFIG, "vlafast_config": OpenVLAConfig.tiny().to_json()})
     word_tokenizer().save(str(ck / "tokenizer.json"))
     return ck
-
-
-@pytest.fixture(scope="module")
-def env():
-    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
-    e = make_env("ur5e-reach", 4, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=12)
-    yield e
-    e.close()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

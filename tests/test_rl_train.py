@@ -35,14 +35,6 @@ def tiny_policy(env, pi05=False, noise_head=False, seed=0):
     return flow_policy(Pi0Policy(cfg), tok, env.spec, exec_horizon=3, max_tokens=8, noise_head=head)
 
 
-@pytest.fixture(scope="module")
-def env():
-    pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
-    e = make_env("ur5e-reach", 4, seed=0, image_size=16, slot_jitter=0.04, max_episode_steps=12)
-    yield e
-    e.close()
-
-
 @pytest.mark.parametrize("spec", [FlowSDE(num_steps=3), FlowNoise(num_steps=3)], ids=["flow_sde", "flow_noise"])
 def test_update_log_probs_equal_rollout(env, spec):
     pol = tiny_policy(env, noise_head=spec.kind == "flow_noise")

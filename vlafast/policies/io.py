@@ -125,12 +125,12 @@ def load(path: str | os.PathLike, tokenizer: Any = None, *, device: str | torch.
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if fmt == "openvla":
         return _load_openvla(path, tokenizer, device, dtype, unnorm_key)
-    if _is_pi0fast(path, fmt):
+    if is_pi0fast(path, fmt):
         return _load_pi0fast(path, fmt, tokenizer, device, dtype, exec_horizon, fast_tokenizer)
     return _load_pi0(path, fmt, tokenizer, device, dtype, exec_horizon)
 
 
-def _is_pi0fast(path: Path, fmt: str) -> bool:
+def is_pi0fast(path: Path, fmt: str) -> bool:
     """A LeRobot folder says its type; an openpi pi0-FAST has the transformers PaliGemma keys at
     top level, where pi0 / pi0.5 nest them under ``paligemma_with_expert.``."""
     if fmt == "lerobot":

@@ -155,9 +155,9 @@ def checkpoint_family(path: str | Path) -> str:
     if fmt == "openvla":
         return "openvla"
     if fmt == "openpi":  # its keys say which: the format's own test (no config names the family)
-        from vlafast.policies.io import _is_pi0fast
+        from vlafast.policies.io import is_pi0fast
 
-        return "pi0fast" if _is_pi0fast(path, fmt) else "pi0"
+        return "pi0fast" if is_pi0fast(path, fmt) else "pi0"
     folder = path if (path / "policy.json").is_file() or fmt != "vlafast" else path / "policy"
     try:
         meta = json.loads((folder / ("policy.json" if fmt == "vlafast" else "config.json")).read_text())
