@@ -734,3 +734,24 @@ def test_bench_module_runs_tiny_on_cpu():
         assert ops == [("chunk_decode", "eager"), ("chunk_decode", "static-eager"), ("decode_step", "eager")]
     assert all(r.median_ms > 0 for r in rows)
     assert rows[0].extra["tokens_match"] and rows[1].baseline == "eager" and rows[1].ratio > 0
+
+
+def test_bench_random_weights_keep_siglip_gains_and_vision_alive():
+    """The GPU benchmark's published-size model gets random weights on the meta device
+    (``bench.core.random_weights_``); here the same rule on the tiny model: SigLIP's LayerNorm
+    gains 1 (they scale by w), every other 1-D tensor 0 (Gemma's RMSNorm scales by 1 + w), and
+    two different images give different vision tokens (with all gains 0 they were constant)."""
+    from vlafast.bench.core import random_weights_
+    from vlafast.bench.pi0fast import SIGLIP_GAINS
+
+    torch.manual_seed(0)
+    policy = Pi0FASTPolicy(Pi0FASTConfig.tiny()).eval()
+    random_weights_(policy, SIGLIP_GAINS, torch.Generator().manual_seed(0))
+    gains = {n: p for n, p in policy.named_parameters() if p.ndim == 1 and any(g in n for g in SIGLIP_GAINS)}
+    assert gains and all(bool((p == 1).all()) for p in gains.values())
+    assert all(bool((p == 0).all()) for n, p in policy.named_parameters() if p.ndim == 1 and n not in gains)
+    size = policy.cfg.vision.image_size
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        tokens = policy.vision_tower(images)
+    assert (tokens[0] - tokens[1]).abs().max() > 1e-3  # the images reach the tokens

@@ -231,13 +231,19 @@ def random_decoder(cls, tiny_cfg, published_cfg, device: torch.device, *,
     with torch.device("meta"):
         model = cls(published_cfg).to(torch.bfloat16)
     model = model.to_empty(device=device).eval()
-    g = torch.Generator(device=device).manual_seed(0)
+    random_weights_(model, ones, torch.Generator(device=device).manual_seed(0))
+    return model, "bf16", "real"
+
+
+@torch.no_grad()
+def random_weights_(model: torch.nn.Module, ones: tuple[str, ...], generator: torch.Generator) -> None:
+    """``random_decoder``'s weights, in place: matrices N(0, 1 / fan_in), 1-D tensors 0 except
+    those whose name holds one of ``ones`` (1)."""
     for name, p in model.named_parameters():
         if p.ndim == 1:
             p.fill_(1.0 if any(o in name for o in ones) else 0.0)
         else:
-            p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=g)
-    return model, "bf16", "real"
+            p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=generator)
 
 
 def decoder_rows(bench: str, *, op: str, shape: str, step_shape: str, dtype: str, times: dict[str, float],

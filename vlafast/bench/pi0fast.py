@@ -24,6 +24,9 @@ import torch
 from vlafast.bench.core import Row, decoder_rows, random_decoder, time_ms
 
 log = logging.getLogger(__name__)
+# SigLIP's LayerNorm gains scale by w (Gemma's RMSNorm by 1 + w, so its 0 is a unit gain): 1 in
+# the random published-size model, or the vision tokens are constant
+SIGLIP_GAINS = ("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _policy(device: torch.device):
     from vlafast.models.pi0fast import Pi0FASTConfig, Pi0FASTPolicy
 
-    # every 1-D tensor 0 (Gemma's RMSNorm scales by 1 + w); the values do not change the timing
-    return random_decoder(Pi0FASTPolicy, Pi0FASTConfig.tiny(), Pi0FASTConfig.pi0fast(), device)
+    # 1-D tensors 0 but SigLIP's gains; the values do not change the timing, only keep the vision tokens alive
+    return random_decoder(Pi0FASTPolicy, Pi0FASTConfig.tiny(), Pi0FASTConfig.pi0fast(), device, ones=SIGLIP_GAINS)
 
 
 def _decode_bytes(policy) -> int:
