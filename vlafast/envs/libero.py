@@ -371,6 +371,46 @@ class LiberoVecEnv:
     def worker_pids(self) -> list[int]:
         return [p.proc.pid for p in self._procs]
 
+    def poses(self) -> list[dict]:
+        """Each env's poses for a scripted expert (the worker's ``poses`` command: end effector,
+        gripper fingers, the task's object and goal positions, episode steps so far)."""
+        if self._needs_reset:
+            raise RuntimeError("call reset() before poses()")
+        for p in self._procs:
+            p.send("poses")
+        replies = [p.recv() for p in self._procs]
+        failed = [f"env {i}: {r['error']}" for i, r in enumerate(replies) if "error" in r]
+        if failed:
+            raise RuntimeError("LIBERO poses failed:\n" + "\n".join(failed))
+        return replies
+
+    def expert_chunk(self, horizon: int, noise: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Scripted pick-and-place expert (``vlafast.envs.libero_expert``) for pick-and-place
+        tasks (libero_object, libero_spatial): [B, T, A] actions for the current states, one
+        phase machine per env, reset when its env starts an episode (also the auto-reset inside
+        ``step``). The chunk repeats the action of its first poses; T = 1 is closed loop.
+        ``noise``: Gaussian noise (std, drawn from ``rng``) on the position actions, then clipped
+        to [-1, 1]."""
+        from vlafast.envs.libero_expert import PickPlaceExpert
+
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if getattr(self, "_experts", None) is None:
+            self._experts = [PickPlaceExpert() for _ in self._slots]
+            self._expert_steps = [0] * len(self._slots)
+        if noise > 0 and rng is None:
+            rng = np.random.default_rng()
+        experts = self._experts
+        out = np.zeros((self.spec.num_envs, horizon, ACTION_DIM))
+        for i, p in enumerate(self.poses()):
+            if p["steps"] == 0 or p["steps"] < self._expert_steps[i]:  # a new episode (reset, auto-reset)
+                experts[i].reset()
+            self._expert_steps[i] = p["steps"]
+            out[i] = experts[i].act(p, horizon)
+            if noise > 0:
+                out[i, :, :3] += rng.normal(0.0, noise, size=(horizon, 3))
+        return np.clip(out, -1.0, 1.0)
+
     # -- internals --------------------------------------------------------------------------
 
     def _spawn(self, i: int) -> _Proc:

@@ -24,6 +24,12 @@ Requests (``(command, args)``) and replies (a dict; ``{"error": "..."}`` if the 
          Each chunk from a snapshot of the current state (MuJoCo integration state + the Python
          fields of the env, robot, controller, gripper and observables), which is then restored;
          no auto-reset; images {camera: bytes [image_size, image_size, 3]}.
+  poses  {} -> {eef_pos [3], eef_quat [4] (x, y, z, w), gripper_qpos [2], object, object_pos [3],
+         goal, goal_pos [3], steps (control steps of the running episode)}: what a scripted expert
+         needs (``vlafast.envs.libero_expert``), read from the current MuJoCo state, no step taken. ``object`` / ``goal`` are the task's
+         ``obj_of_interest`` (first / second: e.g. alphabet_soup_1 / basket_1 in libero_object,
+         akita_black_bowl_1 / plate_1 in libero_spatial), positions are their root bodies' world
+         positions (``sim.data.body_xpos``).
   close  {} -> {} and exit
 
 Observation conventions (openpi's LIBERO example, also OpenVLA's): images rendered at
@@ -161,6 +167,27 @@ class Worker:
         finally:
             self._restore(snap)
         return {"rehearsals": replies}
+
+    def poses(self) -> dict:
+        """End effector (the grip site, as ``robot0_eef_pos``), finger joints, and the task's
+        object and goal (``obj_of_interest[0]`` / ``[1]``, root-body positions)."""
+        env = self.env.env
+        data = env.sim.data
+        interest = list(env.obj_of_interest)
+        if len(interest) < 2:
+            raise ValueError(f"poses needs an object and a goal in obj_of_interest, got {interest}")
+        robot = env.robots[0]
+        eef = data.site_xpos[robot.eef_site_id]
+        w, x, y, z = data.get_body_xquat(robot.robot_model.eef_name)  # MuJoCo's (w, x, y, z)
+        quat = (x, y, z, w)  # robosuite's robot0_eef_quat convention
+        fingers = data.qpos[robot._ref_gripper_joint_pos_indexes]
+
+        def pos(name):
+            return [float(v) for v in data.body_xpos[env.obj_body_id[name]]]
+
+        return {"eef_pos": [float(v) for v in eef], "eef_quat": [float(v) for v in quat],
+                "gripper_qpos": [float(v) for v in fingers], "object": interest[0], "object_pos": pos(interest[0]),
+                "goal": interest[1], "goal_pos": pos(interest[1]), "steps": self.steps}
 
     # -- internals --------------------------------------------------------------------------
 
@@ -321,7 +348,7 @@ def main(argv: list[str]) -> int:
             write_msg(fd_out, {})
             return 0
         try:
-            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step", "rehearse") else None
+            reply = getattr(worker, command)(**args) if command in ("init", "reset", "step", "rehearse", "poses") else None
             if reply is None:
                 raise ValueError(f"unknown command {command!r}")
         except Exception as exc:  # reported to the parent, which resets or restarts this env
