@@ -26,6 +26,7 @@ import torch
 
 from vlafast._io import atomic_path
 from vlafast.envs.base import Obs
+from vlafast.envs.reach_words import speed_of
 
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
 
@@ -240,8 +241,6 @@ def evaluate(policy, env, *, episodes: int, seed: int, num_steps: int | None = N
 def speed_word(instruction: str) -> str:
     """The speed the instruction asks for: "slowly", "quickly" (its last word or a synonym,
     ``envs.reach_words.SPEED_SYNONYMS``) or "(none)"."""
-    from vlafast.envs.reach_words import speed_of
-
     words = instruction.split()
     return (speed_of(words[-1]) if words else "") or "(none)"
 

@@ -236,6 +236,8 @@ class LiberoVecEnv:
         self._maps: list[mmap.mmap] = []
         self._procs: list[_Proc | None] = [None] * num_envs
         self._state = np.zeros((num_envs, STATE_DIM), np.float32)
+        self._experts: list | None = None  # expert_chunk's phase machines, made on its first call
+        self._expert_steps = [0] * num_envs  # each env's episode steps at the expert's last call
         try:
             for _ in range(num_envs):
                 fd, path = tempfile.mkstemp(prefix="vlafast-libero-", dir=shm_dir)
@@ -395,9 +397,8 @@ class LiberoVecEnv:
 
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        if getattr(self, "_experts", None) is None:
+        if self._experts is None:
             self._experts = [PickPlaceExpert() for _ in self._slots]
-            self._expert_steps = [0] * len(self._slots)
         if noise > 0 and rng is None:
             rng = np.random.default_rng()
         experts = self._experts

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from vlafast.envs.reach_words import speed_of
 from vlafast.interp.cluster_files import read_cluster_file
 from vlafast.interp.clusters import cluster
 from vlafast.interp.dictionary import NeuronDictionary
@@ -114,10 +114,8 @@ def default_plans(policy, env, *, dictionary: NeuronDictionary | None = None, cl
 
 def with_speed_word(instruction: str, word: str) -> str:
     """The instruction with its speed word or synonym (if any) replaced by ``word``."""
-    from vlafast.envs.reach_words import SPEED_SYNONYMS
-
-    synonyms = [w for words in SPEED_SYNONYMS.values() for w in words]
-    base = re.sub(r"\s+(%s)$" % "|".join(synonyms), "", instruction.strip())
+    parts = instruction.strip().rsplit(None, 1)
+    base = parts[0] if len(parts) == 2 and speed_of(parts[1]) else instruction.strip()
     return f"{base} {word}"
 
 
