@@ -23,6 +23,9 @@ def test_train_sft_ppo_resume_eval(tmp_path, capsys):
     assert main(["train", "ppo", "--out", str(run2), "--resume", "--iterations", "2", "--no-progress"]) == 0
     history = json.loads((run2 / "metrics.json").read_text())
     assert [h["iteration"] for h in history] == [1, 2]
+    for run in (run1, run2):  # the final evaluation's episodes, one record each, for paired comparisons
+        episodes = json.loads((run / "episodes.json").read_text())
+        assert len(episodes) == SMALL["eval_episodes"] and {"env", "index", "success"} <= set(episodes[0])
     assert main(["eval", "--policy", str(run2), "--episodes", "4", "--no-progress"]) == 0
     assert "success" in capsys.readouterr().out
     run3 = tmp_path / "grpo"

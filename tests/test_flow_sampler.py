@@ -11,6 +11,7 @@ import torch
 
 from vlafast import _backend, flow
 from vlafast.flow.sampler import FlowNoiseConfig, FlowSDEConfig
+from vlafast.rl.sampler_spec import FlowSDE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +400,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="NoiseHead"):
         flow.flow_noise(torch.nn.Linear(2, 2))
     cfg = flow.flow_sde(num_steps=2)
+    spec = FlowSDE(num_steps=2)  # an RL recipe's sampler spec, not a sampler config: once an IndexError
+    with pytest.raises(TypeError, match="config must be a sampler config .* got FlowSDE: .*policy_sampler"):
+        flow.sample(spec, vel, 0.0, torch.randn(3, 4, 2))
     with pytest.raises(ValueError, match=r"noise must be a \[B, T, A\] tensor"):
         flow.sample(cfg, vel, 0.0, torch.randn(3, 2))
     with pytest.raises(ValueError, match="float32 or float64"):

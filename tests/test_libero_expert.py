@@ -49,6 +49,12 @@ def test_expert_succeeds_on_libero_object_init_states():
         assert [p["object"] for p in poses] == ["alphabet_soup_1"] * 2 and poses[0]["goal"] == "basket_1"
         np.testing.assert_allclose(poses[0]["eef_pos"], obs["state"][0, :3], atol=1e-5)  # same site as the state
         assert poses[0]["steps"] == 0 and len(poses[0]["eef_quat"]) == 4 and len(poses[0]["gripper_qpos"]) == 2
+        noisy, clean = env.expert_chunk(4, noise=0.1), env.expert_chunk(4)
+        assert np.abs(noisy - clean)[..., :3].max() > 0.01 and np.array_equal(noisy[..., 3:], clean[..., 3:])
+        env.reset(seed=0)  # the noise repeats with the env's seed (and differs between the envs)
+        np.testing.assert_array_equal(env.expert_chunk(4, noise=0.1), noisy)
+        assert not np.allclose(noisy[0, :, :3] - clean[0, :, :3], noisy[1, :, :3] - clean[1, :, :3])
+        env.reset(seed=0)
         results = []
         for _ in range(2 * env.spec.max_episode_steps // 4):
             _, _, terminated, truncated, info = env.step(env.expert_chunk(4))

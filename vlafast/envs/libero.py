@@ -47,6 +47,13 @@ NUM_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libe
 CAMERAS = ("image", "wrist_image")
 ACTION_DIM, STATE_DIM, CONTROL_HZ = 7, 8, 20.0
 WORKER = pathlib.Path(_wire.__file__)
+# Every word of the instructions of libero_spatial / _object / _goal / _10 (lower case), for
+# tokenizers built here (vlafast.rl.recipe.task_words)
+LIBERO_WORDS = ("alphabet and back basket bbq between black book both bottle bottom bowl box butter cabinet caddy "
+                "center cheese chocolate close compartment cookie cream drawer dressing from front in inside it juice "
+                "ketchup left microwave middle milk moka mug next of on open orange pick place plate pot pots pudding "
+                "push put rack ramekin right salad sauce soup stove table the to tomato top turn up white wine wooden "
+                "yellow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +244,7 @@ class LiberoVecEnv:
         self._procs: list[_Proc | None] = [None] * num_envs
         self._state = np.zeros((num_envs, STATE_DIM), np.float32)
         self._experts: list | None = None  # expert_chunk's phase machines, made on its first call
+        self._expert_rngs: list[np.random.Generator] = []  # and their noise, one generator per env episode
         self._expert_steps = [0] * num_envs  # each env's episode steps at the expert's last call
         try:
             for _ in range(num_envs):
@@ -391,25 +399,26 @@ class LiberoVecEnv:
         tasks (libero_object, libero_spatial): [B, T, A] actions for the current states, one
         phase machine per env, reset when its env starts an episode (also the auto-reset inside
         ``step``). The chunk repeats the action of its first poses; T = 1 is closed loop.
-        ``noise``: Gaussian noise (std, drawn from ``rng``) on the position actions, then clipped
-        to [-1, 1]."""
+        ``noise``: Gaussian noise (std) on the position actions, then clipped to [-1, 1], drawn
+        from ``rng`` or else from each env's episode generator (seeded by the env's seed and
+        episode count, so demonstrations with noise repeat with the env's seed)."""
         from vlafast.envs.libero_expert import PickPlaceExpert
 
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         if self._experts is None:
             self._experts = [PickPlaceExpert() for _ in self._slots]
-        if noise > 0 and rng is None:
-            rng = np.random.default_rng()
+            self._expert_rngs = [np.random.default_rng([s.seed, s.episode]) for s in self._slots]
         experts = self._experts
         out = np.zeros((self.spec.num_envs, horizon, ACTION_DIM))
         for i, p in enumerate(self.poses()):
             if p["steps"] == 0 or p["steps"] < self._expert_steps[i]:  # a new episode (reset, auto-reset)
                 experts[i].reset()
+                self._expert_rngs[i] = np.random.default_rng([self._slots[i].seed, self._slots[i].episode])
             self._expert_steps[i] = p["steps"]
             out[i] = experts[i].act(p, horizon)
             if noise > 0:
-                out[i, :, :3] += rng.normal(0.0, noise, size=(horizon, 3))
+                out[i, :, :3] += (self._expert_rngs[i] if rng is None else rng).normal(0.0, noise, size=(horizon, 3))
         return np.clip(out, -1.0, 1.0)
 
     # -- internals --------------------------------------------------------------------------

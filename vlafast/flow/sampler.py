@@ -565,6 +565,10 @@ def sample(
     ``guidance`` (ODE only): real-time chunking towards a prefix, ``RTCGuidance``; each step
     then runs one vector-Jacobian product through velocity_fn (under grad mode).
     """
+    if not isinstance(config, (ODEConfig, FlowSDEConfig, FlowNoiseConfig)):
+        raise TypeError(f"config must be a sampler config (flow.ode, flow.flow_sde or flow.flow_noise), got "
+                        f"{type(config).__name__}: an RL recipe's sampler spec becomes one with "
+                        f"vlafast.rl.sampler_spec.policy_sampler")
     _check_noise(noise)
     _check_generator(generator, noise.device)
     mask = _flat_mask(action_mask, noise.shape, noise.device)

@@ -1,6 +1,6 @@
 """The jobs behind `vlafast train` / `vlafast eval` and the demo: SFT, RL and evaluation runs
 that write their results into a run folder (policy/, recipe.json, run.json, metrics.json,
-checkpoint.pt, summary.json), never over another run unless asked to.
+checkpoint.pt, summary.json, episodes.json), never over another run unless asked to.
 
 RL starts from a flow policy (a run trained here, a LeRobot / openpi pi0 / pi0.5 folder) or an
 autoregressive one (an OpenVLA Hugging Face folder, pi0-FAST), trained on the log-probs of its
@@ -40,6 +40,13 @@ def summarise_eval(ev: dict[str, Any]) -> dict[str, Any]:
     return {k: ev[k] for k in ("episodes", "success_rate", "success_ci95", "return")} | {"speed": speed_by_word(ev["records"])}
 
 
+def write_results(out: Path, summary: dict[str, Any], ev: dict[str, Any]) -> None:
+    """summary.json, and episodes.json: the final evaluation's per-episode records, which an
+    evaluation of the same episodes by another policy pairs with (``eval.paired_difference``)."""
+    atomic_write_text(out / "episodes.json", json.dumps(ev["records"]))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+
+
 def run_sft(recipe: Recipe, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Scripted demos -> SFT -> evaluation; writes out/policy/ and out/summary.json. An ``out``
     that holds a run is refused unless ``overwrite``."""
@@ -64,7 +71,7 @@ def run_sft(recipe: Recipe, out: str | Path, *, overwrite: bool = False, progres
     summary = {"phase": "sft", "demo_episodes": demos.episodes, "demo_chunks": len(demos), "sft_loss": losses,
                "eval": summarise_eval(ev), "seconds": time.perf_counter() - t0}
     save_policy(policy, recipe, out / "policy")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_results(out, summary, ev)
     env.close()
     return summary
 
@@ -126,7 +133,7 @@ def check_resume(out: Path, recipe: Recipe) -> None:
                          f"{now[0]} with {now[1]}: start a new run in another --out")
 
 
-RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.json", "recipe.json", RUN_FILE)
+RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.json", "episodes.json", "recipe.json", RUN_FILE)
 
 
 def start_run_dir(out: Path, recipe: Recipe, *, init: str | Path | None, phase: str, resume: bool = False,
@@ -272,7 +279,7 @@ def run_rl(init: str | Path | None, out: str | Path, *, recipe_overrides: dict[s
     summary = {"phase": recipe.rl.algo, "method": recipe.rl.sampler.kind, "history": history, "eval": summarise_eval(ev),
                "seconds": time.perf_counter() - t0}
     save_result(policy, recipe, out / "policy")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_results(out, summary, ev)
     env.close()
     return summary
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlafast.envs import make_env
+from vlafast.envs.libero import LIBERO_WORDS
 from vlafast.envs.reach_words import COLOURS, SPEEDS, VERBS
 from vlafast.models.gemma import GemmaConfig
 from vlafast.models.pi0 import Pi0Config, Pi0Policy
@@ -148,16 +149,27 @@ def env_slice(recipe: Recipe, first_env: int, num_envs: int, seed: int | None = 
     return make_env(recipe.env, num_envs, seed=recipe.seed if seed is None else seed, **overrides)
 
 
-def task_words() -> list[str]:
-    """The built-in task's words and the steering keywords."""
-    return words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS), EXTRA_WORDS])
+def task_words(env: str = "ur5e-reach") -> list[str]:
+    """The built-in task's words and the steering keywords, then (for a LIBERO env) the words of
+    LIBERO's instructions, so a tiny policy trained on several LIBERO tasks reads which object
+    its instruction names (unknown words are one [UNK] token)."""
+    words = words_of([" ".join(VERBS), "the ball then", " ".join(COLOURS), " ".join(SPEEDS), EXTRA_WORDS])
+    if env.startswith("libero:"):
+        words += [w for w in LIBERO_WORDS.split() if w not in words]
+    return words
+
+
+def prompt_tokens(env: str) -> int:
+    """Instruction tokens the tiny flow policy reads: 8 for the built-in task's short commands,
+    24 for LIBERO's (up to 19 words: the object and its place come last)."""
+    return 24 if env.startswith("libero:") else 8
 
 
 def build_policy(recipe: Recipe, spec) -> FlowPolicy | FASTPolicy:
     """The tiny pi0 (or pi0.5, or pi0-FAST) of the recipe, randomly initialised from its seed."""
     if recipe.family == "pi0fast":
         return build_fast_policy(recipe, spec)
-    tok = build_word_tokenizer(task_words())
+    tok = build_word_tokenizer(task_words(recipe.env))
     heads = 4
     g = GemmaConfig(width=recipe.width, depth=recipe.depth, mlp_dim=2 * recipe.width, num_heads=heads,
                     num_kv_heads=1, head_dim=recipe.width // heads)
@@ -172,7 +184,8 @@ def build_policy(recipe: Recipe, spec) -> FlowPolicy | FASTPolicy:
         from vlafast.flow.noise_head import NoiseHead
 
         noise_head = NoiseHead(cfg.expert.width, cfg.action_dim)
-    return flow_policy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon, max_tokens=8, noise_head=noise_head)
+    return flow_policy(Pi0Policy(cfg), tok, spec, exec_horizon=recipe.exec_horizon,
+                       max_tokens=prompt_tokens(recipe.env), noise_head=noise_head)
 
 
 def build_fast_policy(recipe: Recipe, spec) -> FASTPolicy:
@@ -197,7 +210,8 @@ def build_fast_policy(recipe: Recipe, spec) -> FASTPolicy:
     from vlafast.policies.spec import EnvBinding, PolicySpec
 
     prompt = ["task", "state", "action", ":", ",", ";", "|"] + [str(i) for i in range(256)]
-    words = [EOS] + task_words() + [w for w in prompt if w not in task_words()]
+    known = task_words(recipe.env)
+    words = [EOS] + known + [w for w in prompt if w not in known]
     fast_names = [f"<fast{k}>" for k in range(FAST_VOCAB - 1, -1, -1)]
     tok = build_word_tokenizer(words + fast_names)
     heads = 4
