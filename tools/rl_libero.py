@@ -3,7 +3,7 @@
 written to ``bench/results/rl_libero.csv`` (one row per update), ``rl_libero_eval.csv`` (SFT and
 the result evaluated on the same episodes, the paired gain) and ``rl_libero.png``.
 
-    python -m tools.rl_libero --work runs/rl_libero --task 0 --env-steps 80000 --workers 2
+    python -m tools.rl_libero --work runs/rl_libero --task 6 --env-steps 32000 --workers 2
 
 1. SFT (skipped when ``--work``/sft holds one): ``SFT_RECIPE``, the tiny pi0 behaviour-cloned on
    ``vlafast.envs.libero_expert``'s demonstrations from the suite's own init states, every task
@@ -38,10 +38,10 @@ from vlafast.eval import evaluate, paired_difference, wilson_interval
 
 # The SFT policy: the recipe's tiny pi0 (width 64, depth 2) on both cameras at 32 px, chunks of
 # 8 executing 4, 200 scripted episodes over the ten libero_object tasks (20 init states each);
-# its own evaluation takes 2 episodes per task (the task RL trains on is evaluated on --episodes).
+# its own evaluation takes 20 episodes per task (the task RL trains on is evaluated on --episodes).
 SFT_RECIPE: dict[str, Any] = {
     "env": "libero:libero_object", "env_kwargs": {"render_size": 64}, "num_envs": 10, "image_size": 32,
-    "horizon": 8, "exec_horizon": 4, "demos": 200, "sft_steps": 3000, "eval_episodes": 2,
+    "horizon": 8, "exec_horizon": 4, "demos": 200, "sft_steps": 3000, "eval_episodes": 20,
 }
 
 # PPO in pi_RL's shape at CPU scale: Flow-SDE (one stochastic denoising step per chunk), GAE over
@@ -167,11 +167,11 @@ def plot(rows: list[dict[str, Any]], sft: dict[str, float], final: dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.rl_libero", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/rl_libero", help="sft/ and ppo/ run folders, the evaluations' records")
-    p.add_argument("--task", type=int, default=0, help="libero_object task RL trains on")
+    p.add_argument("--task", type=int, default=6, help="libero_object task RL trains on")
     p.add_argument("--envs", type=int, default=4, help="training and evaluation envs (split over the workers)")
     p.add_argument("--workers", type=int, default=2, help="Ray rollout workers")
-    p.add_argument("--env-steps", type=int, default=80_000, help="RL budget in env steps")
-    p.add_argument("--episodes", type=int, default=48, help="evaluation episodes (init states) before and after RL")
+    p.add_argument("--env-steps", type=int, default=32_000, help="RL budget in env steps")
+    p.add_argument("--episodes", type=int, default=32, help="evaluation episodes (init states) before and after RL")
     p.add_argument("--window", type=int, default=32, help="rollout episodes per point of the curve")
     p.add_argument("--resume", action="store_true", help="continue the PPO run in --work/ppo")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
