@@ -51,8 +51,9 @@ def test_expert_succeeds_on_libero_object_init_states():
         assert poses[0]["steps"] == 0 and len(poses[0]["eef_quat"]) == 4 and len(poses[0]["gripper_qpos"]) == 2
         noisy, clean = env.expert_chunk(4, noise=0.1), env.expert_chunk(4)
         assert np.abs(noisy - clean)[..., :3].max() > 0.01 and np.array_equal(noisy[..., 3:], clean[..., 3:])
-        env.reset(seed=0)  # the noise repeats with the env's seed (and differs between the envs)
-        np.testing.assert_array_equal(env.expert_chunk(4, noise=0.1), noisy)
+        env.reset(seed=0)  # the noise repeats with the env's seed (and differs between the envs); the reset
+        # state repeats to 3.2e-6 (measured), the noise draws (std 0.1) exactly
+        np.testing.assert_allclose(env.expert_chunk(4, noise=0.1), noisy, atol=1e-4, rtol=0)
         assert not np.allclose(noisy[0, :, :3] - clean[0, :, :3], noisy[1, :, :3] - clean[1, :, :3])
         env.reset(seed=0)
         results = []

@@ -311,17 +311,27 @@ def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path
             sft.append(float(np.mean([e["success"] for e in json.loads(f.read_text())])))
     if sft:
         ax.axhline(float(np.mean(sft)), color="k", ls="--", lw=1, label=f"SFT (evaluated, mean {100 * np.mean(sft):.1f}%)")
-    ax.set_xlabel("env steps (rehearsed steps count)")
-    ax.set_ylabel("success rate (lines: rollouts; points: evaluation)")
-    ax.set_title(f"RL from few-shot SFT, testbed {testbed!r}")
+    save_success_plot(fig, ax, path, xlabel="env steps (rehearsed steps count)",
+                      ylabel="success rate (lines: rollouts; points: evaluation)",
+                      title=f"RL from few-shot SFT, testbed {testbed!r}", legend="lower right")
+    return path
+
+
+def save_success_plot(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+    """Label a success-rate-vs-env-steps axes (0..1, grid, legend at ``legend``) and write the
+    figure to ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc=legend, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def _star(job: tuple) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tools.rl_compare import save_success_plot
 from vlafast._io import atomic_write_text
 from vlafast.eval import evaluate, paired_difference, wilson_interval
 
@@ -152,16 +153,8 @@ def plot(rows: list[dict[str, Any]], sft: dict[str, float], final: dict[str, flo
             ax.errorbar([at], [ev["success"]], yerr=[[ev["success"] - ev["ci_low"]], [ev["ci_high"] - ev["success"]]],
                         fmt="s", color=colour, capsize=4, label=f"{name} evaluated: {100 * ev['success']:.0f}% "
                         f"({ev['episodes']} episodes)")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("success rate (Wilson 95%)")
-    ax.set_title(title)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_success_plot(fig, ax, path, xlabel="env steps", ylabel="success rate (Wilson 95%)", title=title,
+                      legend="upper right")
 
 
 def main(argv: list[str] | None = None) -> int:
