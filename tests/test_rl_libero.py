@@ -69,7 +69,7 @@ def test_curve_csv_and_plot(tmp_path):
     assert lines[0].split(",") == list(rl_libero.COLUMNS) and len(lines) == 7
     ev = rl_libero.success([{"success": s} for s in [True, False, False, True]])
     assert ev["success"] == 0.5 and (ev["ci_low"], ev["ci_high"]) == pytest.approx(wilson_interval(2, 4))
-    rl_libero.plot(rows, ev, ev, "test", tmp_path / "curve.png", window=8)
+    rl_libero.plot(rows, ev, ev, ev, "test", tmp_path / "curve.png", window=8)
     assert (tmp_path / "curve.png").stat().st_size > 5000
 
 
@@ -81,10 +81,12 @@ def test_eval_rows_pair_sft_and_result(tmp_path):
            for e in range(2) for i in range(4)]
     ppo = [dict(r, success=r["success"] or r["index"] == 1) for r in sft]
     gain = paired_difference(ppo, sft)
-    rows = rl_libero.eval_rows(6, 2048, rl_libero.success(sft), rl_libero.success(ppo), gain)
-    assert [r["policy"] for r in rows] == ["sft", "ppo_flow_sde", "gain_paired"]
-    assert rows[2]["success"] == pytest.approx(rows[1]["success"] - rows[0]["success"]) and rows[2]["success"] > 0
-    assert rows[2]["ci_low"] < rows[2]["success"] < rows[2]["ci_high"]
+    sampled = [dict(r, success=r["success"] and r["env"] == 0) for r in sft]
+    rows = rl_libero.eval_rows(6, 2048, *map(rl_libero.success, (sft, sampled, ppo)), gain)
+    assert [r["policy"] for r in rows] == ["sft", "sft_sampled_flow_sde", "ppo_flow_sde", "gain_paired"]
+    assert rows[1]["success"] < rows[0]["success"] and rows[1]["env_steps"] == 0
+    assert rows[3]["success"] == pytest.approx(rows[2]["success"] - rows[0]["success"]) and rows[3]["success"] > 0
+    assert rows[3]["ci_low"] < rows[3]["success"] < rows[3]["ci_high"]
     rl_libero.write_csv(rows, tmp_path / "eval.csv", rl_libero.EVAL_COLUMNS)
     lines = (tmp_path / "eval.csv").read_text().splitlines()
-    assert lines[0].split(",") == list(rl_libero.EVAL_COLUMNS) and lines[2].startswith("6,ppo_flow_sde,2048,8,")
+    assert lines[0].split(",") == list(rl_libero.EVAL_COLUMNS) and lines[3].startswith("6,ppo_flow_sde,2048,8,")

@@ -9,10 +9,11 @@ the result evaluated on the same episodes, the paired gain) and ``rl_libero.png`
    ``vlafast.envs.libero_expert``'s demonstrations from the suite's own init states, every task
    of libero_object (the instruction names the object).
 2. The SFT policy is evaluated (ODE) on ``--episodes`` episodes of the task: ``--envs`` envs walk
-   its init states (env r: r, r + envs, ...), the same episodes every evaluation here sees.
+   its init states (env r: r, r + envs, ...), the same episodes every evaluation here sees; and
+   again sampled with Flow-SDE, as the rollouts sample.
 3. PPO with Flow-SDE on that task (``RL``: pi_RL's PPO, sparse 0/1 success reward, time-outs
    terminal), rollouts from ``--workers`` Ray workers, until ``--env-steps`` are spent; a cut
-   run continues with ``--resume`` (the run folder's checkpoint).
+   run continues with ``--resume`` (the run folder's checkpoint); a finished one is reported again.
 4. The result is evaluated on the same episodes; its gain over SFT is paired on them
    (``eval.paired_difference``, Newcombe 95%). The curve: each update's rollout success (the
    stochastic Flow-SDE policy, Wilson 95% over a window of updates) against env steps, SFT's and
@@ -69,14 +70,19 @@ def task_overrides(task: int, envs: int) -> dict[str, Any]:
     return {"env_kwargs": {"task_ids": [task]}, "num_envs": envs}
 
 
-def evaluate_policy(folder: Path, task: int, envs: int, episodes: int) -> list[dict[str, Any]]:
-    """ODE evaluation records of the policy in ``folder`` on the task's first ``episodes`` episodes
-    (the seed run_rl's own evaluation uses: the episodes pair up)."""
+def evaluate_policy(folder: Path, task: int, envs: int, episodes: int, *, as_rollouts: bool = False
+                    ) -> list[dict[str, Any]]:
+    """Evaluation records of the policy in ``folder`` on the task's first ``episodes`` episodes
+    (the seed run_rl's own evaluation uses: the episodes pair up): ODE, or with ``as_rollouts``
+    RL's stochastic sampler (``RL["sampler"]``), what the rollouts' success starts from."""
     from vlafast.rl.recipe import load_policy
+    from vlafast.rl.sampler_spec import policy_sampler
 
-    policy, recipe, env = load_policy(folder, overrides=task_overrides(task, envs))
+    overrides = task_overrides(task, envs) | ({"rl": {"sampler": RL["sampler"]}} if as_rollouts else {})
+    policy, recipe, env = load_policy(folder, overrides=overrides)
     try:
         return evaluate(policy, env, episodes=episodes, seed=recipe.seed + 100, num_steps=recipe.rl.sampler.num_steps,
+                        sampler=policy_sampler(recipe.rl.sampler, policy) if as_rollouts else None,
                         progress=False)["records"]
     finally:
         env.close()
@@ -112,11 +118,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...] =
     atomic_write_text(path, buf.getvalue())
 
 
-def eval_rows(task: int, env_steps: int, sft: dict[str, float], final: dict[str, float],
-              gain: dict[str, Any]) -> list[dict[str, Any]]:
-    """SFT's and the result's success on the same episodes, then the paired gain (Newcombe 95%)."""
+def eval_rows(task: int, env_steps: int, sft: dict[str, float], sft_rollouts: dict[str, float],
+              final: dict[str, float], gain: dict[str, Any]) -> list[dict[str, Any]]:
+    """SFT's (ODE, and sampled as the rollouts sample) and the result's success on the same
+    episodes, then the result's paired gain over SFT (Newcombe 95%)."""
     lo, hi = gain["ci95"]
     return [{"task": task, "policy": "sft", "env_steps": 0, **sft},
+            {"task": task, "policy": "sft_sampled_flow_sde", "env_steps": 0, **sft_rollouts},
             {"task": task, "policy": "ppo_flow_sde", "env_steps": env_steps, **final},
             {"task": task, "policy": "gain_paired", "env_steps": env_steps, "episodes": gain["episodes"],
              "success": gain["difference"], "ci_low": lo, "ci_high": hi}]
@@ -135,8 +143,8 @@ def windows(rows: list[dict[str, Any]], episodes: int) -> list[tuple[float, floa
     return out
 
 
-def plot(rows: list[dict[str, Any]], sft: dict[str, float], final: dict[str, float] | None, title: str, path: Path,
-         window: int) -> None:
+def plot(rows: list[dict[str, Any]], sft: dict[str, float], sft_rollouts: dict[str, float] | None,
+         final: dict[str, float] | None, title: str, path: Path, window: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,10 +156,12 @@ def plot(rows: list[dict[str, Any]], sft: dict[str, float], final: dict[str, flo
         x, y, lo, hi = map(np.array, zip(*w))
         ax.plot(x, y, "o-", color="C0", label=f"PPO Flow-SDE rollouts (>= {window} episodes per point)")
         ax.fill_between(x, lo, hi, color="C0", alpha=0.2)
-    for at, ev, colour, name in ((0, sft, "k", "SFT"), (rows[-1]["env_steps"] if rows else 0, final, "C3", "after PPO")):
+    end = rows[-1]["env_steps"] if rows else 0
+    for at, ev, colour, name in ((0, sft, "k", "SFT evaluated (ODE)"), (0, sft_rollouts, "C1", "SFT sampled as the rollouts"),
+                                 (end, final, "C3", "after PPO evaluated (ODE)")):
         if ev is not None:
             ax.errorbar([at], [ev["success"]], yerr=[[ev["success"] - ev["ci_low"]], [ev["ci_high"] - ev["success"]]],
-                        fmt="s", color=colour, capsize=4, label=f"{name} evaluated: {100 * ev['success']:.0f}% "
+                        fmt="s", color=colour, capsize=4, label=f"{name}: {100 * ev['success']:.0f}% "
                         f"({ev['episodes']} episodes)")
     save_success_plot(fig, ax, path, xlabel="env steps", ylabel="success rate (Wilson 95%)", title=title,
                       legend="upper right")
@@ -184,28 +194,36 @@ def main(argv: list[str] | None = None) -> int:
         s = jobs.run_sft(Recipe.from_json(SFT_RECIPE), sft_dir, overwrite=True, progress=False)
         print(f"sft: {s['demo_episodes']} demonstrations, {len(s['sft_loss'])} steps ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    sft_file = work / f"sft_task{args.task}.episodes.json"
-    if not sft_file.exists():
-        atomic_write_text(sft_file, json.dumps(evaluate_policy(sft_dir / "policy", args.task, args.envs, args.episodes)))
-    sft_records = json.loads(sft_file.read_text())
-    sft = success(sft_records)
-    print(f"sft on task {args.task}: {100 * sft['success']:.1f}% [{100 * sft['ci_low']:.1f}, {100 * sft['ci_high']:.1f}]",
-          flush=True)
+    evaluated = {}
+    for name, as_rollouts in (("sft", False), ("sft_sampled", True)):  # kept in --work: a rerun reuses them
+        f = work / f"{name}_task{args.task}.episodes.json"
+        if not f.exists():
+            atomic_write_text(f, json.dumps(evaluate_policy(sft_dir / "policy", args.task, args.envs, args.episodes,
+                                                            as_rollouts=as_rollouts)))
+        evaluated[name] = json.loads(f.read_text())
+        ev = success(evaluated[name])
+        print(f"{name} on task {args.task}: {100 * ev['success']:.1f}% [{100 * ev['ci_low']:.1f}, "
+              f"{100 * ev['ci_high']:.1f}]", flush=True)
+    sft_records = evaluated["sft"]
+    sft, sft_rollouts = success(sft_records), success(evaluated["sft_sampled"])
     per_update = args.envs * RL["chunks_per_rollout"] * SFT_RECIPE["exec_horizon"]
     overrides = {**task_overrides(args.task, args.envs), "eval_episodes": args.episodes,
                  "rl": {**RL, "iterations": math.ceil(args.env_steps / per_update)}}
-    summary = jobs.run_rl(None if args.resume else sft_dir / "policy", ppo_dir, recipe_overrides=overrides,
-                          resume=args.resume, progress=False, dist=DistConfig(workers=args.workers))
+    if (ppo_dir / "summary.json").exists() and not args.resume:  # a finished run: report it again
+        summary = json.loads((ppo_dir / "summary.json").read_text())
+    else:
+        summary = jobs.run_rl(None if args.resume else sft_dir / "policy", ppo_dir, recipe_overrides=overrides,
+                              resume=args.resume, progress=False, dist=DistConfig(workers=args.workers))
     final_records = json.loads((ppo_dir / "episodes.json").read_text())
     final = success(final_records)
     gain = paired_difference(final_records, sft_records)
     rows = curve_rows(summary["history"])
     write_csv(rows, out)
-    write_csv(eval_rows(args.task, rows[-1]["env_steps"], sft, final, gain), out.with_name(f"{out.stem}_eval.csv"),
-              EVAL_COLUMNS)
+    write_csv(eval_rows(args.task, rows[-1]["env_steps"], sft, sft_rollouts, final, gain),
+              out.with_name(f"{out.stem}_eval.csv"), EVAL_COLUMNS)
     title = (f"libero_object task {args.task}: PPO Flow-SDE from SFT, {rows[-1]['env_steps']} env steps, "
              f"{summary['seconds'] / 60:.0f} min on {args.workers} workers")
-    plot(rows, sft, final, title, out.with_suffix(".png"), args.window)
+    plot(rows, sft, sft_rollouts, final, title, out.with_suffix(".png"), args.window)
     lo, hi = gain["ci95"]
     print(f"after PPO: {100 * final['success']:.1f}% [{100 * final['ci_low']:.1f}, {100 * final['ci_high']:.1f}], "
           f"gain {100 * gain['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] paired on {gain['episodes']} "
