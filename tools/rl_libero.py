@@ -194,29 +194,28 @@ def main(argv: list[str] | None = None) -> int:
         s = jobs.run_sft(Recipe.from_json(SFT_RECIPE), sft_dir, overwrite=True, progress=False)
         print(f"sft: {s['demo_episodes']} demonstrations, {len(s['sft_loss'])} steps ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    evaluated = {}
+    records, scores = {}, {}
     for name, as_rollouts in (("sft", False), ("sft_sampled", True)):  # kept in --work: a rerun reuses them
         f = work / f"{name}_task{args.task}.episodes.json"
         if not f.exists():
             atomic_write_text(f, json.dumps(evaluate_policy(sft_dir / "policy", args.task, args.envs, args.episodes,
                                                             as_rollouts=as_rollouts)))
-        evaluated[name] = json.loads(f.read_text())
-        ev = success(evaluated[name])
+        records[name] = json.loads(f.read_text())
+        scores[name] = ev = success(records[name])
         print(f"{name} on task {args.task}: {100 * ev['success']:.1f}% [{100 * ev['ci_low']:.1f}, "
               f"{100 * ev['ci_high']:.1f}]", flush=True)
-    sft_records = evaluated["sft"]
-    sft, sft_rollouts = success(sft_records), success(evaluated["sft_sampled"])
-    per_update = args.envs * RL["chunks_per_rollout"] * SFT_RECIPE["exec_horizon"]
-    overrides = {**task_overrides(args.task, args.envs), "eval_episodes": args.episodes,
-                 "rl": {**RL, "iterations": math.ceil(args.env_steps / per_update)}}
+    sft, sft_rollouts = scores["sft"], scores["sft_sampled"]
     if (ppo_dir / "summary.json").exists() and not args.resume:  # a finished run: report it again
         summary = json.loads((ppo_dir / "summary.json").read_text())
     else:
+        per_update = args.envs * RL["chunks_per_rollout"] * SFT_RECIPE["exec_horizon"]
+        overrides = {**task_overrides(args.task, args.envs), "eval_episodes": args.episodes,
+                     "rl": {**RL, "iterations": math.ceil(args.env_steps / per_update)}}
         summary = jobs.run_rl(None if args.resume else sft_dir / "policy", ppo_dir, recipe_overrides=overrides,
                               resume=args.resume, progress=False, dist=DistConfig(workers=args.workers))
     final_records = json.loads((ppo_dir / "episodes.json").read_text())
     final = success(final_records)
-    gain = paired_difference(final_records, sft_records)
+    gain = paired_difference(final_records, records["sft"])
     rows = curve_rows(summary["history"])
     write_csv(rows, out)
     write_csv(eval_rows(args.task, rows[-1]["env_steps"], sft, sft_rollouts, final, gain),

@@ -188,6 +188,11 @@ class _Slot:
         seed = self.seed if self.episode == 0 else int(np.random.SeedSequence([self.seed, self.episode]).generate_state(1)[0])
         return index, seed % (2**31 - 1)
 
+    def episode_rng(self) -> np.random.Generator:
+        """A generator of draws that belong to the running episode (the expert's demonstration
+        noise): seeded by the env's seed and episode count, so they repeat with the seed."""
+        return np.random.default_rng([self.seed, self.episode])
+
     def started(self, index: int) -> None:
         self.init_index = index
         self.episode += 1
@@ -408,13 +413,13 @@ class LiberoVecEnv:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         if self._experts is None:
             self._experts = [PickPlaceExpert() for _ in self._slots]
-            self._expert_rngs = [np.random.default_rng([s.seed, s.episode]) for s in self._slots]
+            self._expert_rngs = [s.episode_rng() for s in self._slots]
         experts = self._experts
         out = np.zeros((self.spec.num_envs, horizon, ACTION_DIM))
         for i, p in enumerate(self.poses()):
             if p["steps"] == 0 or p["steps"] < self._expert_steps[i]:  # a new episode (reset, auto-reset)
                 experts[i].reset()
-                self._expert_rngs[i] = np.random.default_rng([self._slots[i].seed, self._slots[i].episode])
+                self._expert_rngs[i] = self._slots[i].episode_rng()
             self._expert_steps[i] = p["steps"]
             out[i] = experts[i].act(p, horizon)
             if noise > 0:
