@@ -396,10 +396,13 @@ def test_watchdog_brakes_at_the_acceleration_limit_then_stops_the_backend():
     after = t + PERIOD_NS > end_ns  # no target left for the next deadline
     assert after.any()
     # The stop starts on the first such cycle and needs v0 / a: v0 is the cruise's 0.5 rad/s, or
-    # more when missed cycles (a busy VM) left the arm catching up just then.
+    # more when missed cycles (a busy VM) left the arm catching up just then; the catch-up settles
+    # back onto the cruise within one acceleration step (a DT = 0.016), from above or just below.
     assert np.all(v[~after] >= -1e-9) and np.all(np.diff(v[after][:, 0]) <= 1e-12)  # measured -1.1e-13
     v0 = v[np.argmax(after) - 1, 0]
-    assert v0 >= 0.5 - 1e-9, v0  # measured 0.5 idle; 1.07 (67 braking cycles) in a loaded run
+    # measured 0.5 idle; 1.07 (67 braking cycles) and 0.4986 in loaded runs; step_tracking replayed
+    # with random missed cycles (3000 patterns of 1-60 skipped periods) never went below 0.498.
+    assert v0 >= 0.5 - 8.0 * DT, v0
     braking_cycles = after.sum()  # counted in cycles: a stalled VM stretches wall time, not steps
     assert v0 / 8.0 / DT - 2 <= braking_cycles <= v0 / 8.0 / DT + 2, (braking_cycles, v0)
     np.testing.assert_array_equal(v[-1], 0.0)
