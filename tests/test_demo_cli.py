@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from vlafast import demo
 from vlafast.cli import main
 
 SMALL = {"num_envs": 4, "demos": 6, "sft_steps": 10, "eval_episodes": 4, "image_size": 16, "width": 32,
@@ -53,19 +54,29 @@ def test_train_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_report(tmp_path, capsys):
+def test_demo_quick_writes_report_and_prints_the_comparisons_rows(tmp_path, capsys):
+    """The demo's RL phase is the comparison's computation: its SFT and RL rows equal those
+    vlafast.rl.compare computes for the same run (issue 28, item 6), here at --quick's budget."""
     pytest.importorskip("mujoco", reason="the built-in UR5e task simulates in MuJoCo")
-    assert main(["demo", "--quick", "--no-progress", "--seconds", "0.2", "--out", str(tmp_path)]) == 0
-    (run,) = tmp_path.iterdir()
+    import torch
+
+    from vlafast.rl import compare
+
+    assert main(["demo", "--quick", "--no-progress", "--seconds", "0.2", "--out", str(tmp_path / "demo")]) == 0
+    (run,) = (tmp_path / "demo").iterdir()
     report = (run / "report.md").read_text()
     for section in ("Real-time core", "pi_RL on the built-in UR5e reach task", "Steering", "Recipe"):
         assert section in report
     for png in ("training.png", "speed.png"):
         assert (run / png).stat().st_size > 5000
     summary = json.loads((run / "summary.json").read_text())
-    assert 0.0 <= summary["sft"]["success_rate"] <= 1.0 and len(summary["history"]) == 2
-    assert "success SFT + GRPO over states (ODE / SDE)" in capsys.readouterr().out
-    assert 0.0 <= summary["rl_sde"]["success_rate"] <= 1.0
+    out = capsys.readouterr().out
+    sft, rl = compare.run_rows(compare.DEMO_QUICK, tmp_path / "compare", threads=torch.get_num_threads())
+    for mine, theirs in ((summary["sft"], sft), (summary["rl"], rl)):
+        assert {k: v for k, v in mine.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
+        assert compare.format_row(theirs) in out and compare.format_row(theirs) in report
+    assert rl["method"] == compare.DEMO.method and len(summary["history"]) == rl["updates"] == 2
+    assert f"| SFT + {demo.METHOD_NAMES[compare.DEMO.method]} |" in out
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """pi_RL's regime and honest statistics: the sparse 0/1 reward, time-outs, the Flow-Noise entropy
 scale, paired intervals, independent episode streams per seed, and the comparison tool."""
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +176,7 @@ def test_evaluation_streams_share_no_episode_between_seeds():
 # -- the comparison tool -------------------------------------------------------------------------------
 
 def test_compare_methods_run_in_pi_rl_regime():
-    from tools import rl_compare as C
+    from vlafast.rl import compare as C
     from vlafast.rl.recipe import Recipe
 
     base = C.base_recipe("reach", 2)
@@ -192,6 +194,46 @@ def test_compare_methods_run_in_pi_rl_regime():
     assert grpo.rl.grpo_groups == "episode" and C.steps_per_update(grpo, 30.0) == 256 * 30
     assert states.rl == Recipe().rl and C.steps_per_update(states, 30.0) == 16 * 4 * 5 * 9
     assert C.method_recipe(base, "sft") is base
+    quick = C.method_recipe(base, "grpo_states", {"num_envs": 4, "rl": {"chunks_per_rollout": 2}})
+    assert quick.num_envs == 4 and quick.rl == dataclasses.replace(Recipe().rl, chunks_per_rollout=2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        C.method_recipe(base, "ppo")
+    with pytest.raises(ValueError, match="testbed must be one of"):
+        C.base_recipe("reech", 0)
+
+
+def test_best_method_is_the_highest_mean_paired_gain_over_complete_seeds():
+    from vlafast.rl import compare as C
+
+    def row(method, seed, gain, testbed="headroom"):
+        return {"method": method, "testbed": testbed, "seed": str(seed), "gain": "" if method == "sft" else str(gain)}
+
+    rows = [row("sft", s, None) for s in (0, 1)] + [row("ppo_flow_sde", 0, 0.05), row("ppo_flow_sde", 1, 0.01),
+                                                    row("grpo", 0, 0.04), row("grpo", 1, 0.03),
+                                                    row("grpo_states", 0, 0.5),  # one seed only: not compared
+                                                    row("ppo_flow_noise", 0, 0.9, "reach")]
+    assert C.best_method(rows, "headroom") == "grpo"  # mean 0.035 against 0.03
+    assert C.best_method(rows, "reach") == "ppo_flow_noise"
+    with pytest.raises(ValueError, match="no RL method run on every seed"):
+        C.best_method(rows[:2], "headroom")
+
+
+def test_the_demo_runs_the_committed_comparisons_best_method():
+    """Issue 28, item 6: the demo's RL phase is the method with the best mean paired gain in the
+    committed table at the demo's testbed and budget, and that table holds the demo's rows."""
+    import csv
+
+    from vlafast.rl import compare as C
+
+    path = Path(__file__).resolve().parents[1] / C.DEMO.table
+    rows = list(csv.DictReader(path.open()))
+    assert C.best_method(rows, C.DEMO.testbed) == C.DEMO.method
+    for r in rows:
+        assert r["testbed"] == C.DEMO.testbed and int(r["episodes"]) == C.DEMO.episodes
+        # what each run spent: no method got less than its budget; episode GRPO's updates cost what
+        # its episodes last, sized by SFT's mean length, and its episodes grew longer (158k-175k)
+        assert r["method"] == "sft" or int(r["env_steps"]) >= 0.95 * C.DEMO.env_steps
+    assert {(r["method"], int(r["seed"])) for r in rows} >= {("sft", C.DEMO.seed), (C.DEMO.method, C.DEMO.seed)}
 
 
 def test_compare_table_csv_and_curves(tmp_path):
@@ -222,10 +264,12 @@ def test_compare_runs_end_to_end(tmp_path, monkeypatch):
     # A tiny comparison: SFT, then PPO Flow-Noise paired against it on the same evaluation
     # episodes, the episodes and history written beside the CSV's row.
     from tools import rl_compare as C
+    from vlafast.rl import compare
+    from vlafast.rl.sampler_spec import FlowNoise
 
-    monkeypatch.setitem(C.METHODS, "ppo_flow_noise", dict(num_envs=4, rl=dict(C._ppo(C.FlowNoise()),
-                                                                                  chunks_per_rollout=2, critic_warmup=1)))
-    monkeypatch.setattr(C, "EVAL_ENVS", 4)
+    monkeypatch.setitem(compare.METHODS, "ppo_flow_noise", dict(num_envs=4, rl=dict(
+        compare.ppo_settings(FlowNoise()), chunks_per_rollout=2, critic_warmup=1)))
+    monkeypatch.setattr(compare, "EVAL_ENVS", 4)
     recipe = {"num_envs": 4, "image_size": 16, "demos": 4, "sft_steps": 5, "width": 16, "depth": 1, "horizon": 4,
               "exec_horizon": 3, "env_kwargs": {"max_episode_steps": 9}}
     assert C.main(["--testbeds", "reach", "--seeds", "3", "--methods", "sft", "ppo_flow_noise", "--env-steps", "48",
@@ -240,6 +284,7 @@ def test_compare_runs_end_to_end(tmp_path, monkeypatch):
     assert sorted((r["env"], r["index"], r["instruction"]) for r in sft) == \
         sorted((r["env"], r["index"], r["instruction"]) for r in rl)
     assert (tmp_path / "r_reach.png").exists()
+    assert (tmp_path / "w" / "reach" / "ppo_flow_noise_seed3" / "policy.json").exists()  # the trained policy, beside
     # --lr-sweep from the same SFT policy: one critic-only update, then the actor's step size
     assert C.main(["--testbeds", "reach", "--seeds", "3", "--methods", "ppo_flow_noise", "--lr-sweep", "1e-4",
                    "--sweep-updates", "1", "--jobs", "1", "--work", str(tmp_path / "w"),

@@ -4,15 +4,10 @@ PNG per testbed beside it.
 
     python -m tools.rl_compare --testbeds reach headroom --seeds 0 1 2 --env-steps 1000000 --jobs 16
 
-Per testbed and seed: the recipe's few-shot SFT policy (the same one for every method), then
-each RL method from it until the env-step budget is spent (rehearsed steps count: GRPO over
-states pays for its counterfactual chunks), then ODE evaluation on ``--episodes`` fixed
-episodes. Every seed draws its demonstrations, training and evaluation episodes from its own
-streams (``vlafast.eval.seed_streams``): no episode is shared between seeds, and evaluation
-never sees a training or demonstration episode. Each success rate comes with its Wilson 95%
-interval, each method's gain over SFT is paired on the same episodes with Newcombe's 95%
-interval (``vlafast.eval.paired_difference``). Rows are written (atomically) as each run ends,
-so a cut-short run keeps what it finished.
+Each row is ``vlafast.rl.compare``'s (the seed's SFT policy, each method from it until the budget
+is spent, evaluation on the seed's own episodes, gains paired with SFT's); this tool runs them in
+parallel processes and writes the rows (atomically) as each run ends, so a cut-short run keeps
+what it finished. The demo's RL phase is one of these rows (``vlafast.rl.compare.DEMO``).
 
 ``--lr-sweep LR ...`` measures instead what an actor lr does to the PPO step (approx_kl and
 clipfrac of the first actor updates) and writes ``bench/results/rl_lr_sweep.csv``: the
@@ -24,12 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import io
 import json
-import math
 import multiprocessing as mp
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,189 +29,11 @@ import numpy as np
 import torch
 
 from vlafast._io import atomic_write_text
-from vlafast.eval import evaluate, paired_difference, seed_streams, wilson_interval
-from vlafast.rl.losses import PPOConfig
-from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
+from vlafast.rl.compare import (COLUMNS, METHODS, RL_METHODS, TESTBEDS, actor_means, episodes_path, history_path,
+                                policy_dir, run_rl, run_sft, train)
 
-# Testbeds: partial recipe JSON over the default recipe (the demo's: 7 cm reach radius, 24
-# scripted demonstrations, shaped reward).
-TESTBEDS: dict[str, dict[str, Any]] = {
-    "reach": {},
-    # a 5 cm radius: few-shot SFT at 41.0 / 47.1 / 51.3% for seeds 0 / 1 / 2 (1024 episodes
-    # each; "reach": 69.9 / 66.6 / 72.3%, bench/results/rl_sft_levels.csv), where pi_RL's
-    # LIBERO (57.6%) and ManiSkill (41.6%) runs start
-    "headroom": {"reach_radius": 0.05},
-}
-
-# Actor lr per sampler for the tiny pi0 (0.24 M parameters), chosen by the sweep in
-# bench/results/rl_lr_sweep.csv (``--lr-sweep``; seed 0, 2048 chunks per optimiser step, the
-# first two actor updates) for approx_kl 5e-3..1e-2: 1e-4 gives 8.2e-3 (Flow-SDE) and 6.4e-3
-# (Flow-Noise), 3e-5 gives 2.1e-3 / 1.1e-3, 3e-4 gives 6.2e-2 / 2.1e-2. RLinf uses 5e-6..1e-5
-# for the 3B pi0 / pi0.5.
-ACTOR_LR = {"flow_sde": 1e-4, "flow_noise": 1e-4}
-
-# PPO in RLinf's regime, scaled to the tiny policy: 64 envs x 32 chunks = 2048 chunks per
-# rollout and per optimiser step (the whole rollout, accumulated over micro-batches of 128),
-# 4 epochs stopped early at approx_kl 0.05, time-outs terminal, 3 critic-only warm-up updates,
-# no BC anchor (the paper's PPO).
-_PPO = dict(algo="ppo", chunks_per_rollout=32, critic_warmup=3, bc_coef=0.0, timeouts="terminal")
-
-
-def _ppo(sampler) -> dict[str, Any]:
-    return dict(_PPO, sampler=sampler, ppo=PPOConfig(actor_lr=ACTOR_LR[sampler.kind], critic_lr=1e-3, minibatch=None,
-                                                     micro_batch=128, epochs=4, target_kl=0.05))
-
-
-METHODS: dict[str, dict[str, Any] | None] = {
-    "sft": None,
-    "ppo_flow_sde": dict(num_envs=64, rl=_ppo(FlowSDE())),
-    "ppo_flow_noise": dict(num_envs=64, rl=_ppo(FlowNoise())),
-    # GRPO over whole episodes: 256 envs in groups of 8 sharing a seed, one episode each (~2500
-    # chunks per update), Flow-SDE, no critic.
-    "grpo": dict(num_envs=256, rl=dict(algo="grpo", grpo_groups="episode", group_size=8, bc_coef=0.0, critic_warmup=0,
-                                       chunks_per_rollout=1, sampler=FlowSDE(),
-                                       ppo=PPOConfig(actor_lr=ACTOR_LR["flow_sde"], minibatch=None, micro_batch=128,
-                                                     epochs=4, target_kl=0.05))),
-    # The demo's RL phase as it is (Recipe().rl): GRPO over states, myopic score, BC anchor.
-    "grpo_states": dict(num_envs=16, rl={}),
-}
-RL_METHODS = [m for m, spec in METHODS.items() if spec is not None]
-
-COLUMNS = ("method", "testbed", "seed", "env_steps", "updates", "episodes", "success", "ci_low", "ci_high",
-           "gain", "gain_low", "gain_high", "approx_kl", "clipfrac", "seconds")
 SWEEP_COLUMNS = ("method", "testbed", "seed", "actor_lr", "chunks_per_step", "actor_updates", "approx_kl", "clipfrac",
                  "seconds")
-EVAL_ENVS = 16  # evaluation env count: the episodes are (env, index) pairs, the same for every method
-
-
-def base_recipe(testbed: str, seed: int, overrides: dict[str, Any] | None = None):
-    """The default recipe with a testbed's settings, then ``overrides`` (partial recipe JSON)."""
-    from vlafast.rl.recipe import Recipe, merge
-
-    return Recipe.from_json({**merge(TESTBEDS[testbed], overrides or {}), "seed": seed})
-
-
-def method_recipe(base, method: str):
-    """The base recipe with a method's env count and RL settings."""
-    spec = METHODS[method]
-    if spec is None:
-        return base
-    return dataclasses.replace(base, num_envs=spec["num_envs"], rl=dataclasses.replace(base.rl, **spec["rl"]))
-
-
-def steps_per_update(recipe, episode_length: float) -> int:
-    """Env steps one update spends (upper bound: episodes ending inside a chunk spend fewer).
-    Episode-group GRPO runs one episode per env: ``episode_length`` (the SFT policy's mean)
-    each, so a policy that gets faster spends less than its budget (the CSV has what it spent)."""
-    rl = recipe.rl
-    if rl.algo == "grpo" and rl.grpo_groups == "episode":
-        return math.ceil(recipe.num_envs * episode_length)
-    per_chunk = recipe.exec_horizon * (rl.group_size + 1 if rl.algo == "grpo" and rl.grpo_groups == "state" else 1)
-    return recipe.num_envs * rl.chunks_per_rollout * per_chunk
-
-
-def _run_dir(work: Path, testbed: str) -> Path:
-    return work / testbed
-
-
-def _evaluate(policy, recipe, episodes: int) -> dict[str, Any]:
-    """ODE evaluation on the seed's evaluation stream -> success with its Wilson interval and the records."""
-    from vlafast.rl.recipe import build_env
-
-    streams = seed_streams(recipe.seed)
-    env = build_env(recipe, num_envs=EVAL_ENVS, seed=streams.eval)
-    try:
-        ev = evaluate(policy, env, episodes=episodes, seed=streams.eval, num_steps=recipe.rl.sampler.num_steps,
-                      progress=False)
-    finally:
-        env.close()
-    k = sum(r["success"] for r in ev["records"])
-    lo, hi = wilson_interval(k, ev["episodes"])
-    return {"success": ev["success_rate"], "ci_low": lo, "ci_high": hi, "episodes": ev["episodes"],
-            "records": ev["records"]}
-
-
-def _demos(recipe, env):
-    from vlafast.rl import train as T
-
-    return T.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=seed_streams(recipe.seed).demos,
-                           progress=False)
-
-
-def run_sft(testbed: str, seed: int, work: Path, episodes: int, overrides: dict[str, Any], threads: int
-            ) -> dict[str, Any]:
-    """The seed's few-shot SFT policy (saved for the RL runs) and its evaluation."""
-    from vlafast.rl import train as T
-    from vlafast.rl.recipe import build_env, build_policy, save_policy
-
-    torch.set_num_threads(threads)
-    recipe = base_recipe(testbed, seed, overrides)
-    env = build_env(recipe)
-    policy = build_policy(recipe, env.spec)
-    t0 = time.perf_counter()
-    demos = _demos(recipe, env)
-    T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr, seed=seed,
-          progress=False)
-    env.close()
-    folder = _run_dir(work, testbed)
-    save_policy(policy, recipe, folder / f"sft_seed{seed}")
-    ev = _evaluate(policy, recipe, episodes)
-    atomic_write_text(folder / f"sft_seed{seed}.episodes.json", json.dumps(ev.pop("records")))
-    return {"method": "sft", "testbed": testbed, "seed": seed, "env_steps": 0, "updates": 0, **ev,
-            "seconds": time.perf_counter() - t0}
-
-
-def _train(method: str, testbed: str, seed: int, work: Path, iterations: int | None, budget: int | None,
-           actor_lr: float | None = None, critic_warmup: int | None = None):
-    """(policy, recipe, history, seconds): ``method`` from the seed's SFT policy, for ``iterations``
-    updates or as many as ``budget`` env steps pay for (``actor_lr``, ``critic_warmup``: instead
-    of the method's)."""
-    from vlafast.rl import train as T
-    from vlafast.rl.recipe import build_env, ensure_noise_head, load_policy
-
-    policy, base, _ = load_policy(_run_dir(work, testbed) / f"sft_seed{seed}")
-    recipe = method_recipe(base, method)
-    if actor_lr is not None:
-        recipe = dataclasses.replace(recipe, rl=dataclasses.replace(
-            recipe.rl, ppo=dataclasses.replace(recipe.rl.ppo, actor_lr=actor_lr)))
-    if critic_warmup is not None:
-        recipe = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, critic_warmup=critic_warmup))
-    if iterations is None:
-        sft = json.loads((_run_dir(work, testbed) / f"sft_seed{seed}.episodes.json").read_text())
-        iterations = math.ceil(budget / steps_per_update(recipe, float(np.mean([r["length"] for r in sft]))))
-    recipe = dataclasses.replace(recipe, rl=dataclasses.replace(recipe.rl, iterations=iterations))
-    torch.manual_seed(seed)  # the Flow-Noise head's initialisation
-    ensure_noise_head(policy, recipe)
-    streams = seed_streams(seed)
-    env = build_env(recipe, seed=streams.train)
-    t0 = time.perf_counter()
-    demos = _demos(recipe, env) if recipe.rl.bc_coef > 0 else None
-    history = T.train_rl(policy, env, recipe.rl, seed=streams.train, progress=False, demos=demos)
-    env.close()
-    return policy, recipe, history, time.perf_counter() - t0
-
-
-def actor_means(history: list[dict[str, float]], warmup: int) -> dict[str, float]:
-    """Mean approx_kl and clipfrac over the updates that trained the actor (after the critic's warm-up)."""
-    rows = history[warmup:]
-    return {k: float(np.mean([h[k] for h in rows])) if rows else math.nan for k in ("approx_kl", "clipfrac")}
-
-
-def run_rl(method: str, testbed: str, seed: int, budget: int, work: Path, episodes: int, threads: int
-           ) -> dict[str, Any]:
-    """One RL run from the seed's SFT policy, its evaluation, and its gain over SFT paired on the same episodes."""
-    torch.set_num_threads(threads)
-    policy, recipe, history, seconds = _train(method, testbed, seed, work, None, budget)
-    ev = _evaluate(policy, recipe, episodes)
-    records = ev.pop("records")
-    folder = _run_dir(work, testbed)
-    sft_records = json.loads((folder / f"sft_seed{seed}.episodes.json").read_text())
-    gain = paired_difference(records, sft_records)
-    atomic_write_text(folder / f"{method}_seed{seed}.episodes.json", json.dumps(records))
-    atomic_write_text(folder / f"{method}_seed{seed}.history.json", json.dumps(history))
-    return {"method": method, "testbed": testbed, "seed": seed, "env_steps": int(sum(h["env_steps"] for h in history)),
-            "updates": len(history), **ev, "gain": gain["difference"], "gain_low": gain["ci95"][0],
-            "gain_high": gain["ci95"][1], **actor_means(history, recipe.rl.critic_warmup), "seconds": seconds}
 
 
 def run_sweep(method: str, testbed: str, seed: int, actor_lr: float, updates: int, work: Path, threads: int
@@ -228,8 +42,8 @@ def run_sweep(method: str, testbed: str, seed: int, actor_lr: float, updates: in
     policy, after one critic-only update (advantages are normalised per rollout, so the step
     size follows the lr more than the critic)."""
     torch.set_num_threads(threads)
-    policy, recipe, history, seconds = _train(method, testbed, seed, work, 1 + updates, None, actor_lr=actor_lr,
-                                              critic_warmup=1)
+    policy, recipe, history, seconds = train(method, seed, work / testbed, 1 + updates, None, actor_lr=actor_lr,
+                                             critic_warmup=1)
     return {"method": method, "testbed": testbed, "seed": seed, "actor_lr": actor_lr,
             "chunks_per_step": recipe.num_envs * recipe.rl.chunks_per_rollout, "actor_updates": updates,
             **actor_means(history, recipe.rl.critic_warmup), "seconds": seconds}
@@ -291,7 +105,7 @@ def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path
     colours = dict(zip(RL_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for m in RL_METHODS:
         curves = []
-        for f in sorted((work / testbed).glob(f"{m}_seed*.history.json")):
+        for f in sorted((work / testbed).glob(history_path("", m, "*").name)):
             h = json.loads(f.read_text())
             x = np.cumsum([r["env_steps"] for r in h])
             y = np.array([r["success_rate"] for r in h], dtype=float)
@@ -306,7 +120,7 @@ def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path
                         color=colours[m], fmt="o", capsize=3)
     sft = []  # SFT's evaluations of the seeds in the table, read back where this invocation did not run SFT
     for seed in sorted({r["seed"] for r in mine}):
-        f = work / testbed / f"sft_seed{seed}.episodes.json"
+        f = episodes_path(work / testbed, "sft", seed)
         if f.exists():
             sft.append(float(np.mean([e["success"] for e in json.loads(f.read_text())])))
     if sft:
@@ -365,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     if sweep and not all(m.startswith("ppo_") for m in rl_methods):
         p.error("--lr-sweep measures PPO methods: pass --methods ppo_flow_sde ppo_flow_noise")
     rows: list[dict[str, Any]] = []
-    sft_jobs = [(run_sft, (t, s, work, args.episodes, overrides, args.threads)) for t in args.testbeds for s in args.seeds
-                if "sft" in args.methods or not (work / t / f"sft_seed{s}").exists()]
+    sft_jobs = [(run_sft, (t, s, work / t, args.episodes, overrides, args.threads)) for t in args.testbeds
+                for s in args.seeds if "sft" in args.methods or not policy_dir(work / t, "sft", s).exists()]
     if sweep:
         jobs = [(run_sweep, (m, t, s, lr, args.sweep_updates, work, args.threads))
                 for t in args.testbeds for m in rl_methods for lr in args.lr_sweep for s in args.seeds]
     else:
-        jobs = [(run_rl, (m, t, s, args.env_steps, work, args.episodes, args.threads))
+        jobs = [(run_rl, (m, t, s, args.env_steps, work / t, args.episodes, args.threads))
                 for t in args.testbeds for m in rl_methods for s in args.seeds]
     with contextlib.ExitStack() as stack:
         run = map

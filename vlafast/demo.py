@@ -1,13 +1,13 @@
-"""`vlafast demo`: the project's main job, on a CPU, with no downloads (about 5-10 minutes).
+"""`vlafast demo`: the project's main job, on a CPU, with no downloads (about 10 minutes).
 
 1. The real-time core: jitter of the 500 Hz servo timing loop.
-2. A tiny pi0 (the real architecture, ~0.3 M parameters) learns the built-in UR5e reach task
-   from a few scripted demonstrations (flow-matching SFT), is evaluated on fixed seeds, then
-   fine-tuned online on Flow-SDE log-probs (pi_RL: GRPO with groups of chunks from one simulator
-   state, the PPO-clip objective, a BC anchor on the demonstrations) and evaluated again.
-3. The neuron dictionary of the SFT policy (whose speed still follows the speed words: RL
-   rewards reaching and drives every episode towards top speed), and clamped keyword clusters
-   against the unsteered policy and a direction baseline: end-effector speed on the same episodes.
+2. A tiny pi0 (the real architecture, ~0.24 M parameters) learns the built-in UR5e reach task
+   from a few scripted demonstrations (flow-matching SFT), then is fine-tuned online with the
+   RL method the committed comparison shows best at the demo's env-step budget
+   (``vlafast.rl.compare.DEMO``). Both are evaluated on the same 1024 episodes; what it prints
+   is the comparison's own computation, the two rows of its table for that seed.
+3. The neuron dictionary of the SFT policy, and clamped keyword clusters against the unsteered
+   policy and a direction baseline: end-effector speed on the same episodes.
 
 Writes ``runs/<date>/report.md`` with PNG plots and prints a summary table.
 """
@@ -15,7 +15,6 @@ Writes ``runs/<date>/report.md`` with PNG plots and prints a summary table.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -27,59 +26,55 @@ import numpy as np
 import torch
 
 from vlafast import info
-from vlafast.eval import evaluate as evaluate_policy
 from vlafast._io import atomic_path, atomic_write_text
 from vlafast.bench import servo_timing
+from vlafast.eval import seed_streams, speed_by_word, speed_word
+from vlafast.rl import compare
+
+METHOD_NAMES = {"ppo_flow_sde": "PPO Flow-SDE", "ppo_flow_noise": "PPO Flow-Noise", "grpo": "GRPO",
+                "grpo_states": "GRPO over states"}
 
 
-def _rl_name(rl) -> str:
-    """The RL phase's label: PPO, GRPO (episode groups) or GRPO over states."""
-    if rl.algo == "ppo":
-        return "PPO"
-    return "GRPO" + (" over states" if rl.grpo_groups == "state" else "")
-
-
-def _plots(out: Path, sft_losses: list[float], history: list[dict[str, Any]], evals: dict[str, dict],
-           algo: str) -> list[str]:
+def _plots(out: Path, folder: Path, run: compare.Run, rows: dict[str, dict], records: list[dict]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vlafast.eval import speed_word
-
-    names = []
+    name = METHOD_NAMES[run.method]
+    losses = [h["loss"] for h in json.loads(compare.history_path(folder, "sft", run.seed).read_text())]
+    history = json.loads(compare.history_path(folder, run.method, run.seed).read_text())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(sft_losses, lw=0.8)
+    axes[0].plot(losses, lw=0.8)
     axes[0].set(title="SFT flow-matching loss", xlabel="step", yscale="log")
-    it = [h["iteration"] for h in history]
-    axes[1].plot(it, [h["success_rate"] for h in history], marker="o", ms=3, label="rollout success (SDE)")
-    for key, style, colour in (("sft", "--", "k"), ("rl", "-", "k"), ("sft_sde", "--", "tab:orange"), ("rl_sde", "-", "tab:orange")):
-        name = ("SFT" if key.startswith("sft") else f"+{algo}") + (" SDE" if key.endswith("sde") else " ODE")
-        axes[1].axhline(evals[key]["success_rate"], ls=style, c=colour, lw=1, label=f"eval {name}")
-    axes[1].set(title="success rate vs update", xlabel=f"{algo} update", ylim=(-0.02, 1.02))
+    steps = np.cumsum([h["env_steps"] for h in history])
+    axes[1].plot(steps, [h["success_rate"] for h in history], marker="o", ms=3, label="rollout success (sampled)")
+    for key, style in (("sft", "--"), ("rl", "-")):
+        r = rows[key]
+        label = f"eval {'SFT' if key == 'sft' else name} {100 * r['success']:.1f}% (ODE, {r['episodes']} episodes)"
+        axes[1].axhline(r["success"], ls=style, c="k", lw=1, label=label)
+        axes[1].axhspan(r["ci_low"], r["ci_high"], color="k", alpha=0.08)
+    axes[1].set(title="success rate vs env steps", xlabel="env steps (rehearsed steps count)", ylim=(-0.02, 1.02))
     axes[1].legend(fontsize=7)
-    axes[2].plot(it, [h["return"] for h in history], marker="o", ms=3)
-    axes[2].set(title="episode return vs update", xlabel=f"{algo} update")
+    axes[2].plot(steps, [h["return"] for h in history], marker="o", ms=3)
+    axes[2].set(title="episode return vs env steps", xlabel="env steps")
     fig.tight_layout()
-    for name in ("training.png",):
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        names.append(name)
+    with atomic_path(out / "training.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for word, colour in (("slowly", "tab:blue"), ("(none)", "tab:gray"), ("quickly", "tab:red")):
-        vals = [r["speed"] for r in evals["rl"]["records"] if speed_word(r["instruction"]) == word]
+        vals = [r["speed"] for r in records if speed_word(r["instruction"]) == word]
         if vals:
             ax.hist(vals, bins=15, alpha=0.5, color=colour, label=f"{word} (n={len(vals)})")
-    ax.set(title="end-effector speed per episode (after RL)", xlabel="mean displacement per step (m)")
+    ax.set(title=f"end-effector speed per episode (after {name})", xlabel="mean displacement per step (m)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out / "speed.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    return names + ["speed.png"]
+    return ["training.png", "speed.png"]
 
 
 def _servo_section(seconds: float) -> tuple[str, dict]:
@@ -110,19 +105,18 @@ def _steering_section(policy, env, episodes: int, seed: int) -> tuple[str, dict]
     return md, {"comparison": result, "dictionary_hits": hits}
 
 
+def _pct(r: dict) -> str:
+    return f"{100 * r['success']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+
+
 def main(args: argparse.Namespace) -> int:
-    from vlafast.rl import train as T
-    from vlafast.rl.jobs import format_eval, summarise_eval
-    from vlafast.rl.recipe import Recipe, build_env, build_policy, collect_recipe_demos, dump, save_policy
+    from vlafast.rl.recipe import build_env, dump, load_policy
 
     t_start = time.perf_counter()
     out = Path(args.out) / _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe()
-    if args.quick:  # the smoke-test budget (tests use it); results mean little
-        recipe = dataclasses.replace(recipe, num_envs=4, demos=8, sft_steps=20, eval_episodes=8,
-                                     rl=dataclasses.replace(recipe.rl, iterations=2, chunks_per_rollout=2))
-    progress = not args.no_progress
+    run = compare.DEMO_QUICK if args.quick else compare.DEMO  # quick: the smoke-test budget; results mean little
+    name = METHOD_NAMES[run.method]
     facts = info.collect()
     print("== vlafast " + facts["vlafast"] + f" | torch {facts['torch']} | _C {facts['_C'].split(' ')[0]}")
 
@@ -130,66 +124,55 @@ def main(args: argparse.Namespace) -> int:
     servo_md, servo = _servo_section(args.seconds)
     print(servo_md)
 
-    print(f"\n== 2/3 pi_RL on the built-in task ({recipe.env}, {recipe.num_envs} envs, {recipe.image_size} px)")
-    env = build_env(recipe)
-    policy = build_policy(recipe, env.spec)
-    n_params = sum(p.numel() for p in policy.model.parameters())
-    print(f"tiny pi0: {n_params / 1e6:.2f} M parameters, horizon {recipe.horizon}, executes {recipe.exec_horizon}")
+    print(f"\n== 2/3 pi_RL on the built-in task, {run.testbed!r} testbed (ur5e-reach), seed {run.seed}: few-shot SFT, "
+          f"then {name} for {run.env_steps} env steps, each evaluated on the same {run.episodes} episodes")
+    folder = out / "rl"
     t0 = time.perf_counter()
-    demos = collect_recipe_demos(recipe, env, progress=progress)
-    losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr,
-                   seed=recipe.seed, progress=progress)
-    t_sft = time.perf_counter() - t0
-    eval_seed = recipe.seed + 100
-    sde = T.rl_sampler(policy, recipe.rl)
-
-    def evaluate(name: str) -> tuple[dict, dict]:
-        """The same fixed seeds under ODE sampling and under the training sampler."""
-        ode_ev = evaluate_policy(policy, env, episodes=recipe.eval_episodes, seed=eval_seed,
-                                 num_steps=recipe.rl.sampler.num_steps, progress=progress)
-        sde_ev = evaluate_policy(policy, env, episodes=recipe.eval_episodes, seed=eval_seed, sampler=sde, progress=progress)
-        print(format_eval(f"{name} ODE", summarise_eval(ode_ev)))
-        print(format_eval(f"{name} SDE", summarise_eval(sde_ev)))
-        return ode_ev, sde_ev
-
-    ev_sft, ev_sft_sde = evaluate("SFT")
-    save_policy(policy, recipe, out / "policy_sft")
-    sft_policy = copy.deepcopy(policy)  # steered in part 3
-    t0 = time.perf_counter()
-    history = T.train_rl(policy, env, recipe.rl, seed=recipe.seed + 7, run_dir=out / "rl", progress=progress, demos=demos)
+    sft_row = compare.run_sft(run.testbed, run.seed, folder, run.episodes, run.overrides, torch.get_num_threads())
+    print(compare.format_row(sft_row) + f" ({sft_row['seconds']:.0f} s)", flush=True)
+    rl_row = compare.run_rl(run.method, run.testbed, run.seed, run.env_steps, folder, run.episodes,
+                            torch.get_num_threads(), run.method_overrides)
+    print(compare.format_row(rl_row) + f" ({rl_row['seconds']:.0f} s)")
     t_rl = time.perf_counter() - t0
-    ev_rl, ev_rl_sde = evaluate("+" + _rl_name(recipe.rl).split()[0])
-    save_policy(policy, recipe, out / "policy")
+    if run.table:
+        print(f"(the comparison's rows sft,{run.testbed},{run.seed} and {run.method},{run.testbed},{run.seed} of "
+              f"{run.table}: {name} has the highest mean paired gain at this budget)")
+    sft_policy, recipe, _ = load_policy(compare.policy_dir(folder, "sft", run.seed))
+    _, rl_recipe, _ = load_policy(compare.policy_dir(folder, run.method, run.seed))
+    records = {k: json.loads(compare.episodes_path(folder, m, run.seed).read_text())
+               for k, m in (("sft", "sft"), ("rl", run.method))}
+    history = json.loads(compare.history_path(folder, run.method, run.seed).read_text())
 
     print("\n== 3/3 steering: neuron dictionary of the SFT policy, keyword clusters, clamped")
-    steer_md, steer = _steering_section(sft_policy, env, episodes=recipe.eval_episodes // 2, seed=eval_seed)
+    env = build_env(recipe)
+    try:
+        steer_md, steer = _steering_section(sft_policy, env, episodes=4 if args.quick else 64,
+                                            seed=seed_streams(run.seed).eval)
+    finally:
+        env.close()
     print(steer_md)
-    env.close()
 
-    evals = {"sft": ev_sft, "rl": ev_rl, "sft_sde": ev_sft_sde, "rl_sde": ev_rl_sde}
-    algo = _rl_name(recipe.rl)
-    plots = _plots(out, losses, history, evals, algo)
-    s_sft, s_rl = summarise_eval(ev_sft), summarise_eval(ev_rl)
-    s_sft_sde, s_rl_sde = summarise_eval(ev_sft_sde), summarise_eval(ev_rl_sde)
-
-    def pct(s: dict) -> str:
-        lo, hi = s["success_ci95"]
-        return f"{100 * s['success_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-    rows = [
+    rows = {"sft": sft_row, "rl": rl_row}
+    plots = _plots(out, folder, run, rows, records["rl"])
+    speed = {k: speed_by_word(v) for k, v in records.items()}
+    table_rows = [
         ("servo p99 jitter", f"{servo['p99_us']:.1f} us ({servo['policy']}), {servo['missed']} missed"),
-        ("demos", f"{demos.episodes} scripted episodes, {len(demos)} chunks"),
-        ("SFT", f"{recipe.sft_steps} steps in {t_sft:.0f} s"),
-        ("success SFT (ODE / SDE)", f"{pct(s_sft)} / {pct(s_sft_sde)} ({s_sft['episodes']} episodes each)"),
-        (f"success SFT + {algo} (ODE / SDE)", f"{pct(s_rl)} / {pct(s_rl_sde)} ({s_rl['episodes']} episodes each)"),
-        (algo, f"{len(history)} updates ({recipe.rl.sampler.kind}, K={recipe.rl.sampler.num_steps}) in {t_rl:.0f} s, "
-                f"{np.mean([h['chunks_per_s'] for h in history]):.0f} chunks/s"),
+        ("SFT", f"{recipe.demos} scripted episodes, {recipe.sft_steps} steps; {_pct(sft_row)} "
+                f"({sft_row['episodes']} episodes)"),
+        (f"SFT + {name}", f"{_pct(rl_row)}, gain {100 * rl_row['gain']:+.1f} [{100 * rl_row['gain_low']:+.1f}, "
+                          f"{100 * rl_row['gain_high']:+.1f}] paired on the same episodes"),
+        (name, f"{rl_row['updates']} updates, {rl_row['env_steps']} env steps ({rl_recipe.rl.sampler.kind}, "
+               f"K={rl_recipe.rl.sampler.num_steps}) in {rl_row['seconds']:.0f} s"),
+        ("SFT + RL + evaluations", f"{t_rl:.0f} s"),
         ("total", f"{time.perf_counter() - t_start:.0f} s"),
     ]
-    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    speed_md = "| phase | slowly | (none) | quickly |\n|---|---|---|---|\n" + "\n".join(
-        f"| {name} | " + " | ".join(f"{s['speed'][w]:.4f}" for w in ("slowly", "(none)", "quickly")) + " |"
-        for name, s in (("SFT", s_sft), (f"SFT + {algo}", s_rl)))
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in table_rows)
+    speed_md = "| policy | slowly | (none) | quickly |\n|---|---|---|---|\n" + "\n".join(
+        f"| {label} | " + " | ".join(f"{speed[k][w]:.4f}" for w in ("slowly", "(none)", "quickly")) + " |"
+        for label, k in (("SFT", "sft"), (f"SFT + {name}", "rl")))
+    source = (f"the rows `sft,{run.testbed},{run.seed}` and `{run.method},{run.testbed},{run.seed}` of "
+              f"`{run.table}`, which compares every method at this budget over three seeds" if run.table
+              else "a smoke-test budget")
     report = f"""# vlafast demo report ({out.name})
 
 {table}
@@ -200,12 +183,16 @@ def main(args: argparse.Namespace) -> int:
 
 ## pi_RL on the built-in UR5e reach task
 
-Task: {recipe.env}, {recipe.num_envs} parallel MuJoCo arms, {recipe.image_size} px camera, instructions with
-colour and speed words. Policy: tiny pi0 ({n_params / 1e6:.2f} M parameters, real structure). SFT on
-{demos.episodes} scripted episodes (few-shot on purpose), then {algo} on {recipe.rl.sampler.kind} log-probs
-(K={recipe.rl.sampler.num_steps}, PPO-clip objective, BC anchor weight {recipe.rl.bc_coef:g} on the
-demonstrations), evaluated on fixed seeds with deterministic ODE sampling
-and with the training sampler (SDE).
+Task: ur5e-reach, the {run.testbed!r} testbed ({100 * recipe.reach_radius:g} cm reach radius), parallel
+MuJoCo arms, a {recipe.image_size} px camera, instructions with colour and speed words. Policy: tiny pi0
+({sum(p.numel() for p in sft_policy.model.parameters()) / 1e6:.2f} M parameters, real structure). SFT on
+{recipe.demos} scripted episodes (few-shot on purpose), then {name} ({rl_recipe.rl.sampler.kind} log-probs,
+K={rl_recipe.rl.sampler.num_steps}) for {run.env_steps} env steps, rehearsed steps counted. Both policies are
+evaluated with ODE sampling on the same {run.episodes} episodes of seed {run.seed}'s evaluation stream
+(Wilson 95% intervals; the gain paired episode by episode, Newcombe 95%). These are {source}.
+
+- SFT: {compare.format_row(sft_row)}
+- {name}: {compare.format_row(rl_row)}
 
 ![training](training.png)
 
@@ -217,21 +204,20 @@ Mean end-effector displacement per step (m), by instruction speed word:
 
 ## Steering
 
-On the SFT policy, whose speed still follows the speed words (RL drives every episode towards
-top speed, leaving the "fast" plans no room).
+On the SFT policy.
 
 {steer_md}
 
-## Recipe
+## Recipe of the RL phase
 
 ```json
-{dump(recipe)}
+{dump(rl_recipe)}
 ```
 """
     atomic_write_text(out / "report.md", report)
     atomic_write_text(out / "summary.json", json.dumps(
-        {"servo": servo, "sft": s_sft, "rl": s_rl, "sft_sde": s_sft_sde, "rl_sde": s_rl_sde, "history": history,
-         "steering": None if steer is None else {k: v for k, v in steer.items() if k != "markdown"}},
+        {"servo": servo, "run": dataclasses.asdict(run), "sft": sft_row, "rl": rl_row, "speed": speed,
+         "history": history, "steering": {k: v for k, v in steer.items() if k != "markdown"}},
         indent=1, default=str))
     print("\n" + table)
     print(f"\nreport: {out / 'report.md'} (+ {', '.join(plots)})")
