@@ -256,6 +256,11 @@ def test_compare_table_csv_and_curves(tmp_path):
     (tmp_path / "reach" / "ppo_flow_sde_seed0.history.json").write_text(json.dumps(history))
     png = C.plot_curves(tmp_path, "reach", rows, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pooled curve: episode-weighted success per env-step window, empty windows left out
+    x, y = C.pooled_curve(np.array([10.0, 20.0, 30.0, 90.0]), np.array([1.0, 0.0, 0.5, 0.25]),
+                          np.array([1.0, 3.0, 2.0, 4.0]), bins=3)
+    np.testing.assert_allclose(x, [15.0, 75.0])
+    np.testing.assert_allclose(y, [(1 + 0 + 1) / 6, 0.25])
     warmup_then_actor = [{"approx_kl": 1.0, "clipfrac": 0.0}, {"approx_kl": 0.01, "clipfrac": 0.1}]
     assert C.actor_means(warmup_then_actor, 1) == {"approx_kl": 0.01, "clipfrac": 0.1}
 

@@ -89,10 +89,23 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
-def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path) -> Path | None:
+def pooled_curve(x: np.ndarray, y: np.ndarray, w: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(window centres, success) of rates ``y`` at env steps ``x`` weighted by episodes ``w``,
+    pooled in ``bins`` equal env-step windows; windows without an episode are left out."""
+    edges = np.linspace(0.0, float(x.max()), bins + 1)
+    which = np.clip(np.searchsorted(edges, x, side="left") - 1, 0, bins - 1)
+    ok = np.isfinite(y) & (w > 0)
+    num = np.bincount(which[ok], weights=(y * w)[ok], minlength=bins)
+    den = np.bincount(which[ok], weights=w[ok], minlength=bins)
+    has = den > 0
+    return ((edges[:-1] + edges[1:]) / 2)[has], num[has] / den[has]
+
+
+def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path, bins: int = 12) -> Path | None:
     """Learning curves of one testbed: rollout success per update against env steps (thin: each
-    seed; thick: the mean over seeds), SFT's evaluated success as a dashed line, and each
-    method's final evaluations (Wilson 95%) at the end of its budget."""
+    seed; thick: every seed's rollouts pooled in ``bins`` env-step windows, weighted by the
+    episodes each update finished), SFT's evaluated success as a dashed line, and each method's
+    final evaluations (Wilson 95%) at the end of its budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,17 +117,18 @@ def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = dict(zip(RL_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for m in RL_METHODS:
-        curves = []
+        xs, ys, ws = [], [], []
         for f in sorted((work / testbed).glob(history_path("", m, "*").name)):
             h = json.loads(f.read_text())
             x = np.cumsum([r["env_steps"] for r in h])
             y = np.array([r["success_rate"] for r in h], dtype=float)
-            ax.plot(x, y, color=colours[m], alpha=0.25, lw=0.8)
-            curves.append((x, y))
-        if curves:
-            n = min(len(c[0]) for c in curves)
-            ax.plot(np.mean([c[0][:n] for c in curves], 0), np.nanmean([c[1][:n] for c in curves], 0),
-                    color=colours[m], lw=2, label=m)
+            ax.plot(x, y, color=colours[m], alpha=0.2, lw=0.7)
+            xs.append(x)
+            ys.append(y)
+            ws.append(np.array([r.get("episodes", 1) for r in h], dtype=float))
+        if xs:
+            ax.plot(*pooled_curve(np.concatenate(xs), np.concatenate(ys), np.concatenate(ws), bins), color=colours[m],
+                    lw=2, label=m)
         for r in (r for r in mine if r["method"] == m):
             ax.errorbar([r["env_steps"]], [r["success"]], yerr=[[r["success"] - r["ci_low"]], [r["ci_high"] - r["success"]]],
                         color=colours[m], fmt="o", capsize=3)
