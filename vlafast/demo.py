@@ -128,10 +128,12 @@ def main(args: argparse.Namespace) -> int:
           f"then {name} for {run.env_steps} env steps, each evaluated on the same {run.episodes} episodes")
     folder = out / "rl"
     t0 = time.perf_counter()
-    sft_row = compare.run_sft(run.testbed, run.seed, folder, run.episodes, run.overrides, torch.get_num_threads())
+    progress = not args.no_progress
+    sft_row = compare.run_sft(run.testbed, run.seed, folder, run.episodes, run.overrides, torch.get_num_threads(),
+                              progress)
     print(compare.format_row(sft_row) + f" ({sft_row['seconds']:.0f} s)", flush=True)
     rl_row = compare.run_rl(run.method, run.testbed, run.seed, run.env_steps, folder, run.episodes,
-                            torch.get_num_threads(), run.method_overrides)
+                            torch.get_num_threads(), run.method_overrides, progress)
     print(compare.format_row(rl_row) + f" ({rl_row['seconds']:.0f} s)")
     t_rl = time.perf_counter() - t0
     if run.table:

@@ -170,7 +170,7 @@ def history_path(folder: Path, method: str, seed: int) -> Path:
 
 # -- the runs ---------------------------------------------------------------------------------------
 
-def evaluate_seed(policy, recipe, episodes: int) -> dict[str, Any]:
+def evaluate_seed(policy, recipe, episodes: int, progress: bool = False) -> dict[str, Any]:
     """ODE evaluation on the recipe seed's evaluation stream: ``vlafast.eval.evaluate``'s dict."""
     from vlafast.rl.recipe import build_env
 
@@ -178,7 +178,7 @@ def evaluate_seed(policy, recipe, episodes: int) -> dict[str, Any]:
     env = build_env(recipe, num_envs=EVAL_ENVS, seed=streams.eval)
     try:
         return evaluate(policy, env, episodes=episodes, seed=streams.eval, num_steps=recipe.rl.sampler.num_steps,
-                        progress=False)
+                        progress=progress)
     finally:
         env.close()
 
@@ -189,18 +189,18 @@ def _score(ev: dict[str, Any]) -> dict[str, Any]:
     return {"success": ev["success_rate"], "ci_low": lo, "ci_high": hi, "episodes": ev["episodes"]}
 
 
-def seed_demos(recipe, env):
+def seed_demos(recipe, env, progress: bool = False):
     """The seed's scripted demonstrations (its demonstration stream)."""
     from vlafast.rl import train as T
 
     return T.collect_demos(env, recipe.demos, recipe.horizon, recipe.exec_horizon, seed=seed_streams(recipe.seed).demos,
-                           progress=False)
+                           progress=progress)
 
 
 def run_sft(testbed: str, seed: int, folder: Path, episodes: int, overrides: dict[str, Any] | None = None,
-            threads: int = 1) -> dict[str, Any]:
+            threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """The seed's few-shot SFT policy, saved in ``folder`` for the RL runs with its evaluation
-    records and losses -> its row."""
+    records and losses -> its row (``progress``: bars on stderr)."""
     from vlafast.rl import train as T
     from vlafast.rl.recipe import build_env, build_policy, save_policy
 
@@ -210,13 +210,13 @@ def run_sft(testbed: str, seed: int, folder: Path, episodes: int, overrides: dic
     policy = build_policy(recipe, env.spec)
     t0 = time.perf_counter()
     try:
-        demos = seed_demos(recipe, env)
+        demos = seed_demos(recipe, env, progress)
     finally:
         env.close()
     losses = T.sft(policy, demos, steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr, seed=seed,
-                   progress=False)
+                   progress=progress)
     save_policy(policy, recipe, policy_dir(folder, "sft", seed))
-    ev = evaluate_seed(policy, recipe, episodes)
+    ev = evaluate_seed(policy, recipe, episodes, progress)
     atomic_write_text(episodes_path(folder, "sft", seed), json.dumps(ev["records"]))
     atomic_write_text(history_path(folder, "sft", seed), json.dumps([{"step": i, "loss": x} for i, x in enumerate(losses)]))
     return {"method": "sft", "testbed": testbed, "seed": seed, "env_steps": 0, "updates": 0, **_score(ev),
@@ -225,7 +225,7 @@ def run_sft(testbed: str, seed: int, folder: Path, episodes: int, overrides: dic
 
 def train(method: str, seed: int, folder: Path, iterations: int | None, budget: int | None, *,
           actor_lr: float | None = None, critic_warmup: int | None = None,
-          method_overrides: dict[str, Any] | None = None):
+          method_overrides: dict[str, Any] | None = None, progress: bool = False):
     """(policy, recipe, history, seconds): ``method`` from the seed's SFT policy in ``folder``,
     for ``iterations`` updates or as many as ``budget`` env steps pay for (``actor_lr``,
     ``critic_warmup``: instead of the method's)."""
@@ -249,7 +249,7 @@ def train(method: str, seed: int, folder: Path, iterations: int | None, budget: 
     t0 = time.perf_counter()
     try:
         demos = seed_demos(recipe, env) if recipe.rl.bc_coef > 0 else None
-        history = T.train_rl(policy, env, recipe.rl, seed=seed_streams(seed).train, progress=False, demos=demos)
+        history = T.train_rl(policy, env, recipe.rl, seed=seed_streams(seed).train, progress=progress, demos=demos)
     finally:
         env.close()
     return policy, recipe, history, time.perf_counter() - t0
@@ -262,15 +262,16 @@ def actor_means(history: list[dict[str, float]], warmup: int) -> dict[str, float
 
 
 def run_rl(method: str, testbed: str, seed: int, budget: int, folder: Path, episodes: int, threads: int = 1,
-           method_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+           method_overrides: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """One RL run from the seed's SFT policy in ``folder``, its evaluation and its gain over SFT
     paired on the same episodes -> its row; the policy, records and history are saved beside."""
     from vlafast.rl.recipe import save_policy
 
     torch.set_num_threads(threads)
-    policy, recipe, history, seconds = train(method, seed, folder, None, budget, method_overrides=method_overrides)
+    policy, recipe, history, seconds = train(method, seed, folder, None, budget, method_overrides=method_overrides,
+                                             progress=progress)
     save_policy(policy, recipe, policy_dir(folder, method, seed))
-    ev = evaluate_seed(policy, recipe, episodes)
+    ev = evaluate_seed(policy, recipe, episodes, progress)
     gain = paired_difference(ev["records"], json.loads(episodes_path(folder, "sft", seed).read_text()))
     atomic_write_text(episodes_path(folder, method, seed), json.dumps(ev["records"]))
     atomic_write_text(history_path(folder, method, seed), json.dumps(history))
