@@ -238,6 +238,7 @@ def test_the_demo_runs_the_committed_comparisons_best_method():
 
 def test_compare_table_csv_and_curves(tmp_path):
     from tools import rl_compare as C
+    from vlafast.rl import compare
 
     rows = [{"method": "sft", "testbed": "reach", "seed": 0, "env_steps": 0, "updates": 0, "episodes": 8,
              "success": 0.5, "ci_low": 0.4, "ci_high": 0.6, "seconds": 1.0},
@@ -257,7 +258,7 @@ def test_compare_table_csv_and_curves(tmp_path):
     png = C.plot_curves(tmp_path, "reach", rows, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # pooled curve: episode-weighted success per env-step window, empty windows left out
-    x, y = C.pooled_curve(np.array([10.0, 20.0, 30.0, 90.0]), np.array([1.0, 0.0, 0.5, 0.25]),
+    x, y = compare.pooled_curve(np.array([10.0, 20.0, 30.0, 90.0]), np.array([1.0, 0.0, 0.5, 0.25]),
                           np.array([1.0, 3.0, 2.0, 4.0]), bins=3)
     np.testing.assert_allclose(x, [15.0, 75.0])
     np.testing.assert_allclose(y, [(1 + 0 + 1) / 6, 0.25])

@@ -30,7 +30,7 @@ import torch
 
 from vlafast._io import atomic_write_text
 from vlafast.rl.compare import (COLUMNS, METHODS, RL_METHODS, TESTBEDS, actor_means, episodes_path, history_path,
-                                policy_dir, run_rl, run_sft, train)
+                                policy_dir, pooled_curve, run_rl, run_sft, train)
 
 SWEEP_COLUMNS = ("method", "testbed", "seed", "actor_lr", "chunks_per_step", "actor_updates", "approx_kl", "clipfrac",
                  "seconds")
@@ -55,7 +55,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns=COLUMNS) -> None:
     w.writeheader()
     order = list(METHODS)
     for r in sorted(rows, key=lambda r: (r["testbed"], order.index(r["method"]), r.get("actor_lr", 0), r["seed"])):
-        w.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in columns})
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -87,18 +87,6 @@ def summary(rows: list[dict[str, Any]]) -> str:
                          + f" | {100 * mean:.1f}% | {gain} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
-
-
-def pooled_curve(x: np.ndarray, y: np.ndarray, w: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """(window centres, success) of rates ``y`` at env steps ``x`` weighted by episodes ``w``,
-    pooled in ``bins`` equal env-step windows; windows without an episode are left out."""
-    edges = np.linspace(0.0, float(x.max()), bins + 1)
-    which = np.clip(np.searchsorted(edges, x, side="left") - 1, 0, bins - 1)
-    ok = np.isfinite(y) & (w > 0)
-    num = np.bincount(which[ok], weights=(y * w)[ok], minlength=bins)
-    den = np.bincount(which[ok], weights=w[ok], minlength=bins)
-    has = den > 0
-    return ((edges[:-1] + edges[1:]) / 2)[has], num[has] / den[has]
 
 
 def plot_curves(work: Path, testbed: str, rows: list[dict[str, Any]], path: Path, bins: int = 12) -> Path | None:

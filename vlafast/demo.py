@@ -48,7 +48,10 @@ def _plots(out: Path, folder: Path, run: compare.Run, rows: dict[str, dict], rec
     axes[0].plot(losses, lw=0.8)
     axes[0].set(title="SFT flow-matching loss", xlabel="step", yscale="log")
     steps = np.cumsum([h["env_steps"] for h in history])
-    axes[1].plot(steps, [h["success_rate"] for h in history], marker="o", ms=3, label="rollout success (sampled)")
+    rates = np.array([h["success_rate"] for h in history], dtype=float)
+    axes[1].plot(steps, rates, marker="o", ms=2, lw=0.6, alpha=0.4, label="rollout success per update (sampled)")
+    weights = np.array([h.get("episodes", 1) for h in history], dtype=float)
+    axes[1].plot(*compare.pooled_curve(steps, rates, weights, 8), lw=2, c="tab:blue", label="rollouts pooled, 8 windows")
     for key, style in (("sft", "--"), ("rl", "-")):
         r = rows[key]
         label = f"eval {'SFT' if key == 'sft' else name} {100 * r['success']:.1f}% (ODE, {r['episodes']} episodes)"
@@ -58,6 +61,8 @@ def _plots(out: Path, folder: Path, run: compare.Run, rows: dict[str, dict], rec
     axes[1].legend(fontsize=7)
     axes[2].plot(steps, [h["return"] for h in history], marker="o", ms=3)
     axes[2].set(title="episode return vs env steps", xlabel="env steps")
+    for ax in axes[1:]:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
     fig.tight_layout()
     with atomic_path(out / "training.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -303,6 +303,18 @@ def best_method(rows: Sequence[dict[str, Any]], testbed: str) -> str:
     return max(complete, key=complete.get)
 
 
+def pooled_curve(x: np.ndarray, y: np.ndarray, w: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(window centres, success) of rates ``y`` at env steps ``x`` weighted by episodes ``w``,
+    pooled in ``bins`` equal env-step windows; windows without an episode are left out."""
+    edges = np.linspace(0.0, float(x.max()), bins + 1)
+    which = np.clip(np.searchsorted(edges, x, side="left") - 1, 0, bins - 1)
+    ok = np.isfinite(y) & (w > 0)
+    num = np.bincount(which[ok], weights=(y * w)[ok], minlength=bins)
+    den = np.bincount(which[ok], weights=w[ok], minlength=bins)
+    has = den > 0
+    return ((edges[:-1] + edges[1:]) / 2)[has], num[has] / den[has]
+
+
 def format_row(row: dict[str, Any]) -> str:
     """One row as the comparison prints it: success [Wilson 95%], and for RL the paired gain."""
     text = (f"{row['method']} {row['testbed']} seed {row['seed']}: {100 * row['success']:.1f}% "
@@ -315,5 +327,5 @@ def format_row(row: dict[str, Any]) -> str:
 
 __all__ = ["ACTOR_LR", "COLUMNS", "DEMO", "DEMO_QUICK", "EVAL_ENVS", "METHODS", "RL_METHODS", "Run", "TESTBEDS",
            "actor_means", "base_recipe", "best_method", "episodes_path", "evaluate_seed", "format_row", "history_path",
-           "method_recipe", "policy_dir", "ppo_settings", "run_rl", "run_rows", "run_sft", "seed_demos",
+           "method_recipe", "policy_dir", "pooled_curve", "ppo_settings", "run_rl", "run_rows", "run_sft", "seed_demos",
            "steps_per_update", "train"]
