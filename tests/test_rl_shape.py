@@ -289,7 +289,7 @@ def test_compare_runs_end_to_end(tmp_path, monkeypatch):
     rl = json.loads((tmp_path / "w" / "reach" / "ppo_flow_noise_seed3.episodes.json").read_text())
     assert sorted((r["env"], r["index"], r["instruction"]) for r in sft) == \
         sorted((r["env"], r["index"], r["instruction"]) for r in rl)
-    assert (tmp_path / "r_reach.png").exists()
+    assert (tmp_path / "r.png").exists()  # one testbed: the CSV's name
     assert (tmp_path / "w" / "reach" / "ppo_flow_noise_seed3" / "policy.json").exists()  # the trained policy, beside
     # --lr-sweep from the same SFT policy: one critic-only update, then the actor's step size
     assert C.main(["--testbeds", "reach", "--seeds", "3", "--methods", "ppo_flow_noise", "--lr-sweep", "1e-4",

@@ -1,6 +1,6 @@
 """RL methods against SFT at equal env-step budgets, over several seeds and testbeds: the table
 behind docs/rl-results.md, written to ``bench/results/rl_compare.csv`` with one learning-curve
-PNG per testbed beside it.
+PNG per testbed beside it (named as the CSV when there is one testbed).
 
     python -m tools.rl_compare --testbeds reach headroom --seeds 0 1 2 --env-steps 1000000 --jobs 16
 
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"steps ({row['seconds']:.0f} s)", flush=True)
     if not sweep:
         for t in args.testbeds:
-            plot_curves(work, t, rows, out.with_name(f"{out.stem}_{t}.png"))
+            plot_curves(work, t, rows, out.with_suffix(".png") if len(args.testbeds) == 1 else
+                        out.with_name(f"{out.stem}_{t}.png"))
         print(summary(rows))
     return 0
 
