@@ -179,7 +179,9 @@ def test_tooling_stays_out_of_the_runtime_package():
     """tools/ is not in the wheel: no vlafast module imports it or keeps a copy, and the real-time
     loop imports no matplotlib (its reports are vlafast.robot.report's)."""
     pkg = ROOT / "vlafast"
-    assert not [old for old in ("gpucheck.py", "bench/harvest.py", "ops/aot.py", "rl/compare.py") if (pkg / old).exists()]
+    # (vlafast/rl/compare.py is back in the package: one comparison row is the demo's RL phase;
+    # the comparison's CLI, table and curves stay in tools/rl_compare.py)
+    assert not [old for old in ("gpucheck.py", "bench/harvest.py", "ops/aot.py") if (pkg / old).exists()]
     importers = [str(p) for p in pkg.rglob("*.py")
                  if re.search(r"^\s*(from|import)\s+tools\b", p.read_text(), re.M)]
     assert importers == []

@@ -106,6 +106,22 @@ def test_grpo_iteration(env):
         T.train_rl(pol, env, bad, seed=0, progress=False)
 
 
+def test_env_step_budget_ends_the_run_nearest_to_it(env):
+    # The rule: stop once another update like the last would end farther from the budget.
+    h = [{"env_steps": 100.0}, {"env_steps": 100.0}]
+    assert not T.budget_spent(h, 251) and T.budget_spent(h, 250) and not T.budget_spent(h, None)
+    pol = tiny_policy(env, noise_head=True)
+    cfg = T.RLConfig(algo="grpo", sampler=FlowNoise(num_steps=2), iterations=5, group_size=2,
+                     ppo=PPOConfig(actor_lr=1e-3, minibatch=8))
+    first = T.train_rl(pol, env, dataclasses.replace(cfg, iterations=1), seed=0, progress=False)[0]["env_steps"]
+    hist = T.train_rl(pol, env, dataclasses.replace(cfg, env_step_budget=int(1.6 * first)), seed=0, progress=False)
+    spent = [h["env_steps"] for h in hist]
+    assert 2 <= len(hist) < 5 and T.budget_spent(hist, int(1.6 * first)) and not T.budget_spent(hist[:-1], int(1.6 * first))
+    assert abs(sum(spent) - 1.6 * first) < max(spent), spent  # within one update of the budget
+    with pytest.raises(ValueError, match="env_step_budget must be a positive integer"):
+        T.RLConfig(env_step_budget=0)
+
+
 def test_pi05_critic_reads_prefix(env):
     pol = tiny_policy(env, pi05=True)
     assert pol.critic_input == "prefix"

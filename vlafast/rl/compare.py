@@ -240,8 +240,14 @@ def train(method: str, seed: int, folder: Path, iterations: int | None, budget: 
     if critic_warmup is not None:
         rl = dataclasses.replace(rl, critic_warmup=critic_warmup)
     if iterations is None:
+        # A fixed-cost update (PPO, GRPO over states) spends at most steps_per_update, so this many
+        # stay within the budget. Episode GRPO's cost follows its episodes' length: up to twice
+        # the estimate from SFT's, the budget ending the run (RLConfig.env_step_budget).
         sft = json.loads(episodes_path(folder, "sft", seed).read_text())
         iterations = math.ceil(budget / steps_per_update(recipe, float(np.mean([r["length"] for r in sft]))))
+        if rl.algo == "grpo" and rl.grpo_groups == "episode":
+            iterations *= 2
+        rl = dataclasses.replace(rl, env_step_budget=budget)
     recipe = dataclasses.replace(recipe, rl=dataclasses.replace(rl, iterations=iterations))
     torch.manual_seed(seed)  # the Flow-Noise head's initialisation
     ensure_noise_head(policy, recipe)

@@ -41,6 +41,9 @@ class RLConfig:
     sampler: SamplerSpec = FlowSDE()   # FlowSDE(num_steps=4, a=0.5, hybrid=True) | FlowNoise(num_steps=4) | Tokens()
     chunks_per_rollout: int = 10       # N chunk steps per env per PPO update
     iterations: int = 20
+    env_step_budget: int | None = None  # end at the update that brings the env steps spent (rehearsals included)
+                                       # nearest to it; iterations stays the ceiling (episode GRPO's updates cost
+                                       # what its episodes last, known only once run)
     group_size: int = 8                # GRPO
     grpo_groups: Literal["episode", "state"] = "episode"  # GRPO groups: whole episodes from one seed, or
                                        # chunks from one simulator state (env.rehearse), compared on their reward
@@ -76,6 +79,9 @@ class RLConfig:
             raise ValueError(f"bc_coef and critic_warmup must be >= 0, got {self.bc_coef}, {self.critic_warmup}")
         if self.chunks_per_rollout < 1 or self.iterations < 0:
             raise ValueError("chunks_per_rollout must be >= 1 and iterations >= 0")
+        if self.env_step_budget is not None and (isinstance(self.env_step_budget, bool) or
+                                                 not isinstance(self.env_step_budget, int) or self.env_step_budget < 1):
+            raise ValueError(f"env_step_budget must be a positive integer or None, got {self.env_step_budget!r}")
         if self.uses_critic and self.critic_warmup < 1:
             raise ValueError(f"{self.algo} with a critic needs critic_warmup >= 1 (got 0): advantages from an untrained "
                              "critic are noise that the first actor updates would follow")
@@ -714,6 +720,14 @@ def _restore_rng(state: dict[str, Any], key: str, restore: Callable[[Any], None]
         log.warning("checkpoint has no %r (written by an older vlafast): it starts from its seed", key)
 
 
+def budget_spent(history: list[dict[str, float]], budget: int | None) -> bool:
+    """Whether a run with these updates should stop for an env-step ``budget``: when another
+    update like the last would end farther from it than stopping now (spent + last / 2 >= budget)."""
+    if budget is None or not history:
+        return False
+    return sum(h["env_steps"] for h in history) + history[-1]["env_steps"] / 2 >= budget
+
+
 def train_rl(policy: FlowPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str | Path | None = None,
              demos: Demos | None = None,
              resume: bool = False, progress: bool = True,
@@ -803,6 +817,8 @@ def train_rl(policy: FlowPolicy, env, cfg: RLConfig, *, seed: int, run_dir: str 
                 atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(history, indent=1))
             if on_iteration is not None:
                 on_iteration(it + 1, row)
+            if budget_spent(history, cfg.env_step_budget):
+                break
     finally:
         for p in frozen:
             p.requires_grad_(True)
