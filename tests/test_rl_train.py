@@ -118,7 +118,7 @@ def test_env_step_budget_ends_the_run_nearest_to_it(env):
     spent = [h["env_steps"] for h in hist]
     assert 2 <= len(hist) < 5 and T.budget_spent(hist, int(1.6 * first)) and not T.budget_spent(hist[:-1], int(1.6 * first))
     assert abs(sum(spent) - 1.6 * first) < max(spent), spent  # within one update of the budget
-    with pytest.raises(ValueError, match="env_step_budget must be a positive integer"):
+    with pytest.raises(ValueError, match="env_step_budget must be an integer >= 1"):
         T.RLConfig(env_step_budget=0)
 
 

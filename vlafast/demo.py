@@ -35,7 +35,8 @@ METHOD_NAMES = {"ppo_flow_sde": "PPO Flow-SDE", "ppo_flow_noise": "PPO Flow-Nois
                 "grpo_states": "GRPO over states"}
 
 
-def _plots(out: Path, folder: Path, run: compare.Run, rows: dict[str, dict], records: list[dict]) -> list[str]:
+def _plots(out: Path, folder: Path, run: compare.Run, rows: dict[str, dict], history: list[dict],
+           records: list[dict]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +44,6 @@ def _plots(out: Path, folder: Path, run: compare.Run, rows: dict[str, dict], rec
 
     name = METHOD_NAMES[run.method]
     losses = [h["loss"] for h in json.loads(compare.history_path(folder, "sft", run.seed).read_text())]
-    history = json.loads(compare.history_path(folder, run.method, run.seed).read_text())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(losses, lw=0.8)
     axes[0].set(title="SFT flow-matching loss", xlabel="step", yscale="log")
@@ -110,10 +110,6 @@ def _steering_section(policy, env, episodes: int, seed: int) -> tuple[str, dict]
     return md, {"comparison": result, "dictionary_hits": hits}
 
 
-def _pct(r: dict) -> str:
-    return f"{100 * r['success']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-
-
 def main(args: argparse.Namespace) -> int:
     from vlafast.rl.recipe import build_env, dump, load_policy
 
@@ -160,13 +156,13 @@ def main(args: argparse.Namespace) -> int:
     print(steer_md)
 
     rows = {"sft": sft_row, "rl": rl_row}
-    plots = _plots(out, folder, run, rows, records["rl"])
+    plots = _plots(out, folder, run, rows, history, records["rl"])
     speed = {k: speed_by_word(v) for k, v in records.items()}
     table_rows = [
         ("servo p99 jitter", f"{servo['p99_us']:.1f} us ({servo['policy']}), {servo['missed']} missed"),
-        ("SFT", f"{recipe.demos} scripted episodes, {recipe.sft_steps} steps; {_pct(sft_row)} "
+        ("SFT", f"{recipe.demos} scripted episodes, {recipe.sft_steps} steps; {compare.success_text(sft_row)} "
                 f"({sft_row['episodes']} episodes)"),
-        (f"SFT + {name}", f"{_pct(rl_row)}, gain {100 * rl_row['gain']:+.1f} [{100 * rl_row['gain_low']:+.1f}, "
+        (f"SFT + {name}", f"{compare.success_text(rl_row)}, gain {100 * rl_row['gain']:+.1f} [{100 * rl_row['gain_low']:+.1f}, "
                           f"{100 * rl_row['gain_high']:+.1f}] paired on the same episodes"),
         (name, f"{rl_row['updates']} updates, {rl_row['env_steps']} env steps ({rl_recipe.rl.sampler.kind}, "
                f"K={rl_recipe.rl.sampler.num_steps}) in {rl_row['seconds']:.0f} s"),

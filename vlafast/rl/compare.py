@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vlafast._io import atomic_write_text
-from vlafast.eval import evaluate, paired_difference, seed_streams, wilson_interval
+from vlafast.eval import evaluate, paired_difference, seed_streams
 from vlafast.rl.losses import PPOConfig
 from vlafast.rl.sampler_spec import FlowNoise, FlowSDE
 
@@ -131,14 +131,8 @@ def method_recipe(base, method: str, overrides: dict[str, Any] | None = None):
         return base
     recipe = dataclasses.replace(base, num_envs=spec["num_envs"], rl=dataclasses.replace(base.rl, **spec["rl"]))
     if overrides:
-        recipe = Recipe.from_json(merge(json.loads(json.dumps(recipe.to_json(), default=_jsonable)), overrides))
+        recipe = Recipe.from_json(merge(json.loads(json.dumps(recipe.to_json())), overrides))
     return recipe
-
-
-def _jsonable(x):
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"not JSON: {x!r}")
 
 
 def steps_per_update(recipe, episode_length: float) -> int:
@@ -184,8 +178,7 @@ def evaluate_seed(policy, recipe, episodes: int, progress: bool = False) -> dict
 
 
 def _score(ev: dict[str, Any]) -> dict[str, Any]:
-    k = sum(r["success"] for r in ev["records"])
-    lo, hi = wilson_interval(k, ev["episodes"])
+    lo, hi = ev["success_ci95"]  # Wilson, over every episode
     return {"success": ev["success_rate"], "ci_low": lo, "ci_high": hi, "episodes": ev["episodes"]}
 
 
@@ -321,10 +314,14 @@ def pooled_curve(x: np.ndarray, y: np.ndarray, w: np.ndarray, bins: int) -> tupl
     return ((edges[:-1] + edges[1:]) / 2)[has], num[has] / den[has]
 
 
+def success_text(row: dict[str, Any]) -> str:
+    """A row's success with its Wilson 95% interval, in percent."""
+    return f"{100 * row['success']:.1f}% [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+
+
 def format_row(row: dict[str, Any]) -> str:
     """One row as the comparison prints it: success [Wilson 95%], and for RL the paired gain."""
-    text = (f"{row['method']} {row['testbed']} seed {row['seed']}: {100 * row['success']:.1f}% "
-            f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] on {row['episodes']} episodes")
+    text = f"{row['method']} {row['testbed']} seed {row['seed']}: {success_text(row)} on {row['episodes']} episodes"
     if row["method"] != "sft":
         text += (f", gain {100 * row['gain']:+.1f} [{100 * row['gain_low']:+.1f}, {100 * row['gain_high']:+.1f}] "
                  f"paired, after {row['env_steps']} env steps ({row['updates']} updates)")
@@ -334,4 +331,4 @@ def format_row(row: dict[str, Any]) -> str:
 __all__ = ["ACTOR_LR", "COLUMNS", "DEMO", "DEMO_QUICK", "EVAL_ENVS", "METHODS", "RL_METHODS", "Run", "TESTBEDS",
            "actor_means", "base_recipe", "best_method", "episodes_path", "evaluate_seed", "format_row", "history_path",
            "method_recipe", "policy_dir", "pooled_curve", "ppo_settings", "run_rl", "run_rows", "run_sft", "seed_demos",
-           "steps_per_update", "train"]
+           "steps_per_update", "success_text", "train"]

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vlafast._io import atomic_path, atomic_write_text
+from vlafast._validate import number
 from vlafast.envs.base import Obs
 from vlafast.flow import sampler as flow
 from vlafast.flow.sampler import FlowNoiseConfig, element_log_probs
@@ -79,9 +80,7 @@ class RLConfig:
             raise ValueError(f"bc_coef and critic_warmup must be >= 0, got {self.bc_coef}, {self.critic_warmup}")
         if self.chunks_per_rollout < 1 or self.iterations < 0:
             raise ValueError("chunks_per_rollout must be >= 1 and iterations >= 0")
-        if self.env_step_budget is not None and (isinstance(self.env_step_budget, bool) or
-                                                 not isinstance(self.env_step_budget, int) or self.env_step_budget < 1):
-            raise ValueError(f"env_step_budget must be a positive integer or None, got {self.env_step_budget!r}")
+        number("env_step_budget", self.env_step_budget, low=1, integer=True, optional=True)
         if self.uses_critic and self.critic_warmup < 1:
             raise ValueError(f"{self.algo} with a critic needs critic_warmup >= 1 (got 0): advantages from an untrained "
                              "critic are noise that the first actor updates would follow")
